@@ -1,0 +1,84 @@
+"""What a client does, without Flower: load the model and its private shard, prune, encode.
+
+Kept apart from ``app.py`` (the Flower wiring) so it can be called and tested directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedspallm_strategy.config import NodeConfig, RunConfig
+from fedspallm_strategy.payload import encode
+from llm_pruning.data import calibration_segments
+from llm_pruning.engine import prune_model
+from llm_pruning.models import load_model, num_layers
+from llm_pruning.pruners import get_pruner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReply:
+    payload: bytes
+    metrics: dict[str, float | int]
+
+
+def node_device(config: RunConfig, node: NodeConfig) -> str:
+    device = node.device or config.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this node")
+    return device
+
+
+def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
+    """This node's calibration segments ``(N, T)``: its own ``data-path``, or its partition."""
+    common = dict(seqlen=config.seqlen, num_segments=config.calib_samples, seed=config.seed)
+    if node.data_path is not None:
+        return calibration_segments(node.data_path, tokenizer, partition="by-document", **common)
+    return calibration_segments(
+        config.calib_data,
+        tokenizer,
+        partition=config.partition,
+        partition_id=node.partition_id,
+        num_partitions=node.num_partitions,
+        **common,
+    )
+
+
+def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> PruneReply:
+    """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(config.model)
+    pruner = get_pruner(config.pruner)
+    segments = load_shard(config, node, tokenizer)
+    log.info(
+        "pruning %d of %d layers on %d segments of %d tokens",
+        len(layer_ids),
+        num_layers(model),
+        segments.shape[0],
+        segments.shape[1],
+    )
+    result = prune_model(
+        model,
+        segments,
+        pruner,
+        config.sparsity_pattern,
+        layer_ids=layer_ids,
+        device=node_device(config, node),
+    )
+    weights = dict(model.named_parameters())
+    pruned = {name: weights[name].data for name in result.masks}
+    payload = encode(pruned if pruner.updates_weights else None, result.masks)
+    metrics = {
+        "num-examples": int(segments.shape[0]),
+        "tokens": int(segments.numel()),
+        "layers": len(layer_ids),
+        "payload-bytes": len(payload),
+        "seconds": round(time.perf_counter() - start, 3),
+        **{f"seconds-{stage}": value for stage, value in result.timings.as_dict().items()},
+    }
+    return PruneReply(payload, metrics)

@@ -1,0 +1,183 @@
+"""The run configuration, read and validated in one place.
+
+Every key is kebab-case in ``[tool.flwr.app.config]`` and ``--run-config``. A bad value fails
+here, before any model is loaded or any node is contacted, with a message that names the key
+and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from llm_pruning.data import PARTITIONS
+from llm_pruning.pruners import PRUNERS, SparsityPattern
+
+STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is missing or not allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"  # built-in name, local dir, .gguf file, or HF hub id
+    strategy: str = "fedspallm"  # one of STRATEGIES
+    pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
+    sparsity: float = 0.5  # fraction of each prunable matrix set to zero
+    pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8)
+    num_rounds: int = 1  # rounds; a further round only re-assigns layers nobody delivered
+    layer_fraction: float = 1.0  # default share of layers per client (node `layer-budget` wins)
+    calib_data: str = "python-docs"  # built-in corpus, local .txt/.jsonl/dir, or datasets name
+    partition: str = "by-document"  # by-document | iid
+    calib_samples: int = 8  # calibration segments per client
+    seqlen: int = 512  # tokens per calibration segment and evaluation window
+    eval_data: tuple[str, ...] = ("python-docs",)  # comma-separated list in run config
+    eval_windows: int = 16  # at most this many windows per eval set (0 = all)
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = "cpu"  # server-side evaluation device; nodes may override in node config
+    compare_centralized: bool = False  # also prune centrally on the pooled shards (simulation)
+    round_timeout: float = 3600.0  # seconds to wait for replies in a round
+    max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
+    min_clients: int = 1  # wait for this many connected nodes before starting
+
+    @property
+    def sparsity_pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern, self.sparsity)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> RunConfig:
+        """Build from Flower's ``run_config`` (kebab-case keys); validates everything."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        parsed = {}
+        for key, value in values.items():
+            field = known[key]
+            parsed[field.name] = _coerce(key, value, field.type)
+        config = cls(**parsed)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
+        _one_of("partition", self.partition, PARTITIONS)
+        try:
+            SparsityPattern.parse(self.pattern, self.sparsity)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if not 0 < self.layer_fraction <= 1:
+            raise ConfigError(f"layer-fraction must be in (0, 1], got {self.layer_fraction}")
+        _at_least("num-rounds", self.num_rounds, 1)
+        _at_least("calib-samples", self.calib_samples, 1)
+        _at_least("seqlen", self.seqlen, 2)
+        _at_least("eval-windows", self.eval_windows, 0)
+        _at_least("min-clients", self.min_clients, 1)
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round-timeout must be positive, got {self.round_timeout}")
+        if self.max_payload_mb <= 0:
+            raise ConfigError(f"max-payload-mb must be positive, got {self.max_payload_mb}")
+        check_device("device", self.device)
+        for name, value in (("model", self.model), ("calib-data", self.calib_data)):
+            if not value.strip():
+                raise ConfigError(f"{name} must not be empty")
+        if not self.eval_data:
+            raise ConfigError("eval-data must name at least one text source")
+
+    def as_dict(self) -> dict[str, object]:
+        """Kebab-case keys, as a user writes them."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+
+def check_device(key: str, device: str) -> str:
+    if not _DEVICE.match(device):
+        raise ConfigError(f"{key} must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return device
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, got {value}")
+
+
+def _coerce(key: str, value: object, annotation: str) -> object:
+    """Flower's TOML values are bool/int/float/str; accept what a user would reasonably type."""
+    if annotation == "tuple[str, ...]":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a comma-separated string, got {value!r}")
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What one SuperNode says about itself (``--node-config``): its data and its resources."""
+
+    partition_id: int = 0
+    num_partitions: int = 1
+    data_path: str | None = None  # private text; replaces the run's calib-data partition
+    layer_budget: int | None = None  # decoder layers this node can prune per round
+    device: str | None = None  # overrides the run's device on this node
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> NodeConfig:
+        config = cls(
+            partition_id=_coerce("partition-id", values.get("partition-id", 0), "int"),
+            num_partitions=_coerce("num-partitions", values.get("num-partitions", 1), "int"),
+            data_path=_optional(values, "data-path", "str"),
+            layer_budget=_optional(values, "layer-budget", "int"),
+            device=_optional(values, "device", "str"),
+        )
+        if not 0 <= config.partition_id < config.num_partitions:
+            raise ConfigError(
+                f"node config partition-id must be in [0, num-partitions), got "
+                f"{config.partition_id} of {config.num_partitions}"
+            )
+        if config.layer_budget is not None and config.layer_budget < 1:
+            raise ConfigError(
+                f"node config layer-budget must be at least 1, got {config.layer_budget}"
+            )
+        if config.device is not None:
+            check_device("node config device", config.device)
+        return config
+
+
+def _optional(values: Mapping[str, object], key: str, annotation: str):
+    value = values.get(key)
+    if value is None or value == "":
+        return None
+    return _coerce(f"node config {key}", value, annotation)

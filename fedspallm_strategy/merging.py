@@ -1,0 +1,79 @@
+"""How the server turns the clients' pruned matrices into one global matrix, per strategy.
+
+All rules stream: a client's matrices are added to one :class:`L0Accumulator` per matrix and
+dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the client count.
+
+- ``fedspallm`` (Bai et al. 2025): l0-norm aggregation, then adaptive mask expansion.
+- ``fedavg``: plain mean over the clients (a pruned weight counts as 0), then magnitude
+  re-pruning to the target: the naive baseline.
+- ``fedprllm`` (Guo et al. 2025): masks only; keep the entries with the fewest prune votes,
+  ties at random, at their dense values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedspallm_strategy.aggregation import L0Accumulator
+from fedspallm_strategy.expansion import expand_mask, expand_mask_nm
+from llm_pruning.pruners import PRUNERS, SparsityPattern
+
+MERGE_RULES = ("fedspallm", "fedavg", "fedprllm")
+
+
+class MatrixMerger:
+    """Accumulates every client's version of a set of matrices, then merges each one."""
+
+    def __init__(
+        self,
+        rule: str,
+        dense: Mapping[str, Tensor],
+        pattern: SparsityPattern,
+        generator: torch.Generator,
+    ):
+        if rule not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+        self.rule, self.dense, self.pattern, self.generator = rule, dense, pattern, generator
+        self.accumulators: dict[str, L0Accumulator] = {}
+
+    def add(self, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+        """Add one client's matrices. ``tensors`` is empty for a mask-only payload: the
+        client kept the dense values the server already holds."""
+        for name, keep in masks.items():
+            weight = tensors[name] if tensors else self.dense[name]
+            if name not in self.accumulators:
+                self.accumulators[name] = L0Accumulator(keep.shape)
+            self.accumulators[name].add(weight.to(self.dense[name].dtype), keep)
+
+    def finish(self, name: str) -> tuple[Tensor, Tensor]:
+        """The merged matrix ``name`` and its keep-mask; frees its accumulator."""
+        accumulator = self.accumulators.pop(name)
+        if self.rule == "fedspallm":
+            merged = accumulator.finish()
+            keep = self._expand(merged, accumulator)
+        elif self.rule == "fedavg":
+            # sum M*W / N == (sum M*W / sum M) * sum M / N
+            merged = accumulator.finish() * accumulator.kept_count / accumulator.num_clients
+            merged, keep = PRUNERS["magnitude"].prune(
+                merged.to(self.dense[name].dtype), None, self.pattern
+            )
+        else:  # fedprllm: random tie-break among equal vote counts
+            noise = torch.rand(accumulator.shape, generator=self.generator)
+            keep = self._expand(noise, accumulator)
+            merged = self.dense[name]
+        merged = merged.to(self.dense[name].dtype)
+        return torch.where(keep, merged, torch.zeros((), dtype=merged.dtype)), keep
+
+    def _expand(self, tie_break: Tensor, accumulator: L0Accumulator) -> Tensor:
+        """Keep-mask from prune votes; ``tie_break`` decides among equal votes (smaller |x|
+        is pruned first)."""
+        if self.pattern.is_nm:
+            return expand_mask_nm(
+                tie_break, accumulator.prune_votes, self.pattern.n, self.pattern.m
+            )
+        return expand_mask(
+            tie_break, accumulator.prune_votes, accumulator.num_clients, self.pattern.sparsity
+        )

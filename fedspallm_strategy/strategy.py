@@ -1,0 +1,347 @@
+"""Flower strategies: FedSpaLLM and its baselines, thin over the Flower-free maths.
+
+Flower's ``Strategy.start`` owns the round loop; these classes only say what each node is
+asked to prune (``configure_train``) and how the replies become the global model
+(``aggregate_train``). Clients already hold the dense model, so no weights go down: a train
+message carries the pruning spec and the node's layer ids, and a reply carries one
+safetensors payload of the pruned layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from transformers import PreTrainedModel
+
+from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.merging import MatrixMerger
+from fedspallm_strategy.payload import PayloadError, decode, validate_layer
+from fedspallm_strategy.sampling import layer_budget, sample_layers
+from llm_pruning.models import num_layers, prunable_weights
+from llm_pruning.pruners import get_pruner
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
+PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
+# The run-config keys a client needs to prune; everything else stays on the server.
+CLIENT_KEYS = (
+    "model",
+    "pruner",
+    "sparsity",
+    "pattern",
+    "calib-data",
+    "partition",
+    "calib-samples",
+    "seqlen",
+    "seed",
+    "device",
+)
+
+
+def request_record(config: RunConfig, layer_ids: list[int]) -> ConfigRecord:
+    settings = config.as_dict()
+    return ConfigRecord({**{key: settings[key] for key in CLIENT_KEYS}, "layers": layer_ids})
+
+
+def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
+    """The client's side of :func:`request_record`, validated like a run config."""
+    values = dict(record)
+    layers = values.pop("layers", None)
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"train message: 'layers' must be a list of layer ids, got {layers!r}")
+    return RunConfig.from_mapping(values), layers
+
+
+class RejectedReply(Exception):
+    """A reply the server will not aggregate; the reason goes to the log and the report."""
+
+
+@dataclass
+class Accounting:
+    """Who was rejected and how many bytes moved, for the report."""
+
+    rejected: list[dict] = field(default_factory=list)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    client_metrics: dict[int, dict] = field(default_factory=dict)
+    assignments: dict[int, dict[int, list[int]]] = field(
+        default_factory=dict
+    )  # round -> node -> layers
+
+    def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
+        log.warning(
+            "round %d: rejected reply of node %d (layers %s): %s",
+            server_round,
+            node,
+            layers,
+            reason,
+        )
+        self.rejected.append(
+            {"round": server_round, "node": node, "layers": layers, "reason": reason}
+        )
+
+
+class FedSpaLLM(Strategy):
+    """Federated one-shot pruning with l0-norm aggregation and adaptive mask expansion.
+
+    Parameters
+    ----------
+    model
+        The server's copy of the dense model; pruned layers are written into it in place.
+    config
+        The validated run configuration.
+    node_budgets
+        Node id -> ``layer-budget`` the node reported (``None``: use ``layer-fraction``).
+    reply_dir
+        If given, each accepted payload is also written there, for per-client evaluation.
+    rule
+        How matrices are merged: ``fedspallm``, ``fedavg``, ``fedprllm``, or ``standalone``
+        (nothing merged: only the clients' own models are evaluated).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: RunConfig,
+        *,
+        node_budgets: Mapping[int, int | None] | None = None,
+        reply_dir: Path | None = None,
+        rule: str = "fedspallm",
+    ):
+        self.model, self.config, self.rule = model, config, rule
+        self.node_budgets = dict(node_budgets or {})
+        self.reply_dir = reply_dir
+        self.pattern = config.sparsity_pattern
+        self.pruner = get_pruner(config.pruner)
+        self.rng = np.random.default_rng(config.seed)  # layer sampling
+        self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
+        self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
+        self.assignments: dict[int, list[int]] = {}
+        self.accounting = Accounting()
+        self.reply_files: dict[int, list[Path]] = {}
+
+    def summary(self) -> None:
+        log.info(
+            "%s: %s %s, %d layers, layer-fraction %.2f, node budgets %s",
+            self.rule,
+            self.pruner.name,
+            self.pattern,
+            len(self.remaining),
+            self.config.layer_fraction,
+            self.node_budgets or "none",
+        )
+
+    # ----------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.remaining:
+            return []
+        self.assignments = self.assign_layers(sorted(grid.get_node_ids()))
+        self.accounting.assignments[server_round] = self.assignments
+        messages = []
+        for node, layers in self.assignments.items():
+            record = request_record(self.config, layers)
+            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + len(
+                record.deflate()
+            )
+            content = RecordDict({SPEC_KEY: record})
+            messages.append(
+                Message(content, message_type="train", dst_node_id=node, group_id=str(server_round))
+            )
+        log.info(
+            "round %d: %d layers over %d nodes", server_round, len(self.remaining), len(messages)
+        )
+        return messages
+
+    def assign_layers(self, nodes: list[int]) -> dict[int, list[int]]:
+        """Each node's layers this round: its budget of the remaining layers, all covered."""
+        if not nodes:
+            raise RuntimeError("no nodes are connected to the federation")
+        remaining = self.remaining
+        budgets = {
+            node: min(
+                len(remaining),
+                layer_budget(
+                    num_layers(self.model), self.config.layer_fraction, self.node_budgets.get(node)
+                ),
+            )
+            for node in nodes
+        }
+        # If the budgets cannot cover every remaining layer this round, cover a random
+        # subset now; later rounds take the rest.
+        if sum(budgets.values()) < len(remaining):
+            chosen = sorted(self.rng.choice(len(remaining), sum(budgets.values()), replace=False))
+            remaining = [remaining[i] for i in chosen]
+        draw = sample_layers(len(remaining), budgets, self.rng)
+        return {node: [remaining[i] for i in ids] for node, ids in draw.items()}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        start = time.perf_counter()
+        dense = {
+            name: linear.weight.data
+            for layers in self.assignments.values()
+            for layer in layers
+            for name, linear in prunable_weights(self.model, layer).items()
+        }
+        merger = MatrixMerger(
+            "fedspallm" if self.rule == "standalone" else self.rule,
+            dense,
+            self.pattern,
+            self.generator,
+        )
+        delivered: dict[int, set[int]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            layers = self.assignments.get(node, [])
+            try:
+                tensors, masks = self._accept(reply, node, delivered)
+            except (PayloadError, RejectedReply) as error:
+                self.accounting.reject(server_round, node, layers, str(error))
+                continue
+            if self.rule != "standalone":
+                merger.add(tensors, masks)
+            for layer in layers:
+                delivered.setdefault(layer, set()).add(node)
+            del tensors, masks  # streaming: one client's matrices at a time
+        for layer in sorted(delivered):
+            if self.rule != "standalone":
+                self._write_layer(layer, merger)
+            self.remaining.remove(layer)
+        missing = sorted(set().union(*self.assignments.values()) - set(delivered))
+        if missing:
+            log.warning(
+                "round %d: no valid reply for layers %s; they stay pending", server_round, missing
+            )
+        metrics = {
+            "clients": len({n for nodes in delivered.values() for n in nodes}),
+            "rejected": sum(1 for r in self.accounting.rejected if r["round"] == server_round),
+            "layers-done": len(delivered),
+            "layers-pending": len(self.remaining),
+            "bytes-up": sum(self.accounting.bytes_up.values()),
+            "aggregation-seconds": round(time.perf_counter() - start, 3),
+        }
+        return None, MetricRecord(metrics)
+
+    def _accept(
+        self, reply: Message, node: int, delivered: Mapping[int, set[int]]
+    ) -> tuple[dict, dict]:
+        """Decode and validate one reply completely before anything is aggregated."""
+        if reply.has_error():
+            raise RejectedReply(f"client error: {reply.error.reason}")
+        if node not in self.assignments:
+            raise RejectedReply("reply from a node that was not asked this round")
+        if any(node in nodes for nodes in delivered.values()):
+            raise RejectedReply("duplicate reply")
+        if PAYLOAD_KEY not in reply.content.array_records:
+            raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
+        arrays = reply.content.array_records[PAYLOAD_KEY]
+        if list(arrays.keys()) != [PAYLOAD_KEY]:
+            raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
+        array = arrays[PAYLOAD_KEY]
+        if array.dtype != "uint8" or len(array.shape) != 1:
+            raise RejectedReply(
+                f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}"
+            )
+        data = array.numpy().tobytes()
+        tensors, masks = decode(data, max_bytes=int(self.config.max_payload_mb * 2**20))
+        expected = {
+            name: tuple(linear.weight.shape)
+            for layer in self.assignments[node]
+            for name, linear in prunable_weights(self.model, layer).items()
+        }
+        validate_layer(tensors, masks, expected, require_values=self.pruner.updates_weights)
+        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
+        if "metrics" in reply.content.metric_records:
+            self.accounting.client_metrics[node] = dict(reply.content.metric_records["metrics"])
+        if self.reply_dir is not None:
+            self._store(node, data)
+        return tensors, masks
+
+    def _store(self, node: int, data: bytes) -> None:
+        self.reply_dir.mkdir(parents=True, exist_ok=True)
+        path = (
+            self.reply_dir / f"node-{node}-part-{len(self.reply_files.get(node, []))}.safetensors"
+        )
+        path.write_bytes(data)
+        self.reply_files.setdefault(node, []).append(path)
+
+    def _write_layer(self, layer: int, merger: MatrixMerger) -> None:
+        for name, linear in prunable_weights(self.model, layer).items():
+            merged, _keep = merger.finish(name)
+            linear.weight.data.copy_(merged)
+
+    # -------------------------------------------------------------- evaluate
+    # Evaluation happens on the server after the rounds (perplexity of the global model),
+    # so no evaluate messages go to the clients.
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+
+class Centralized(Strategy):
+    """The upper bound that privacy forbids: one pruner on every client's shard pooled.
+
+    Simulation only — the server reads the shards itself. It sends no messages; the
+    pruning happens in round 1's ``aggregate_train`` so the run goes through
+    ``Strategy.start`` like every other strategy.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: RunConfig, pooled_segments):
+        self.model, self.config = model, config
+        self.pooled_segments = pooled_segments  # callable: number of nodes -> (N, T) tokens
+        self.num_nodes = 0
+        self.remaining = list(range(num_layers(model)))
+
+    def summary(self) -> None:
+        log.info(
+            "centralized: %s %s on the pooled shards",
+            self.config.pruner,
+            self.config.sparsity_pattern,
+        )
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        self.num_nodes = len(list(grid.get_node_ids()))
+        return []
+
+    def aggregate_train(
+        self, server_round, replies
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.remaining:
+            return None, None
+        from llm_pruning.engine import prune_model  # server-side pruning only here
+
+        start = time.perf_counter()
+        segments = self.pooled_segments(self.num_nodes)
+        pruner = get_pruner(self.config.pruner)
+        prune_model(
+            self.model, segments, pruner, self.config.sparsity_pattern, device=self.config.device
+        )
+        self.remaining = []
+        return None, MetricRecord(
+            {"segments": int(segments.shape[0]), "seconds": round(time.perf_counter() - start, 3)}
+        )
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None

@@ -1,0 +1,205 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with approximate OBS weight updates.
+
+For a Linear layer with weight ``W`` (out, in) and calibration inputs ``X`` (rows, in), pruning
+minimises the layer-wise reconstruction error ``||W X^T - W_hat X^T||^2``, whose Hessian is
+``H = 2 X^T X`` (the factor 2 and any averaging do not matter: the dampening is relative). Columns
+are processed left to right; when column ``j`` loses entries, the remaining columns absorb the
+error through row ``j`` of the upper Cholesky factor of ``H^{-1}`` (paper, eq. 3 and Algorithm 1),
+with updates applied lazily per block of columns.
+
+The statistics are plain sums plus a row count, so they add across batches and across clients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from llm_pruning.pruners.masks import SparsityPattern, lowest_k_mask, nm_keep_mask, prune_counts
+
+logger = logging.getLogger(__name__)
+
+_MAX_DAMP_RETRIES = 5  # each retry multiplies the dampening by 10
+
+
+class HessianStats:
+    """Running ``Σ xᵀx`` over the inputs of a Linear layer, in float32.
+
+    Parameters
+    ----------
+    num_inputs
+        Input features of the layer (columns of its weight).
+    device
+        Where the sum lives (the layer's device).
+    """
+
+    def __init__(self, num_inputs: int, device: torch.device | str = "cpu") -> None:
+        self.num_inputs = num_inputs
+        self.xtx = torch.zeros(num_inputs, num_inputs, dtype=torch.float32, device=device)
+        self.count = 0  # token rows seen
+
+    def add(self, inputs: Tensor) -> None:
+        """Accumulate a batch of layer inputs of shape ``(..., num_inputs)``."""
+        if inputs.shape[-1] != self.num_inputs:
+            raise ValueError(
+                f"inputs have {inputs.shape[-1]} features; these stats expect {self.num_inputs}"
+            )
+        rows = inputs.reshape(-1, self.num_inputs).to(self.xtx.device, torch.float32)  # (rows, in)
+        self.xtx.addmm_(rows.T, rows)
+        self.count += rows.shape[0]
+
+    def merge(self, other: HessianStats) -> None:
+        """Add another accumulator's sums (another batch set or another client) to this one."""
+        if other.num_inputs != self.num_inputs:
+            raise ValueError(
+                f"cannot merge stats of {other.num_inputs} and {self.num_inputs} inputs"
+            )
+        self.xtx += other.xtx.to(self.xtx.device)
+        self.count += other.count
+
+
+def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tensor:
+    """Upper Cholesky factor of ``(H + λI)^{-1}`` with ``λ = damp_fraction · mean(diag H)``.
+
+    If ``H + λI`` is not positive definite, ``λ`` grows tenfold up to five times; if it still
+    fails (or ``H`` is not finite), a diagonal factor is returned, which reduces SparseGPT to
+    Wanda-like scores ``w² · H_jj`` without error propagation (plain magnitude if the diagonal is
+    not positive). Both cases log a warning; none raises.
+
+    Parameters
+    ----------
+    hessian
+        ``(in, in)`` float32 ``Σ xᵀx`` with dead inputs already given a unit diagonal.
+    damp_fraction
+        Relative dampening (the paper's 1 % of the mean diagonal).
+
+    Returns
+    -------
+    Tensor
+        ``(in, in)`` upper-triangular float32 factor ``U`` with ``UᵀU = (H + λI)^{-1}``.
+    """
+    base_damp = damp_fraction * hessian.diagonal().mean()
+    if bool(torch.isfinite(hessian).all()):
+        for attempt in range(_MAX_DAMP_RETRIES + 1):
+            damped = hessian.clone()
+            damped.diagonal().add_(base_damp * 10**attempt)
+            lower, info = torch.linalg.cholesky_ex(damped)
+            if int(info) == 0:
+                inverse = torch.cholesky_inverse(lower)
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                    if attempt > 0:
+                        logger.warning(
+                            "Hessian not positive definite with dampening %.3g; "
+                            "succeeded with %.3g after %d retries",
+                            float(base_damp),
+                            float(base_damp * 10**attempt),
+                            attempt,
+                        )
+                    return upper
+    diagonal = hessian.diagonal() + base_damp  # (in,)
+    if bool(torch.isfinite(diagonal).all()) and bool((diagonal > 0).all()):
+        factor = torch.diag(diagonal.rsqrt())
+        kind = "diag(H)"
+    else:
+        factor = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+        kind = "identity (magnitude pruning)"
+    logger.warning(
+        "Cholesky of the Hessian failed even with %d-fold more dampening; falling back to a "
+        "diagonal inverse Hessian from %s, without error compensation",
+        10**_MAX_DAMP_RETRIES,
+        kind,
+    )
+    return factor
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    stats: HessianStats | None,
+    pattern: SparsityPattern,
+    *,
+    block_size: int = 128,
+    damp_fraction: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Prune a weight matrix with SparseGPT, updating the kept weights to compensate.
+
+    Parameters
+    ----------
+    weight
+        ``(out, in)`` weight of a Linear layer; not modified.
+    stats
+        ``Σ xᵀx`` of the layer's inputs on the calibration data.
+    pattern
+        Unstructured: each block of columns prunes its exact share (cumulative ceil over columns),
+        so the matrix prunes exactly ``num_to_prune(out * in, s)``. N:M: each group of ``m``
+        columns keeps, per row, the ``n`` entries of highest OBS saliency ``w² / [H^{-1}]_jj²``.
+    block_size
+        Columns per lazy-update block (a multiple of ``m`` for N:M).
+    damp_fraction
+        Dampening relative to the mean of ``diag H``.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        The pruned, updated weight (same dtype, device, shape; pruned entries exactly 0) and the
+        bool keep-mask.
+    """
+    if stats is None:
+        raise ValueError("sparsegpt needs calibration statistics (HessianStats); got None")
+    rows, cols = weight.shape
+    if stats.num_inputs != cols:
+        raise ValueError(f"stats cover {stats.num_inputs} inputs; the weight has {cols} columns")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive; got {block_size}")
+    if pattern.is_nm and (cols % pattern.m or block_size % pattern.m):
+        raise ValueError(
+            f"N:M {pattern} needs columns ({cols}) and block_size ({block_size}) "
+            f"to be multiples of {pattern.m}"
+        )
+
+    work = weight.detach().to(torch.float32).clone()  # (out, in)
+    hessian = stats.xtx.to(work.device, torch.float32).clone()  # (in, in)
+    # An input that is always zero carries no information: its weights can go for free.
+    dead = hessian.diagonal() == 0  # (in,)
+    hessian[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    hinv = inverse_hessian_factor(hessian, damp_fraction)  # (in, in), upper triangular
+
+    column_counts = prune_counts(cols, rows, pattern.sparsity)  # (in,), used when unstructured
+    keep_mask = torch.ones(rows, cols, dtype=torch.bool, device=work.device)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = work[:, start:end].clone()  # (out, B)
+        block_hinv = hinv[start:end, start:end]  # (B, B)
+        block_diag = block_hinv.diagonal()  # (B,)
+        block_err = torch.zeros_like(block)  # (out, B)
+        if pattern.is_nm:
+            block_keep = torch.ones_like(block, dtype=torch.bool)
+        else:
+            # OBS saliency w² / [H^{-1}]_jj² (paper, eq. 3 with the Cholesky row scaling);
+            # exact count per block instead of the reference's per-block threshold.
+            saliency = block.square() / block_diag.square().unsqueeze(0)
+            block_keep = lowest_k_mask(saliency, int(column_counts[start:end].sum()))
+
+        for j in range(end - start):
+            if pattern.is_nm and j % pattern.m == 0:
+                group = slice(j, j + pattern.m)
+                saliency = block[:, group].square() / block_diag[group].square().unsqueeze(0)
+                block_keep[:, group] = nm_keep_mask(saliency, pattern.n, pattern.m)
+            column = block[:, j]  # (out,)
+            pruned = column * block_keep[:, j]
+            err = (column - pruned) / block_diag[j]  # (out,)
+            # OBS update of the not-yet-processed columns of this block (Algorithm 1, inner loop).
+            block[:, j + 1 :].addr_(err, block_hinv[j, j + 1 :], alpha=-1.0)
+            block[:, j] = pruned
+            block_err[:, j] = err
+
+        work[:, start:end] = block
+        keep_mask[:, start:end] = block_keep
+        # Lazy batch update: the columns right of the block absorb its errors at once.
+        work[:, end:].addmm_(block_err, hinv[start:end, end:], alpha=-1.0)
+
+    work.masked_fill_(~keep_mask, 0.0)
+    return work.to(weight.dtype), keep_mask

@@ -1,0 +1,223 @@
+"""One run, start to finish: pre-flight checks, the strategy's rounds, evaluation, the report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from transformers import PreTrainedModel
+
+from fedspallm_strategy.config import ConfigError, RunConfig
+from fedspallm_strategy.sampling import layer_budget
+from fedspallm_strategy.strategy import Centralized, FedSpaLLM
+from llm_pruning.data import pooled_segments
+from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
+from server_app.report import Evaluator, apply_payload, save_run, standalone_perplexities
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT_SECONDS = 600
+
+
+def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
+    """Run ``config`` over the nodes of ``grid``; returns the absolute run folder."""
+    timings: dict[str, float] = {}
+    clock = _Stopwatch(timings)
+    run_dir = config.output_path() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
+    with clock("load"):
+        model, tokenizer = load_model(config.model)
+        check_against_model(config, model)
+        evaluate = Evaluator(config, tokenizer)
+    nodes = wait_for_nodes(grid, config.min_clients)
+    budgets = query_budgets(grid, nodes) if config.strategy != "centralized" else {}
+    check_rounds(config, model, nodes, budgets)
+    report: dict = {"run": {"id": run_id, "dir": str(run_dir), "nodes": nodes}, "config": config.as_dict()}
+    with clock("dense-eval"):
+        perplexities = {"dense": evaluate(model, "dense")}
+
+    strategy = build_strategy(config, model, tokenizer, budgets, run_dir)
+    with clock("federation"):
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),  # clients hold the dense model: no weights go down
+            num_rounds=config.num_rounds,
+            timeout=config.round_timeout,
+        )
+    if strategy.remaining:
+        raise RuntimeError(
+            f"layers {strategy.remaining} were not pruned by any valid client in "
+            f"{config.num_rounds} round(s); see the rejected replies in the log. "
+            "Raise num-rounds or check the failing nodes."
+        )
+
+    saved = model
+    if isinstance(strategy, FedSpaLLM):
+        _record_clients(report, strategy, budgets, model)
+        with clock("standalone-eval"):
+            standalone = standalone_perplexities(
+                config, evaluate, strategy.reply_files, _num_matrices(model)
+            )
+        if standalone:
+            perplexities["standalone"] = standalone
+    if config.strategy == "standalone":
+        saved = _best_standalone(config, strategy, perplexities.get("standalone"))
+    else:
+        with clock("global-eval"):
+            perplexities["global" if config.strategy != "centralized" else "centralized"] = evaluate(
+                model, "global"
+            )
+    if config.compare_centralized and config.strategy != "centralized":
+        with clock("centralized"):
+            central, _ = load_model(config.model)
+            Centralized(central, config, _pooled(config, tokenizer)).prune(len(nodes))
+            perplexities["centralized"] = evaluate(central, "centralized")
+    report["perplexity"] = perplexities
+    report["timings"] = timings
+    path = save_run(run_dir, config=config, model=saved, tokenizer=tokenizer, report=report)
+    log.info("report written to %s", path)
+    return run_dir
+
+
+def build_strategy(config, model, tokenizer, budgets, run_dir: Path):
+    if config.strategy == "centralized":
+        return Centralized(model, config, _pooled(config, tokenizer))
+    return FedSpaLLM(
+        model, config, node_budgets=budgets, reply_dir=run_dir / "replies", rule=config.strategy
+    )
+
+
+def _pooled(config: RunConfig, tokenizer):
+    def segments(num_nodes: int):
+        return pooled_segments(
+            config.calib_data,
+            tokenizer,
+            num_partitions=num_nodes,
+            seqlen=config.seqlen,
+            num_segments=config.calib_samples,
+            partition=config.partition,
+            seed=config.seed,
+        )
+
+    return segments
+
+
+def check_against_model(config: RunConfig, model: PreTrainedModel) -> None:
+    """Checks that need the model, still before any node is contacted."""
+    context = max_context(model)
+    if context is not None and config.seqlen > context:
+        raise ConfigError(f"seqlen {config.seqlen} exceeds the model's context of {context} tokens")
+    pattern = config.sparsity_pattern
+    if pattern.is_nm:
+        for name, linear in prunable_weights(model, 0).items():
+            if linear.in_features % pattern.m:
+                raise ConfigError(
+                    f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
+                    f"not a multiple of {pattern.m}"
+                )
+
+
+def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> None:
+    if config.strategy == "centralized":
+        return
+    total_layers = num_layers(model)
+    per_round = sum(
+        layer_budget(total_layers, config.layer_fraction, budgets.get(node)) for node in nodes
+    )
+    needed = math.ceil(total_layers / per_round)
+    if needed > config.num_rounds:
+        raise ConfigError(
+            f"the nodes' layer budgets cover {per_round} of {total_layers} layers per round, so "
+            f"num-rounds must be at least {needed} (got {config.num_rounds}); or raise layer-fraction"
+        )
+
+
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of min-clients={minimum} nodes connected")
+        log.info("waiting for nodes: %d connected, %d required", len(nodes), minimum)
+        time.sleep(2)
+    return nodes
+
+
+def query_budgets(grid: Grid, nodes: list[int]) -> dict[int, int | None]:
+    """Ask every node for its resources (``layer-budget`` node config) before sampling."""
+    messages = [
+        Message(RecordDict(), message_type="query", dst_node_id=node, group_id="resources")
+        for node in nodes
+    ]
+    budgets: dict[int, int | None] = {node: None for node in nodes}
+    for reply in grid.send_and_receive(messages, timeout=120):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or "resources" not in reply.content.config_records:
+            log.warning("node %d did not report its resources; using layer-fraction", node)
+            continue
+        budget = reply.content.config_records["resources"].get("layer-budget", 0)
+        budgets[node] = int(budget) if isinstance(budget, int) and budget > 0 else None
+    log.info("node layer budgets: %s", budgets)
+    return budgets
+
+
+def _record_clients(report: dict, strategy: FedSpaLLM, budgets, model) -> None:
+    accounting = strategy.accounting
+    report["clients"] = {
+        str(node): {
+            "layer-budget": budgets.get(node),
+            "layers": {str(r): a.get(node, []) for r, a in accounting.assignments.items()},
+            "metrics": accounting.client_metrics.get(node, {}),
+        }
+        for node in budgets
+    }
+    dense_fp16 = 2 * sum(
+        linear.weight.numel()
+        for layer in range(num_layers(model))
+        for linear in prunable_weights(model, layer).values()
+    )
+    report["communication"] = {
+        "bytes_up": {str(n): b for n, b in accounting.bytes_up.items()},
+        "bytes_down": {str(n): b for n, b in accounting.bytes_down.items()},
+        "total_up": sum(accounting.bytes_up.values()),
+        "total_down": sum(accounting.bytes_down.values()),
+        "dense_fp16_bytes_all_layers": dense_fp16,
+    }
+    report["rejected"] = accounting.rejected
+
+
+def _best_standalone(config: RunConfig, strategy: FedSpaLLM, standalone: dict | None):
+    """For the ``standalone`` strategy, save the client model with the lowest perplexity."""
+    if not standalone:
+        raise RuntimeError("standalone: no client pruned every layer, so there is no model to save")
+    first = config.eval_data[0]
+    best = min(standalone["per_client"], key=lambda node: standalone["per_client"][node][first])
+    model, _ = load_model(config.model)
+    for path in strategy.reply_files[int(best)]:
+        apply_payload(model, path.read_bytes())
+    log.info("standalone: saving node %s's model (lowest perplexity on %s)", best, first)
+    return model
+
+
+def _num_matrices(model: PreTrainedModel) -> int:
+    return sum(len(prunable_weights(model, layer)) for layer in range(num_layers(model)))
+
+
+class _Stopwatch:
+    """``with clock("stage"):`` adds the block's seconds to ``timings["stage"]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def __call__(self, stage: str):
+        self.stage = stage
+        return self
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.stage] = round(time.perf_counter() - self.start, 3)

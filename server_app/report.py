@@ -1,0 +1,108 @@
+"""The run folder: evaluation of the models a run produced, ``report.json`` and ``model/``.
+
+Flower-free, so benchmarks and tests can evaluate and report without a federation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.payload import decode
+from llm_pruning.data import eval_tokens
+from llm_pruning.evaluate import perplexity, sparsity_report
+from llm_pruning.models import load_model, model_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluator:
+    """Perplexity of any model on every eval set of the run, on the same token windows."""
+
+    config: RunConfig
+    tokenizer: PreTrainedTokenizerBase
+    tokens: dict[str, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Tokenized once, up front: a text too short for one window fails before any pruning.
+        self.tokens = {source: eval_tokens(source, self.tokenizer) for source in self.config.eval_data}
+        for source, tokens in self.tokens.items():
+            if tokens.numel() < self.config.seqlen:
+                raise ValueError(
+                    f"eval-data '{source}' has {tokens.numel()} tokens, fewer than one "
+                    f"window of seqlen={self.config.seqlen}"
+                )
+
+    def __call__(self, model: PreTrainedModel, label: str) -> dict[str, float]:
+        start = time.perf_counter()
+        windows = self.config.eval_windows or None
+        result = {
+            source: round(
+                perplexity(model, tokens, seqlen=self.config.seqlen, max_windows=windows, device=self.config.device),
+                4,
+            )
+            for source, tokens in self.tokens.items()
+        }
+        log.info("perplexity of %s: %s (%.1fs)", label, result, time.perf_counter() - start)
+        return result
+
+
+def apply_payload(model: PreTrainedModel, data: bytes) -> int:
+    """Write a client's pruned matrices into ``model``; returns how many it held."""
+    tensors, masks = decode(data)
+    parameters = dict(model.named_parameters())
+    for name, keep in masks.items():
+        weight = parameters[name].data
+        values = tensors[name] if tensors else weight
+        weight.copy_(torch.where(keep, values.to(weight.dtype), torch.zeros((), dtype=weight.dtype)))
+    return len(masks)
+
+
+def standalone_perplexities(
+    config: RunConfig, evaluate: Evaluator, reply_files: dict[int, list[Path]], total_matrices: int
+) -> dict:
+    """Each client's own pruned model (dense where it pruned nothing), if it pruned every layer.
+
+    A client that pruned only some layers has no standalone model to compare with.
+    """
+    per_client = {}
+    for node, files in sorted(reply_files.items()):
+        model, _ = load_model(config.model)
+        pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
+        if pruned < total_matrices:
+            log.info("node %d pruned %d of %d matrices: no standalone model", node, pruned, total_matrices)
+            continue
+        per_client[str(node)] = evaluate(model, f"standalone node {node}")
+    if not per_client:
+        return {}
+    sources = next(iter(per_client.values())).keys()
+    mean = {s: round(sum(c[s] for c in per_client.values()) / len(per_client), 4) for s in sources}
+    return {"per_client": per_client, "mean": mean}
+
+
+def save_run(
+    run_dir: Path,
+    *,
+    config: RunConfig,
+    model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    report: dict,
+) -> Path:
+    """Write ``model/`` (if any) and ``report.json``; returns the report's path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        model.save_pretrained(run_dir / "model", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "model")
+        report["sparsity"] = {"target": config.sparsity, "pattern": config.pattern, **sparsity_report(model)}
+        report["model"] = model_summary(model, config.model)
+    path = run_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+    return path
