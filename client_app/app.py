@@ -7,8 +7,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client_app.task import prune_layers
-from fedspallm_strategy.logs import share_flower_handlers
 from fedspallm_strategy.config import NodeConfig
+from fedspallm_strategy.logs import share_flower_handlers
 from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, request_from_record
 
 app = ClientApp()

@@ -21,10 +21,11 @@ smaller index), so the global model stays valid N:M.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor
+
+from llm_pruning.pruners.masks import num_to_prune as client_num_to_prune
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,10 @@ def _check_sparsity(sparsity: float) -> float:
 
 
 def num_to_prune(numel: int, sparsity: float) -> int:
-    """Number of entries a matrix of ``numel`` entries has at ``sparsity``: ``ceil(s*d)``.
+    """Number of entries a matrix of ``numel`` entries has pruned at ``sparsity``: ``ceil(s*d)``.
 
-    The product is snapped to an integer when it is within float noise of one, so
-    ``0.5 * 8`` gives 4 and ``(0.1 + 0.2) * 10`` gives 3, not 4. The tolerance
-    ``1e-9 + 1e-12 * s * d`` is far above float64 rounding noise (about ``1e-16 * s * d``)
-    and far below the fractional part of ``s * d`` for any sparsity written with a few
-    decimals and any real matrix size.
+    The clients' count (:func:`llm_pruning.pruners.masks.num_to_prune`), after checking the
+    arguments, so server and clients always agree on a matrix's target.
 
     Raises
     ------
@@ -54,8 +52,7 @@ def num_to_prune(numel: int, sparsity: float) -> int:
     sparsity = _check_sparsity(sparsity)
     if numel < 0:
         raise ValueError(f"numel must be non-negative, got {numel}")
-    exact = sparsity * numel
-    return max(0, math.ceil(exact - (1e-9 + 1e-12 * exact)))
+    return client_num_to_prune(numel, sparsity)
 
 
 def _check_votes(weight: Tensor, prune_votes: Tensor, num_clients: int | None) -> None:
@@ -97,15 +94,16 @@ def _vote_threshold(votes: Tensor, num_clients: int, k: int) -> tuple[int, int]:
     raise AssertionError("k exceeds the number of entries not pruned by every client")
 
 
-def _smallest_by_magnitude(magnitude: Tensor, candidates: Tensor, r: int) -> Tensor:
-    """Pick the ``r`` candidates (sorted flat indices) with smallest magnitude, then index.
+def _smallest_by_magnitude(flat_weight: Tensor, candidates: Tensor, r: int) -> Tensor:
+    """Pick the ``r`` candidates (sorted flat indices) with smallest ``|W|``, then index.
 
     Uses selection (kthvalue) for the threshold and resolves ties at the threshold by
-    index, instead of sorting all candidates.
+    index, instead of sorting all candidates. Magnitudes are taken for the candidates
+    only, not the whole matrix.
     """
     if r >= candidates.numel():
         return candidates
-    values = magnitude[candidates]
+    values = _magnitude_key(flat_weight[candidates])
     threshold = torch.kthvalue(values, r).values  # r-th smallest, 1-based
     below = candidates[values < threshold]
     # candidates are in increasing index order, so the first ties are the smallest indices.
@@ -142,16 +140,15 @@ def expand_mask(weight: Tensor, prune_votes: Tensor, num_clients: int, sparsity:
     if num_clients < 1:
         raise ValueError(f"num_clients must be at least 1, got {num_clients}")
     _check_votes(weight, prune_votes, num_clients)
-    votes = prune_votes.reshape(-1).to(torch.int64)
+    votes = prune_votes.reshape(-1)  # no int64 copy: bincount and comparisons take int32
     prune = votes == num_clients  # (d,) already zero in W_g: always stays pruned
     num_all_pruned = int(prune.sum())
     extra = target - num_all_pruned
     if extra > 0:
         level, r = _vote_threshold(votes, num_clients, extra)
         prune |= votes > level
-        candidates = torch.nonzero(votes == level).squeeze(1)
-        magnitude = _magnitude_key(weight.reshape(-1))
-        prune[_smallest_by_magnitude(magnitude, candidates, r)] = True
+        candidates = torch.nonzero(votes == level).squeeze(1)  # ascending flat indices
+        prune[_smallest_by_magnitude(weight.reshape(-1), candidates, r)] = True
     elif extra < 0:
         logger.debug(
             "%d entries pruned by all clients exceed the target %d; keeping them pruned",

@@ -127,7 +127,9 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if header_len > len(data) - 8:
         raise PayloadError(f"header length {header_len} exceeds the {len(data)}-byte payload")
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = json.loads(
+            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_unique_keys
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"payload header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -158,7 +160,9 @@ def _parse_matrices(metadata: Mapping[str, str]) -> tuple[bool, dict[str, tuple]
             f"version {metadata.get('version')!r} (expected {FORMAT!r} {VERSION!r})"
         )
     if metadata.get("values") not in ("true", "false"):
-        raise PayloadError(f"metadata 'values' must be 'true' or 'false': {metadata.get('values')!r}")
+        raise PayloadError(
+            f"metadata 'values' must be 'true' or 'false': {metadata.get('values')!r}"
+        )
     has_values = metadata["values"] == "true"
     try:
         matrices = json.loads(metadata.get("matrices", ""), object_pairs_hook=_unique_keys)
@@ -201,9 +205,10 @@ def _unpack_mask(name: str, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise PayloadError(f"{name}: packed mask must be 1-D uint8, got {packed.dtype}")
-    if packed.numel() != (numel + 7) // 8:
+    needed = (numel + 7) // 8
+    if packed.numel() != needed:
         raise PayloadError(
-            f"{name}: packed mask has {packed.numel()} bytes, shape {shape} needs {(numel + 7) // 8}"
+            f"{name}: packed mask has {packed.numel()} bytes, {shape} needs {needed}"
         )
     bits = np.unpackbits(packed.numpy())
     if bits[numel:].any():
@@ -213,7 +218,9 @@ def _unpack_mask(name: str, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 def _dense_from(name: str, values: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
     if values.dtype != dtype or values.dim() != 1:
-        raise PayloadError(f"{name}: values must be 1-D {dtype}, got {values.dim()}-D {values.dtype}")
+        raise PayloadError(
+            f"{name}: values must be 1-D {dtype}, got {values.dim()}-D {values.dtype}"
+        )
     kept = int(mask.sum())
     if values.numel() != kept:
         raise PayloadError(f"{name}: {values.numel()} values but the mask keeps {kept} entries")

@@ -77,7 +77,9 @@ def _local_documents(path: Path) -> list[str]:
 
 def _jsonl_documents(path: Path) -> list[str]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # JSON Lines are separated by "\n" alone: str.splitlines would also split at U+2028, U+2029
+    # and U+0085, which json.dumps(..., ensure_ascii=False) leaves unescaped inside strings.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -28,7 +28,10 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     """Run ``config`` over the nodes of ``grid``; returns the absolute run folder."""
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
-    run_dir = config.output_path() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
+    run_dir = (
+        config.output_path()
+        / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
+    )
     with clock("load"):
         model, tokenizer = load_model(config.model)
         check_against_model(config, model)
@@ -36,7 +39,10 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     nodes = wait_for_nodes(grid, config.min_clients)
     budgets = query_budgets(grid, nodes) if config.strategy != "centralized" else {}
     check_rounds(config, model, nodes, budgets)
-    report: dict = {"run": {"id": run_id, "dir": str(run_dir), "nodes": nodes}, "config": config.as_dict()}
+    report: dict = {
+        "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
+        "config": config.as_dict(),
+    }
     with clock("dense-eval"):
         perplexities = {"dense": evaluate(model, "dense")}
 
@@ -68,8 +74,8 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
         saved = _best_standalone(config, strategy, perplexities.get("standalone"))
     else:
         with clock("global-eval"):
-            perplexities["global" if config.strategy != "centralized" else "centralized"] = evaluate(
-                model, "global"
+            perplexities["global" if config.strategy != "centralized" else "centralized"] = (
+                evaluate(model, "global")
             )
     if config.compare_centralized and config.strategy != "centralized":
         with clock("centralized"):
@@ -132,7 +138,8 @@ def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> N
     if needed > config.num_rounds:
         raise ConfigError(
             f"the nodes' layer budgets cover {per_round} of {total_layers} layers per round, so "
-            f"num-rounds must be at least {needed} (got {config.num_rounds}); or raise layer-fraction"
+            f"num-rounds must be at least {needed} (got {config.num_rounds}); "
+            "or raise layer-fraction"
         )
 
 

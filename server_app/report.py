@@ -33,7 +33,9 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         # Tokenized once, up front: a text too short for one window fails before any pruning.
-        self.tokens = {source: eval_tokens(source, self.tokenizer) for source in self.config.eval_data}
+        self.tokens = {
+            source: eval_tokens(source, self.tokenizer) for source in self.config.eval_data
+        }
         for source, tokens in self.tokens.items():
             if tokens.numel() < self.config.seqlen:
                 raise ValueError(
@@ -46,7 +48,13 @@ class Evaluator:
         windows = self.config.eval_windows or None
         result = {
             source: round(
-                perplexity(model, tokens, seqlen=self.config.seqlen, max_windows=windows, device=self.config.device),
+                perplexity(
+                    model,
+                    tokens,
+                    seqlen=self.config.seqlen,
+                    max_windows=windows,
+                    device=self.config.device,
+                ),
                 4,
             )
             for source, tokens in self.tokens.items()
@@ -62,7 +70,9 @@ def apply_payload(model: PreTrainedModel, data: bytes) -> int:
     for name, keep in masks.items():
         weight = parameters[name].data
         values = tensors[name] if tensors else weight
-        weight.copy_(torch.where(keep, values.to(weight.dtype), torch.zeros((), dtype=weight.dtype)))
+        weight.copy_(
+            torch.where(keep, values.to(weight.dtype), torch.zeros((), dtype=weight.dtype))
+        )
     return len(masks)
 
 
@@ -78,7 +88,12 @@ def standalone_perplexities(
         model, _ = load_model(config.model)
         pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
         if pruned < total_matrices:
-            log.info("node %d pruned %d of %d matrices: no standalone model", node, pruned, total_matrices)
+            log.info(
+                "node %d pruned %d of %d matrices: no standalone model",
+                node,
+                pruned,
+                total_matrices,
+            )
             continue
         per_client[str(node)] = evaluate(model, f"standalone node {node}")
     if not per_client:
@@ -101,7 +116,11 @@ def save_run(
     if model is not None:
         model.save_pretrained(run_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "model")
-        report["sparsity"] = {"target": config.sparsity, "pattern": config.pattern, **sparsity_report(model)}
+        report["sparsity"] = {
+            "target": config.sparsity,
+            "pattern": config.pattern,
+            **sparsity_report(model),
+        }
         report["model"] = model_summary(model, config.model)
     path = run_dir / "report.json"
     path.write_text(json.dumps(report, indent=2, sort_keys=False))

@@ -143,7 +143,8 @@ def test_errors() -> None:
         l0_aggregate([torch.ones(2, dtype=torch.int32)], [torch.ones(2, dtype=torch.bool)])
     with pytest.raises(ValueError, match="dtype"):
         l0_aggregate(
-            [torch.ones(2), torch.ones(2, dtype=torch.float16)], [torch.ones(2, dtype=torch.bool)] * 2
+            [torch.ones(2), torch.ones(2, dtype=torch.float16)],
+            [torch.ones(2, dtype=torch.bool)] * 2,
         )
     with pytest.raises(ValueError, match="non-finite"):
         l0_aggregate([torch.tensor([float("nan"), 1.0])], [torch.tensor([True, True])])

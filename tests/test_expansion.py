@@ -53,6 +53,9 @@ def test_num_to_prune_hand_computed() -> None:
     assert num_to_prune(5, 0.0) == 0
     assert num_to_prune(1, 0.01) == 1
     assert num_to_prune(4096 * 11008, 0.7) == math.ceil(7 * 4096 * 11008 / 10)
+    # 0.55 * 1e8 == 55000000.00000001: an absolute slack of 1e-9 is too small at this size.
+    assert num_to_prune(100_000_000, 0.55) == 55_000_000
+    assert num_to_prune(100_000_001, 0.55) == 55_000_001  # ceil(55000000.55)
 
 
 def test_num_to_prune_ignores_float_noise_at_all_sizes() -> None:

@@ -101,10 +101,18 @@ def _is_valid_sparsity(sparsity: object) -> bool:
 def num_to_prune(numel: int, sparsity: float) -> int:
     """Exact number of entries a matrix of ``numel`` entries prunes at ``sparsity``.
 
-    ``ceil(sparsity * numel)``, with a tiny slack so that floating-point noise in the product never
-    adds an entry (0.7 * 10 is 7, not 8).
+    ``ceil(sparsity * numel)``, with a slack so that floating-point noise in the product never
+    adds an entry (0.7 * 10 is 7, not 8). The slack grows with the product (``0.55 * 1e8`` is
+    ``55000000.00000001``) yet stays far below the fractional part of ``s * d`` for any
+    sparsity written with a few decimals. Clients and server share this one count.
     """
-    return max(0, math.ceil(sparsity * numel - _CEIL_SLACK))
+    exact = sparsity * numel
+    return max(0, math.ceil(exact - _slack(exact)))
+
+
+def _slack(exact):
+    """Float-noise tolerance of ``ceil``: ``1e-9`` plus ``1e-12`` of the value (float or tensor)."""
+    return _CEIL_SLACK + 1e-12 * exact
 
 
 def prune_counts(num_units: int, unit_size: int, sparsity: float) -> Tensor:
@@ -121,7 +129,8 @@ def prune_counts(num_units: int, unit_size: int, sparsity: float) -> Tensor:
     """
     # float64 products equal Python's float products, so the last boundary equals num_to_prune.
     boundaries = torch.arange(num_units + 1, dtype=torch.float64) * unit_size
-    cumulative = torch.ceil(sparsity * boundaries - _CEIL_SLACK).clamp_min(0).to(torch.int64)
+    products = sparsity * boundaries
+    cumulative = torch.ceil(products - _slack(products)).clamp_min(0).to(torch.int64)
     return cumulative[1:] - cumulative[:-1]
 
 

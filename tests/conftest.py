@@ -1,0 +1,76 @@
+"""Shared fixtures: an isolated model cache and fresh copies of the tiny models.
+
+The whole session writes converted models under one cache directory: a pytest temporary
+directory, or ``$FEDSPALLM_TEST_CACHE`` when a developer sets it, so that the one-time
+SmolLM2 GGUF conversion (about 25 s) can be reused across runs::
+
+    FEDSPALLM_TEST_CACHE=~/.cache/fedspallm-tests python -m pytest
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_pruning.models import load_model
+
+ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point ``FEDSPALLM_CACHE`` at a per-session (or developer-chosen) directory.
+
+    Set in ``os.environ`` itself, not with ``monkeypatch``, so that it holds for the whole
+    session and for any subprocess a test starts.
+    """
+    reused = os.environ.get("FEDSPALLM_TEST_CACHE")
+    cache = Path(reused).expanduser() if reused else tmp_path_factory.mktemp("fedspallm-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("FEDSPALLM_CACHE")
+    os.environ["FEDSPALLM_CACHE"] = str(cache)
+    try:
+        yield cache
+    finally:
+        if previous is None:
+            os.environ.pop("FEDSPALLM_CACHE", None)
+        else:
+            os.environ["FEDSPALLM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(model_cache: Path) -> Path:
+    """Build both tiny models once per session (later loads take ~0.1 s)."""
+    for name in ("tiny-llama", "tiny-opt"):
+        load_model(name)
+    return model_cache
+
+
+# Tests prune models in place: each test gets its own copy, loaded from the session cache.
+
+
+@pytest.fixture
+def tiny_llama(tiny_cache: Path) -> ModelAndTokenizer:
+    return load_model("tiny-llama")
+
+
+@pytest.fixture
+def tiny_opt(tiny_cache: Path) -> ModelAndTokenizer:
+    return load_model("tiny-opt")
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-opt"])
+def tiny_model(request: pytest.FixtureRequest, tiny_cache: Path) -> ModelAndTokenizer:
+    """Each test using this runs once per family (LLaMA and OPT)."""
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(model_cache: Path) -> Path:
+    """Convert the built-in SmolLM2 GGUF once per session (tens of seconds, unless reused)."""
+    load_model("smollm2-135m")
+    return model_cache

@@ -1,0 +1,165 @@
+"""Tests for llm_pruning.models: the family adapter table and every way to load a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from llm_pruning.models import (
+    FAMILIES,
+    byte_tokenizer,
+    family_of,
+    load_model,
+    num_layers,
+    prunable_weights,
+)
+
+LLAMA_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+OPT_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "fc1",
+    "fc2",
+]
+
+
+def tiny_gpt2():
+    config = GPT2Config(vocab_size=257, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_families_cover_the_supported_architectures():
+    assert {"llama", "mistral", "qwen2", "opt"} <= set(FAMILIES)
+    assert FAMILIES["llama"].linears == tuple(LLAMA_LINEARS)
+    assert FAMILIES["opt"].linears == tuple(OPT_LINEARS)
+    assert FAMILIES["opt"].layer_prefix(3) == "model.decoder.layers.3."
+
+
+def test_family_of_unsupported_model_lists_supported_families():
+    with pytest.raises(ValueError, match="gpt2") as error:
+        family_of(tiny_gpt2())
+    for family in ("llama", "mistral", "opt", "qwen2"):
+        assert family in str(error.value)
+
+
+def test_load_model_rejects_unsupported_family_from_directory(tmp_path: Path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model family 'gpt2'"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("fixture", "prefix", "linears"),
+    [
+        ("tiny_llama", "model.layers", LLAMA_LINEARS),
+        ("tiny_opt", "model.decoder.layers", OPT_LINEARS),
+    ],
+)
+def test_tiny_models_expose_their_prunable_linears(request, fixture, prefix, linears):
+    model, tokenizer = request.getfixturevalue(fixture)
+    assert num_layers(model) == 4
+    assert not model.training
+    parameters = dict(model.named_parameters())
+    for index in range(4):
+        weights = prunable_weights(model, index)
+        assert list(weights) == [f"{prefix}.{index}.{name}.weight" for name in linears]
+        for name, linear in weights.items():
+            assert isinstance(linear, torch.nn.Linear)
+            assert parameters[name] is linear.weight  # the name really addresses that weight
+    assert len(tokenizer) == 257  # 256 bytes + EOS
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_builtin_tiny_model_is_seeded_and_leaves_global_rng_alone(tmp_path: Path, name: str):
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
+    first, _ = load_model(name, cache=tmp_path / "a")  # built from scratch
+    assert torch.equal(torch.rand(3), expected_draw)
+    second, _ = load_model(name, cache=tmp_path / "b")  # built again, independently
+    first_state, second_state = first.state_dict(), second.state_dict()
+    assert first_state.keys() == second_state.keys()
+    for key, value in first_state.items():
+        assert torch.equal(value, second_state[key]), key
+
+
+def test_load_model_from_save_pretrained_directory(tiny_llama, tmp_path: Path):
+    model, tokenizer = tiny_llama
+    with torch.no_grad():
+        prunable_weights(model, 1)["model.layers.1.mlp.up_proj.weight"].weight[0, :5] = 0.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_model(str(tmp_path))
+    assert family_of(loaded) is FAMILIES["llama"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert loaded_tokenizer.decode(loaded_tokenizer("héllo")["input_ids"]) == "héllo"
+
+
+def test_load_model_dtype(tiny_cache):
+    model, _ = load_model("tiny-opt", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_unknown_spec_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="nonexistent-model.*built-in name.*smollm2-135m"):
+        load_model("nonexistent-model")
+
+
+def test_missing_gguf_file(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
+    # huggingface_hub reads HF_HUB_OFFLINE at import time: set the constant too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="someone/does-not-exist") as error:
+        load_model("someone/does-not-exist")
+    assert "local directory" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain ASCII, with\ttabs and\nnewlines\r\n",
+        "Grüße, ĉu vi? Ελληνικά — русский — 日本語 — 한국어",
+        "emoji 🐍🌸👩‍👩‍👧 and combining e\u0301, zero\u200bwidth, NUL \x00 and \x7f",
+        "  leading and trailing spaces  ",
+    ],
+)
+def test_byte_tokenizer_round_trips_unicode(text: str):
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))  # one token per UTF-8 byte
+    assert max(ids) < 256  # bytes only; 256 is EOS
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == 256
+
+
+@pytest.mark.slow
+def test_smollm2_builtin_is_the_real_model(smollm2_cache: Path):
+    model, tokenizer = load_model("smollm2-135m")
+    assert model.config.model_type == "llama"
+    assert num_layers(model) == 30
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6  # tied embeddings
+    assert (smollm2_cache / "models" / "smollm2-135m" / "config.json").is_file()
+    text = "def greet(name):\n    return f'Hello, {name}!'"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(tokenizer(text)["input_ids"]) < len(text) / 2  # a real BPE, not bytes
