@@ -5,6 +5,11 @@ directory, or ``$FEDSPALLM_TEST_CACHE`` when a developer sets it, so that the on
 SmolLM2 GGUF conversion (about 25 s) can be reused across runs::
 
     FEDSPALLM_TEST_CACHE=~/.cache/fedspallm-tests python -m pytest
+
+Tests run torch on one CPU thread (``FEDSPALLM_TEST_THREADS`` to change it): the tiny models'
+matrices are far too small to gain from intra-op threads, and on a busy machine OpenMP threads
+that wait for a descheduled sibling made the suite several times slower (45 s -> 210 s on a
+loaded 2-core box).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_pruning.models import load_model
@@ -40,6 +46,17 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop("FEDSPALLM_CACHE", None)
         else:
             os.environ["FEDSPALLM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> Iterator[int]:
+    previous = torch.get_num_threads()
+    threads = int(os.environ.get("FEDSPALLM_TEST_THREADS", "1"))
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

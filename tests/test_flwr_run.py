@@ -1,0 +1,131 @@
+"""The real thing: `flwr run .` on tiny-llama through a local SuperLink (Ray simulation).
+
+`flwr run` starts a detached local SuperLink that no flwr command stops, and `--stream` exits
+0 even when the run failed: this test reads the run's status from `flwr ls --format json` and
+stops the SuperLink it started by PID, also when it fails.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _superlink_running() -> bool:
+    from flwr.cli.local_superlink import _is_local_superlink_started
+
+    return _is_local_superlink_started()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline and entry.name != str(os.getpid()):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def flower_home(tmp_path):
+    """A private FLWR_HOME; the SuperLink started under it is stopped by PID afterwards."""
+    if _superlink_running():
+        pytest.skip("a local Flower SuperLink is already running; stop it to run this test")
+    home = tmp_path / "flwr-home"
+    try:
+        yield home
+    finally:
+        for pid in _processes_mentioning(str(home)):
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGTERM)  # SuperLink and its children
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(home)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _processes_mentioning(str(home)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _flwr(args, env, timeout):
+    return subprocess.run(
+        ["flwr", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_flwr_run_tiny_llama(flower_home, tmp_path):
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flower_home),
+        # The machine already has our dependencies; don't let the SuperLink reinstall them.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FEDSPALLM_CACHE": os.environ.get("FEDSPALLM_CACHE", str(tmp_path / "cache")),
+    }
+    output_dir = tmp_path / "runs"
+    overrides = (
+        f"model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 output-dir='{output_dir}'"
+    )
+    result = _flwr(
+        [
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            overrides,
+            "--federation-config",
+            "num-supernodes=3",
+        ],
+        env,
+        timeout=300,
+    )
+    log = result.stdout + result.stderr
+    match = re.search(r"Successfully started run (\d+)", log)
+    assert match, log[-3000:]
+    run_id = match.group(1)
+
+    listing = _flwr(["ls", "--format", "json"], env, timeout=60)
+    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+    assert runs[run_id]["status"] == "finished:completed", log[-3000:]
+
+    folders = list(output_dir.glob(f"*-fedspallm-{run_id}"))
+    assert len(folders) == 1, log[-3000:]
+    assert f"FedSpaLLM run folder: {folders[0]}" in log
+    report = json.loads((folders[0] / "report.json").read_text())
+    assert len(report["clients"]) == 3
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    assert set(report["perplexity"]) >= {"dense", "global", "standalone"}
+    model = AutoModelForCausalLM.from_pretrained(folders[0] / "model")
+    assert model.config.num_hidden_layers == 4
+    assert "layer 4/4 pruned" in log  # the clients' progress reaches the stream
+
+
+def test_bad_run_config_fails_the_run_before_any_work(flower_home, tmp_path):
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flower_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    result = _flwr(
+        ["run", ".", "--stream", "--run-config", f"sparsity=1.5 output-dir='{tmp_path}'"],
+        env,
+        timeout=300,
+    )
+    log = result.stdout + result.stderr
+    run_id = re.search(r"Successfully started run (\d+)", log).group(1)
+    listing = _flwr(["ls", "--format", "json"], env, timeout=60)
+    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+    assert runs[run_id]["status"].startswith("finished:failed"), runs[run_id]
+    assert "sparsity" in log
+    assert not list(tmp_path.glob("*-fedspallm-*"))  # nothing was written
