@@ -1,0 +1,43 @@
+"""Only the Flower wiring imports flwr: the maths and the engine work without Flower."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED = {"fedspallm_strategy/strategy.py"}
+
+
+def _imports_flwr(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "flwr" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "flwr":
+            return True
+    return False
+
+
+def test_only_strategy_and_apps_import_flwr():
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("llm_pruning", "fedspallm_strategy")
+        for path in (ROOT / package).rglob("*.py")
+        if str(path.relative_to(ROOT)) not in ALLOWED and _imports_flwr(path)
+    ]
+    assert offenders == []
+    # The check itself can fail: the strategy module does import flwr.
+    assert _imports_flwr(ROOT / "fedspallm_strategy" / "strategy.py")
+
+
+def test_public_api_imports_without_flower():
+    code = (
+        "import sys\n"
+        "from fedspallm_strategy.aggregation import l0_aggregate\n"
+        "from fedspallm_strategy.expansion import expand_mask\n"
+        "from fedspallm_strategy.payload import encode, decode, PayloadError\n"
+        "from fedspallm_strategy.merging import MatrixMerger\n"
+        "import llm_pruning.engine, llm_pruning.evaluate\n"
+        "assert 'flwr' not in sys.modules, 'flwr was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
