@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,7 +53,8 @@ def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
 def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> PruneReply:
     """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result."""
     start = time.perf_counter()
-    model, tokenizer = load_model(config.model)
+    cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
+    model, tokenizer = load_model(config.model, cache=cache)
     pruner = get_pruner(config.pruner)
     segments = load_shard(config, node, tokenizer)
     log.info(

@@ -152,6 +152,7 @@ class NodeConfig:
     data_path: str | None = None  # private text; replaces the run's calib-data partition
     layer_budget: int | None = None  # decoder layers this node can prune per round
     device: str | None = None  # overrides the run's device on this node
+    cache_dir: str | None = None  # where this node keeps converted models (survives restarts)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> NodeConfig:
@@ -161,6 +162,7 @@ class NodeConfig:
             data_path=_optional(values, "data-path", "str"),
             layer_budget=_optional(values, "layer-budget", "int"),
             device=_optional(values, "device", "str"),
+            cache_dir=_optional(values, "cache-dir", "str"),
         )
         if not 0 <= config.partition_id < config.num_partitions:
             raise ConfigError(

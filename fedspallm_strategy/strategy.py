@@ -127,6 +127,9 @@ class FedSpaLLM(Strategy):
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
         self.assignments: dict[int, list[int]] = {}
+        self.failed_nodes: set[int] = (
+            set()
+        )  # no valid reply last round: asked only as a last resort
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
 
@@ -145,7 +148,8 @@ class FedSpaLLM(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not self.remaining:
+        self.assignments = {}
+        if not self.remaining:  # every layer is done: later rounds are idle
             return []
         self.assignments = self.assign_layers(sorted(grid.get_node_ids()))
         self.accounting.assignments[server_round] = self.assignments
@@ -168,6 +172,8 @@ class FedSpaLLM(Strategy):
         """Each node's layers this round: its budget of the remaining layers, all covered."""
         if not nodes:
             raise RuntimeError("no nodes are connected to the federation")
+        # A node that timed out or sent garbage is not asked again while others can do the work.
+        nodes = [node for node in nodes if node not in self.failed_nodes] or nodes
         remaining = self.remaining
         budgets = {
             node: min(
@@ -189,6 +195,8 @@ class FedSpaLLM(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.assignments:
+            return None, None
         start = time.perf_counter()
         dense = {
             name: linear.weight.data
@@ -220,13 +228,18 @@ class FedSpaLLM(Strategy):
             if self.rule != "standalone":
                 self._write_layer(layer, merger)
             self.remaining.remove(layer)
+        answered = {n for nodes in delivered.values() for n in nodes}
+        self.failed_nodes = set(self.assignments) - answered
+        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
+        for node in sorted(self.failed_nodes - rejected_now):
+            self.accounting.reject(server_round, node, self.assignments[node], "no reply in time")
         missing = sorted(set().union(*self.assignments.values()) - set(delivered))
         if missing:
             log.warning(
                 "round %d: no valid reply for layers %s; they stay pending", server_round, missing
             )
         metrics = {
-            "clients": len({n for nodes in delivered.values() for n in nodes}),
+            "clients": len(answered),
             "rejected": sum(1 for r in self.accounting.rejected if r["round"] == server_round),
             "layers-done": len(delivered),
             "layers-pending": len(self.remaining),

@@ -31,6 +31,12 @@ def perplexity(
     ``len(tokens) // seqlen`` windows (the tail is dropped), each scored on its own, and every
     predicted token weighs the same.
     """
+    # Each window must predict at least one token, and at least one window must be scored:
+    # otherwise the mean below divides by zero.
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"eval-windows must be at least 1, got {max_windows}")
     available = tokens.numel() // seqlen
     if available == 0:
         raise ValueError(

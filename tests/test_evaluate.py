@@ -66,6 +66,15 @@ def test_too_short_text(tiny_llama):
         perplexity(model, torch.arange(SEQLEN - 1), seqlen=SEQLEN)
 
 
+@pytest.mark.parametrize(
+    ("seqlen", "max_windows", "message"), [(1, None, "seqlen"), (SEQLEN, 0, "eval-windows")]
+)
+def test_nothing_to_score_is_an_error(tiny_llama, tokens, seqlen, max_windows, message):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match=message):
+        perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows)
+
+
 def test_sparsity_report_on_a_hand_zeroed_model(tiny_llama):
     model, _ = tiny_llama
     weights = {

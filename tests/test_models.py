@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from llm_pruning import models
 from llm_pruning.models import (
     FAMILIES,
     byte_tokenizer,
@@ -124,6 +125,30 @@ def test_unknown_spec_is_a_clear_value_error():
 def test_missing_gguf_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_gguf_files_with_the_same_name_get_separate_conversions(
+    tmp_path: Path, monkeypatch, tiny_cache: Path
+):
+    targets = []
+
+    def fake_conversion(gguf_path: Path, target: Path) -> Path:  # conversion itself: slow test
+        targets.append((gguf_path, target))
+        return tiny_cache / "models" / "tiny-llama"
+
+    monkeypatch.setattr(models, "_cached_gguf", fake_conversion)
+    for folder in ("a", "b", "a"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        gguf = tmp_path / folder / "model.gguf"
+        if not gguf.exists():
+            gguf.write_bytes(f"GGUF from {folder}".encode())
+        model, _ = load_model(str(gguf), cache=tmp_path / "cache")
+        assert num_layers(model) == 4
+    (source_a, target_a), (source_b, target_b), (_, target_a_again) = targets
+    assert source_a == (tmp_path / "a" / "model.gguf").resolve()
+    assert target_a.parent == target_b.parent == tmp_path / "cache" / "gguf"
+    assert target_a.name.startswith("model-") and target_a != target_b
+    assert target_a_again == target_a  # the same file reuses its conversion
 
 
 def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):

@@ -131,14 +131,48 @@ def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, caplog):
     assert all(torch.equal(params[n].data, expected[n]) for n in names)
 
 
-def test_client_failure_and_lost_reply_are_retried_next_round(tmp_path):
-    drop_all = {1: lambda reply: None, 2: lambda reply: None}
-    recorder = Recorder(tamper=drop_all)
-    # Round 1: both replies are lost, nothing is delivered; round 2 tampers again, so the
-    # layers stay pending: the run must not report them as done.
-    strategy, _ = run_strategy(tmp_path, num_nodes=2, reply_filter=recorder, **{"num-rounds": 2})
-    assert strategy.remaining == [0, 1, 2, 3]
-    recorder.tamper = {}
+def test_lost_reply_is_reassigned_to_another_node_next_round(tmp_path):
+    lost = []
+
+    def lose_first_reply_of_node_1(node, reply):
+        if node == 1 and reply.metadata.message_type == "train" and not lost:
+            lost.append(reply)
+            return None  # as if node 1 timed out
+        return reply
+
+    strategy, grid = run_strategy(
+        tmp_path, num_nodes=2, reply_filter=lose_first_reply_of_node_1, **{"num-rounds": 2}
+    )
+    assert strategy.remaining == []
+    rounds = strategy.accounting.assignments
+    assert rounds[1] == {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
+    # Node 2 delivered every layer in round 1, so round 2 had nothing left to ask.
+    assert 2 not in rounds
+    assert strategy.accounting.rejected == [
+        {"round": 1, "node": 1, "layers": [0, 1, 2, 3], "reason": "no reply in time"}
+    ]
+
+
+def test_layers_nobody_delivered_go_to_a_responsive_node_next_round(tmp_path):
+    configs = {
+        1: {"partition-id": 0, "num-partitions": 2, "layer-budget": 2},
+        2: {"partition-id": 1, "num-partitions": 2, "layer-budget": 2},
+    }
+    seen = []
+
+    def lose_node_1_once(node, reply):
+        if node == 1 and reply.metadata.message_type == "train" and not seen:
+            seen.append(node)
+            return None
+        return reply
+
+    strategy, _ = run_strategy(
+        tmp_path, node_configs=configs, reply_filter=lose_node_1_once, **{"num-rounds": 3}
+    )
+    rounds = strategy.accounting.assignments
+    lost = rounds[1][1]
+    assert rounds[2] == {2: lost}  # node 1 failed, so node 2 takes its layers
+    assert strategy.remaining == []
 
 
 def test_run_fails_naming_layers_nobody_delivered(tmp_path):
