@@ -18,7 +18,9 @@ app = ClientApp()
 def resources(msg: Message, context: Context) -> Message:
     """Tell the server what this node can do, before it draws the layer assignment."""
     node = NodeConfig.from_mapping(context.node_config)
-    record = ConfigRecord({"layer-budget": node.layer_budget or 0, "device": node.device or ""})
+    record = ConfigRecord(
+        {"layer-budget": node.layer_budget or 0, "device": node.device or "", "name": node.name}
+    )
     return Message(RecordDict({"resources": record}), reply_to=msg)
 
 

@@ -45,6 +45,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
     min_clients: int = 1  # wait for this many connected nodes before starting
+    resume_from: str = ""  # a run folder whose checkpoint this run continues
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -153,6 +154,11 @@ class NodeConfig:
     layer_budget: int | None = None  # decoder layers this node can prune per round
     device: str | None = None  # overrides the run's device on this node
     cache_dir: str | None = None  # where this node keeps converted models (survives restarts)
+
+    @property
+    def name(self) -> str:
+        """What identifies this node's data across restarts (its node id may change)."""
+        return self.data_path or f"partition {self.partition_id} of {self.num_partitions}"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> NodeConfig:

@@ -9,10 +9,11 @@ safetensors payload of the pruned layers.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from transformers import PreTrainedModel
 
+from fedspallm_strategy import checkpoint
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.merging import MatrixMerger
 from fedspallm_strategy.payload import PayloadError, decode, validate_layer
@@ -78,6 +80,24 @@ class Accounting:
         default_factory=dict
     )  # round -> node -> layers
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Accounting:
+        """JSON turned the int keys into strings; turn them back."""
+
+        def ints(mapping: dict) -> dict:
+            return {int(k): v for k, v in mapping.items()}
+
+        return cls(
+            rejected=data["rejected"],
+            bytes_up=ints(data["bytes_up"]),
+            bytes_down=ints(data["bytes_down"]),
+            client_metrics=ints(data["client_metrics"]),
+            assignments={int(r): ints(a) for r, a in data["assignments"].items()},
+        )
+
     def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
         log.warning(
             "round %d: rejected reply of node %d (layers %s): %s",
@@ -102,8 +122,13 @@ class FedSpaLLM(Strategy):
         The validated run configuration.
     node_budgets
         Node id -> ``layer-budget`` the node reported (``None``: use ``layer-fraction``).
+    node_names
+        Node id -> a name that survives restarts (its partition or data path). Sampling
+        orders nodes by it, so a resumed run draws what the uninterrupted one would have.
     reply_dir
         If given, each accepted payload is also written there, for per-client evaluation.
+    checkpoint_dir
+        If given, the state is saved there after every round (see ``checkpoint.py``).
     rule
         How matrices are merged: ``fedspallm``, ``fedavg``, ``fedprllm``, or ``standalone``
         (nothing merged: only the clients' own models are evaluated).
@@ -115,21 +140,24 @@ class FedSpaLLM(Strategy):
         config: RunConfig,
         *,
         node_budgets: Mapping[int, int | None] | None = None,
+        node_names: Mapping[int, str] | None = None,
         reply_dir: Path | None = None,
+        checkpoint_dir: Path | None = None,
         rule: str = "fedspallm",
     ):
         self.model, self.config, self.rule = model, config, rule
         self.node_budgets = dict(node_budgets or {})
-        self.reply_dir = reply_dir
+        self.node_names = dict(node_names or {})
+        self.reply_dir, self.checkpoint_dir = reply_dir, checkpoint_dir
+        self.completed_rounds = 0  # before this process started, when resuming
         self.pattern = config.sparsity_pattern
         self.pruner = get_pruner(config.pruner)
         self.rng = np.random.default_rng(config.seed)  # layer sampling
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
         self.assignments: dict[int, list[int]] = {}
-        self.failed_nodes: set[int] = (
-            set()
-        )  # no valid reply last round: asked only as a last resort
+        # Names of nodes with no valid reply last round: asked again only as a last resort.
+        self.failed_names: set[str] = set()
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
 
@@ -151,8 +179,8 @@ class FedSpaLLM(Strategy):
         self.assignments = {}
         if not self.remaining:  # every layer is done: later rounds are idle
             return []
-        self.assignments = self.assign_layers(sorted(grid.get_node_ids()))
-        self.accounting.assignments[server_round] = self.assignments
+        self.assignments = self.assign_layers(list(grid.get_node_ids()))
+        self.accounting.assignments[self._round(server_round)] = self.assignments
         messages = []
         for node, layers in self.assignments.items():
             record = request_record(self.config, layers)
@@ -173,16 +201,16 @@ class FedSpaLLM(Strategy):
         if not nodes:
             raise RuntimeError("no nodes are connected to the federation")
         # A node that timed out or sent garbage is not asked again while others can do the work.
-        nodes = [node for node in nodes if node not in self.failed_nodes] or nodes
+        nodes = [n for n in nodes if self._name(n) not in self.failed_names] or nodes
+        nodes = sorted(nodes, key=lambda n: (self._name(n), n))  # stable across restarts
         remaining = self.remaining
+        total = num_layers(self.model)
         budgets = {
-            node: min(
+            rank: min(
                 len(remaining),
-                layer_budget(
-                    num_layers(self.model), self.config.layer_fraction, self.node_budgets.get(node)
-                ),
+                layer_budget(total, self.config.layer_fraction, self.node_budgets.get(node)),
             )
-            for node in nodes
+            for rank, node in enumerate(nodes)
         }
         # If the budgets cannot cover every remaining layer this round, cover a random
         # subset now; later rounds take the rest.
@@ -190,13 +218,21 @@ class FedSpaLLM(Strategy):
             chosen = sorted(self.rng.choice(len(remaining), sum(budgets.values()), replace=False))
             remaining = [remaining[i] for i in chosen]
         draw = sample_layers(len(remaining), budgets, self.rng)
-        return {node: [remaining[i] for i in ids] for node, ids in draw.items()}
+        return {nodes[rank]: [remaining[i] for i in ids] for rank, ids in draw.items()}
+
+    def _name(self, node: int) -> str:
+        return self.node_names.get(node, str(node))
+
+    def _round(self, server_round: int) -> int:
+        """Rounds count on across a resume."""
+        return self.completed_rounds + server_round
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.assignments:
             return None, None
+        this_round = self._round(server_round)
         start = time.perf_counter()
         dense = {
             name: linear.weight.data
@@ -217,22 +253,24 @@ class FedSpaLLM(Strategy):
             try:
                 tensors, masks = self._accept(reply, node, delivered)
             except (PayloadError, RejectedReply) as error:
-                self.accounting.reject(server_round, node, layers, str(error))
+                self.accounting.reject(this_round, node, layers, str(error))
                 continue
             if self.rule != "standalone":
                 merger.add(tensors, masks)
             for layer in layers:
                 delivered.setdefault(layer, set()).add(node)
             del tensors, masks  # streaming: one client's matrices at a time
+        finished = {}
         for layer in sorted(delivered):
             if self.rule != "standalone":
-                self._write_layer(layer, merger)
+                finished.update(self._write_layer(layer, merger))
             self.remaining.remove(layer)
         answered = {n for nodes in delivered.values() for n in nodes}
-        self.failed_nodes = set(self.assignments) - answered
-        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
-        for node in sorted(self.failed_nodes - rejected_now):
-            self.accounting.reject(server_round, node, self.assignments[node], "no reply in time")
+        failed = set(self.assignments) - answered
+        self.failed_names = {self._name(n) for n in failed}
+        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == this_round}
+        for node in sorted(failed - rejected_now):
+            self.accounting.reject(this_round, node, self.assignments[node], "no reply in time")
         missing = sorted(set().union(*self.assignments.values()) - set(delivered))
         if missing:
             log.warning(
@@ -240,12 +278,14 @@ class FedSpaLLM(Strategy):
             )
         metrics = {
             "clients": len(answered),
-            "rejected": sum(1 for r in self.accounting.rejected if r["round"] == server_round),
+            "rejected": sum(1 for r in self.accounting.rejected if r["round"] == this_round),
             "layers-done": len(delivered),
             "layers-pending": len(self.remaining),
             "bytes-up": sum(self.accounting.bytes_up.values()),
             "aggregation-seconds": round(time.perf_counter() - start, 3),
         }
+        if self.checkpoint_dir is not None:
+            checkpoint.save_round(self.checkpoint_dir, this_round, finished, self.state())
         return None, MetricRecord(metrics)
 
     def _accept(
@@ -291,10 +331,61 @@ class FedSpaLLM(Strategy):
         path.write_bytes(data)
         self.reply_files.setdefault(node, []).append(path)
 
-    def _write_layer(self, layer: int, merger: MatrixMerger) -> None:
+    def _write_layer(self, layer: int, merger: MatrixMerger) -> dict[str, torch.Tensor]:
+        written = {}
         for name, linear in prunable_weights(self.model, layer).items():
             merged, _keep = merger.finish(name)
             linear.weight.data.copy_(merged)
+            written[name] = merged
+        return written
+
+    # ------------------------------------------------------------ checkpoint
+    def _resumable_config(self) -> dict:
+        """The settings a resumed run must share with the original (JSON-normalised)."""
+        settings = self.config.as_dict()
+        for key in ("resume-from", "output-dir", "round-timeout", "num-rounds", "min-clients"):
+            settings.pop(key)
+        return json.loads(json.dumps(settings))
+
+    def state(self) -> dict:
+        """Everything a restarted server needs besides the finished matrices (JSON-able)."""
+        return {
+            "config": self._resumable_config(),
+            "remaining": self.remaining,
+            "failed_names": sorted(self.failed_names),
+            "rng": checkpoint.numpy_rng_state(self.rng),
+            "generator": checkpoint.torch_rng_state(self.generator),
+            "accounting": self.accounting.to_json(),
+            "reply_files": {
+                str(n): [str(p) for p in paths] for n, paths in self.reply_files.items()
+            },
+        }
+
+    def restore(self, folder: Path) -> None:
+        """Continue from a checkpoint: finished layers, pending ones, generators, accounting."""
+        state, matrices = checkpoint.load(folder)
+        changed = sorted(
+            key
+            for key in set(state["config"]) | set(self._resumable_config())
+            if state["config"].get(key) != self._resumable_config().get(key)
+        )
+        if changed:
+            raise ValueError(
+                f"resume-from: the run config differs from the checkpoint's in {changed}"
+            )
+        parameters = dict(self.model.named_parameters())
+        for name, matrix in matrices.items():
+            parameters[name].data.copy_(matrix)
+        self.remaining = state["remaining"]
+        self.failed_names = set(state["failed_names"])
+        self.rng = checkpoint.restore_numpy_rng(state["rng"])
+        checkpoint.restore_torch_rng(self.generator, state["generator"])
+        self.accounting = Accounting.from_json(state["accounting"])
+        self.reply_files = {int(n): [Path(p) for p in ps] for n, ps in state["reply_files"].items()}
+        self.completed_rounds = state["completed_round"]
+        log.info(
+            "resumed after round %d: %d layers pending", self.completed_rounds, len(self.remaining)
+        )
 
     # -------------------------------------------------------------- evaluate
     # Evaluation happens on the server after the rounds (perplexity of the global model),

@@ -28,13 +28,21 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     """Run ``config`` over the nodes of ``grid``; returns the absolute run folder."""
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
-    run_dir = config.output_path() / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
+    run_dir = (
+        Path(config.resume_from).expanduser().resolve()
+        if config.resume_from
+        else config.output_path() / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
+    )
+    if config.resume_from and not (run_dir / "checkpoint" / "state.json").is_file():
+        raise ConfigError(f"resume-from: {run_dir} holds no checkpoint/state.json")
+    if config.resume_from and config.strategy == "centralized":
+        raise ConfigError("resume-from: the centralized strategy has no rounds to resume")
     with clock("load"):
         model, tokenizer = load_model(config.model)
         check_against_model(config, model)
         evaluate = Evaluator(config, tokenizer)
     nodes = wait_for_nodes(grid, config.min_clients)
-    budgets = query_budgets(grid, nodes) if config.strategy != "centralized" else {}
+    budgets, names = query_resources(grid, nodes) if config.strategy != "centralized" else ({}, {})
     check_rounds(config, model, nodes, budgets)
     report: dict = {
         "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
@@ -43,7 +51,9 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     with clock("dense-eval"):
         perplexities = {"dense": evaluate(model, "dense")}
 
-    strategy = build_strategy(config, model, tokenizer, budgets, run_dir)
+    strategy = build_strategy(config, model, tokenizer, budgets, names, run_dir)
+    if config.resume_from:
+        strategy.restore(run_dir / "checkpoint")
     with clock("federation"):
         strategy.start(
             grid=grid,
@@ -86,11 +96,17 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     return run_dir
 
 
-def build_strategy(config, model, tokenizer, budgets, run_dir: Path):
+def build_strategy(config, model, tokenizer, budgets, names, run_dir: Path):
     if config.strategy == "centralized":
         return Centralized(model, config, _pooled(config, tokenizer))
     return FedSpaLLM(
-        model, config, node_budgets=budgets, reply_dir=run_dir / "replies", rule=config.strategy
+        model,
+        config,
+        node_budgets=budgets,
+        node_names=names,
+        reply_dir=run_dir / "replies",
+        checkpoint_dir=run_dir / "checkpoint",
+        rule=config.strategy,
     )
 
 
@@ -150,22 +166,26 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
-def query_budgets(grid: Grid, nodes: list[int]) -> dict[int, int | None]:
-    """Ask every node for its resources (``layer-budget`` node config) before sampling."""
+def query_resources(grid: Grid, nodes: list[int]) -> tuple[dict[int, int | None], dict[int, str]]:
+    """Ask every node for its ``layer-budget`` and its name (what its data is) before sampling."""
     messages = [
         Message(RecordDict(), message_type="query", dst_node_id=node, group_id="resources")
         for node in nodes
     ]
     budgets: dict[int, int | None] = {node: None for node in nodes}
+    names: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=120):
         node = reply.metadata.src_node_id
         if reply.has_error() or "resources" not in reply.content.config_records:
             log.warning("node %d did not report its resources; using layer-fraction", node)
             continue
-        budget = reply.content.config_records["resources"].get("layer-budget", 0)
+        resources = reply.content.config_records["resources"]
+        budget = resources.get("layer-budget", 0)
         budgets[node] = int(budget) if isinstance(budget, int) and budget > 0 else None
+        if isinstance(resources.get("name"), str):
+            names[node] = resources["name"]
     log.info("node layer budgets: %s", budgets)
-    return budgets
+    return budgets, names
 
 
 def _record_clients(report: dict, strategy: FedSpaLLM, budgets, model) -> None:

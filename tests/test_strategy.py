@@ -241,3 +241,57 @@ def test_same_seed_gives_bit_identical_models(tmp_path):
         first.model.named_parameters(), second.model.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+class Crash(Exception):
+    """Stands for the ServerApp being killed."""
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_model(tmp_path):
+    configs = {
+        node: {"partition-id": node - 1, "num-partitions": 2, "layer-budget": 1} for node in (1, 2)
+    }
+    settings = {"num-rounds": 2, "seed": 5}
+    whole = run_federation(
+        InProcessGrid(client_app, configs, {}), make_config(tmp_path / "a", **settings), run_id=1
+    )
+
+    def crash_in_round_2(node, reply):
+        if reply.metadata.message_type == "train" and reply.metadata.group_id == "2":
+            raise Crash
+        return reply
+
+    crashed_config = make_config(tmp_path / "b", **settings)
+    with pytest.raises(Crash):
+        run_federation(
+            InProcessGrid(client_app, configs, {}, reply_filter=crash_in_round_2),
+            crashed_config,
+            run_id=2,
+        )
+    (crashed,) = (tmp_path / "b").iterdir()
+    state = json.loads((crashed / "checkpoint" / "state.json").read_text())
+    assert state["completed_round"] == 1 and len(state["remaining"]) == 2
+
+    resumed_config = make_config(tmp_path / "b", **settings, **{"resume-from": str(crashed)})
+    resumed = run_federation(InProcessGrid(client_app, configs, {}), resumed_config, run_id=3)
+    assert resumed == crashed
+    first = AutoModelForCausalLM.from_pretrained(whole / "model")
+    second = AutoModelForCausalLM.from_pretrained(resumed / "model")
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    report = json.loads((resumed / "report.json").read_text())
+    assert set(report["clients"]["1"]["layers"]) == {"1", "2"}  # both rounds are accounted
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    configs = {
+        node: {"partition-id": node - 1, "num-partitions": 2, "layer-budget": 1} for node in (1, 2)
+    }
+    run_dir = run_federation(
+        InProcessGrid(client_app, configs, {}), make_config(tmp_path, **{"num-rounds": 2}), run_id=1
+    )
+    changed = make_config(
+        tmp_path, **{"num-rounds": 2, "sparsity": 0.6, "resume-from": str(run_dir)}
+    )
+    with pytest.raises(ValueError, match="sparsity"):
+        run_federation(InProcessGrid(client_app, configs, {}), changed, run_id=2)
