@@ -19,7 +19,7 @@ def resources(msg: Message, context: Context) -> Message:
     """Tell the server what this node can do, before it draws the layer assignment."""
     node = NodeConfig.from_mapping(context.node_config)
     record = ConfigRecord(
-        {"layer-budget": node.layer_budget or 0, "device": node.device or "", "name": node.name}
+        {key: value for key, value in node.as_dict().items() if value is not None}
     )
     return Message(RecordDict({"resources": record}), reply_to=msg)
 

@@ -6,6 +6,7 @@ Kept apart from ``app.py`` (the Flower wiring) so it can be called and tested di
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,25 @@ def node_device(config: RunConfig, node: NodeConfig) -> str:
     return device
 
 
+def private_data_path(data_path: str) -> Path:
+    """A node's ``data-path``, checked: a missing or unreadable one fails this node's reply.
+
+    Always a local path (never a dataset name), so a typo cannot turn into a hub download.
+    """
+    path = Path(data_path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"node config data-path '{data_path}' does not exist on this node")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(f"node config data-path '{data_path}' is not readable on this node")
+    return path
+
+
 def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
     """This node's calibration segments ``(N, T)``: its own ``data-path``, or its partition."""
     common = dict(seqlen=config.seqlen, num_segments=config.calib_samples, seed=config.seed)
     if node.data_path is not None:
-        return calibration_segments(node.data_path, tokenizer, partition="by-document", **common)
+        path = private_data_path(node.data_path)
+        return calibration_segments(str(path), tokenizer, partition="by-document", **common)
     return calibration_segments(
         config.calib_data,
         tokenizer,

@@ -155,6 +155,10 @@ class NodeConfig:
     device: str | None = None  # overrides the run's device on this node
     cache_dir: str | None = None  # where this node keeps converted models (survives restarts)
 
+    def as_dict(self) -> dict[str, object]:
+        """Kebab-case keys, as in ``--node-config``."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
     @property
     def name(self) -> str:
         """What identifies this node's data across restarts (its node id may change)."""

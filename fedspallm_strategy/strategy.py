@@ -411,8 +411,7 @@ class Centralized(Strategy):
 
     def __init__(self, model: PreTrainedModel, config: RunConfig, pooled_segments):
         self.model, self.config = model, config
-        self.pooled_segments = pooled_segments  # callable: number of nodes -> (N, T) tokens
-        self.num_nodes = 0
+        self.pooled_segments = pooled_segments  # callable: () -> (N, T) tokens of all shards
         self.remaining = list(range(num_layers(model)))
 
     def summary(self) -> None:
@@ -422,8 +421,22 @@ class Centralized(Strategy):
             self.config.sparsity_pattern,
         )
 
+    def prune(self) -> dict[str, float | int]:
+        """Prune the model in place on the pooled segments; returns metrics."""
+        from llm_pruning.engine import prune_model  # the server prunes only here
+
+        start = time.perf_counter()
+        segments = self.pooled_segments()
+        pruner = get_pruner(self.config.pruner)
+        pattern = self.config.sparsity_pattern
+        prune_model(self.model, segments, pruner, pattern, device=self.config.device)
+        self.remaining = []
+        return {
+            "segments": int(segments.shape[0]),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        self.num_nodes = len(list(grid.get_node_ids()))
         return []
 
     def aggregate_train(
@@ -431,18 +444,7 @@ class Centralized(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.remaining:
             return None, None
-        from llm_pruning.engine import prune_model  # server-side pruning only here
-
-        start = time.perf_counter()
-        segments = self.pooled_segments(self.num_nodes)
-        pruner = get_pruner(self.config.pruner)
-        prune_model(
-            self.model, segments, pruner, self.config.sparsity_pattern, device=self.config.device
-        )
-        self.remaining = []
-        return None, MetricRecord(
-            {"segments": int(segments.shape[0]), "seconds": round(time.perf_counter() - start, 3)}
-        )
+        return None, MetricRecord(self.prune())
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []

@@ -8,14 +8,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
-from fedspallm_strategy.config import ConfigError, RunConfig
+from client_app.task import load_shard
+from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
-from llm_pruning.data import pooled_segments
 from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
 from server_app.report import Evaluator, apply_payload, save_run, standalone_perplexities
 
@@ -24,8 +25,13 @@ log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 600
 
 
-def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
-    """Run ``config`` over the nodes of ``grid``; returns the absolute run folder."""
+def run_federation(
+    grid: Grid, config: RunConfig, *, run_id: int, evaluator: Evaluator | None = None
+) -> Path:
+    """Run ``config`` over the nodes of ``grid``; returns the absolute run folder.
+
+    ``evaluator`` lets a caller that runs many configurations share one (e.g. a caching one).
+    """
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
     run_dir = (
@@ -40,9 +46,10 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     with clock("load"):
         model, tokenizer = load_model(config.model)
         check_against_model(config, model)
-        evaluate = Evaluator(config, tokenizer)
+        evaluate = evaluator or Evaluator(config, tokenizer)
     nodes = wait_for_nodes(grid, config.min_clients)
-    budgets, names = query_resources(grid, nodes) if config.strategy != "centralized" else ({}, {})
+    node_configs = query_resources(grid, nodes)
+    budgets = {node: nc.layer_budget for node, nc in node_configs.items()}
     check_rounds(config, model, nodes, budgets)
     report: dict = {
         "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
@@ -51,7 +58,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     with clock("dense-eval"):
         perplexities = {"dense": evaluate(model, "dense")}
 
-    strategy = build_strategy(config, model, tokenizer, budgets, names, run_dir)
+    strategy = build_strategy(config, model, tokenizer, node_configs, run_dir)
     if config.resume_from:
         strategy.restore(run_dir / "checkpoint")
     with clock("federation"):
@@ -87,7 +94,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     if config.compare_centralized and config.strategy != "centralized":
         with clock("centralized"):
             central, _ = load_model(config.model)
-            Centralized(central, config, _pooled(config, tokenizer)).prune(len(nodes))
+            Centralized(central, config, _pooled(config, tokenizer, node_configs)).prune()
             perplexities["centralized"] = evaluate(central, "centralized")
     report["perplexity"] = perplexities
     report["timings"] = timings
@@ -96,31 +103,26 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: int) -> Path:
     return run_dir
 
 
-def build_strategy(config, model, tokenizer, budgets, names, run_dir: Path):
+def build_strategy(config, model, tokenizer, node_configs: dict[int, NodeConfig], run_dir: Path):
     if config.strategy == "centralized":
-        return Centralized(model, config, _pooled(config, tokenizer))
+        return Centralized(model, config, _pooled(config, tokenizer, node_configs))
     return FedSpaLLM(
         model,
         config,
-        node_budgets=budgets,
-        node_names=names,
+        node_budgets={node: nc.layer_budget for node, nc in node_configs.items()},
+        node_names={node: nc.name for node, nc in node_configs.items()},
         reply_dir=run_dir / "replies",
         checkpoint_dir=run_dir / "checkpoint",
         rule=config.strategy,
     )
 
 
-def _pooled(config: RunConfig, tokenizer):
-    def segments(num_nodes: int):
-        return pooled_segments(
-            config.calib_data,
-            tokenizer,
-            num_partitions=num_nodes,
-            seqlen=config.seqlen,
-            num_segments=config.calib_samples,
-            partition=config.partition,
-            seed=config.seed,
-        )
+def _pooled(config: RunConfig, tokenizer, node_configs: dict[int, NodeConfig]):
+    """Every node's shard, as the node itself would cut it, pooled (simulation only)."""
+
+    def segments() -> torch.Tensor:
+        ordered = sorted(node_configs.values(), key=lambda nc: nc.name)
+        return torch.cat([load_shard(config, nc, tokenizer) for nc in ordered])
 
     return segments
 
@@ -166,26 +168,24 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
-def query_resources(grid: Grid, nodes: list[int]) -> tuple[dict[int, int | None], dict[int, str]]:
-    """Ask every node for its ``layer-budget`` and its name (what its data is) before sampling."""
+def query_resources(grid: Grid, nodes: list[int]) -> dict[int, NodeConfig]:
+    """Ask every node what it holds and can do (its node config) before sampling layers."""
     messages = [
         Message(RecordDict(), message_type="query", dst_node_id=node, group_id="resources")
         for node in nodes
     ]
-    budgets: dict[int, int | None] = {node: None for node in nodes}
-    names: dict[int, str] = {}
+    configs = {node: NodeConfig() for node in nodes}
     for reply in grid.send_and_receive(messages, timeout=120):
         node = reply.metadata.src_node_id
         if reply.has_error() or "resources" not in reply.content.config_records:
             log.warning("node %d did not report its resources; using layer-fraction", node)
             continue
-        resources = reply.content.config_records["resources"]
-        budget = resources.get("layer-budget", 0)
-        budgets[node] = int(budget) if isinstance(budget, int) and budget > 0 else None
-        if isinstance(resources.get("name"), str):
-            names[node] = resources["name"]
-    log.info("node layer budgets: %s", budgets)
-    return budgets, names
+        try:
+            configs[node] = NodeConfig.from_mapping(dict(reply.content.config_records["resources"]))
+        except ConfigError as error:
+            log.warning("node %d reported bad resources (%s); using layer-fraction", node, error)
+    log.info("node layer budgets: %s", {n: c.layer_budget for n, c in configs.items()})
+    return configs
 
 
 def _record_clients(report: dict, strategy: FedSpaLLM, budgets, model) -> None:

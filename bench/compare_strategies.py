@@ -1,0 +1,229 @@
+"""Quality of every strategy on SmolLM2-135M with one Austen novel per client.
+
+Runs the real strategies and ClientApp through the in-process Grid (the code path of
+`flwr run`, without Ray), so every number comes from what a user would run. Client replies
+are memoised per (node, request): strategies that ask for the same pruning reuse it, and
+perplexities are memoised per model weights, so dense and standalone models are scored once.
+
+    python bench/compare_strategies.py                      # full table (hours on 2 CPU cores)
+    python bench/compare_strategies.py --sparsities 0.5 --pruners sparsegpt --segments 4 \\
+        --seqlen 256 --eval-windows 8                      # a quick column
+
+Writes bench/results/compare_strategies.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Message
+
+from client_app.app import app as client_app
+from fedspallm_strategy.config import RunConfig
+from server_app.federation import run_federation
+from server_app.inprocess import InProcessGrid
+from server_app.report import Evaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+class MemoClient:
+    """Calls the real ClientApp once per (node, request) and replays the reply after."""
+
+    def __init__(self):
+        self.replies: dict[tuple, Message] = {}
+
+    def __call__(self, message: Message, context) -> Message:
+        record = message.content.config_records.get("spec")
+        node = tuple(sorted(context.node_config.items()))
+        key = (node, message.metadata.message_type, repr(record))
+        if key not in self.replies:
+            self.replies[key] = client_app(message, context)
+        reply = self.replies[key]
+        if reply.has_error():
+            return Message(reply.error, reply_to=message)
+        return Message(reply.content, reply_to=message)
+
+
+class MemoEvaluator(Evaluator):
+    """Scores each distinct set of weights once (dense and standalone models recur)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.memo: dict[str, dict] = {}
+
+    def __call__(self, model, label):
+        digest = hashlib.sha1()
+        for tensor in model.state_dict().values():
+            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        key = digest.hexdigest()
+        if key not in self.memo:
+            self.memo[key] = super().__call__(model, label)
+        return self.memo[key]
+
+
+def pattern_and_sparsity(column: str) -> tuple[str, float]:
+    return (column, 0.5) if ":" in column else ("unstructured", float(column))
+
+
+def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dict, out: Path):
+    pattern, sparsity = pattern_and_sparsity(column)
+    novels = sorted(p for p in args.data.glob("*.txt") if p.name != "persuasion.txt")
+    eval_data = ",".join(str(p) for p in [args.data / "persuasion.txt", *args.extra_eval])
+    base = {
+        "model": args.model,
+        "pruner": pruner,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "calib-samples": args.segments,
+        "seqlen": args.seqlen,
+        "eval-data": eval_data,
+        "eval-windows": args.eval_windows,
+        "output-dir": str(out),
+        "seed": args.seed,
+    }
+    num_layers = {"tiny-llama": 4, "tiny-opt": 4}.get(args.model, 30)
+    every_layer = {i + 1: {"data-path": str(novel)} for i, novel in enumerate(novels)}
+    fractions = [0.3, 0.5, 0.7, 1.0, 1.0][: len(novels)]
+    sampled = {
+        node: {**cfg, "layer-budget": max(1, round(f * num_layers))}
+        for (node, cfg), f in zip(every_layer.items(), fractions, strict=True)
+    }
+    rows = {}
+    plans = [
+        ("fedspallm", every_layer, {"compare-centralized": True}),
+        ("fedavg", every_layer, {}),
+        ("fedprllm", every_layer, {}),
+        ("fedspallm-sampled", sampled, {}),
+    ]
+    for name, nodes, extra in plans:
+        strategy = name.split("-")[0]
+        config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
+        key = (config.seqlen, config.eval_data, config.eval_windows)
+        if key not in evaluators:
+            from llm_pruning.models import load_model
+
+            evaluators[key] = MemoEvaluator(config, load_model(config.model)[1])
+        start = time.perf_counter()
+        run_dir = run_federation(
+            InProcessGrid(memo, nodes, {}), config, run_id=0, evaluator=evaluators[key]
+        )
+        report = json.loads((run_dir / "report.json").read_text())
+        seconds = time.perf_counter() - start
+        perplexity = report["perplexity"]
+        rows[name] = perplexity["global"]
+        if name == "fedspallm":
+            rows["dense"] = perplexity["dense"]
+            rows["centralized"] = perplexity["centralized"]
+            rows["standalone-mean"] = perplexity["standalone"]["mean"]
+            for node, scores in perplexity["standalone"]["per_client"].items():
+                rows[f"standalone-{Path(nodes[int(node)]['data-path']).stem}"] = scores
+            rows["bytes-up-per-client"] = report["communication"]["total_up"] / len(nodes)
+            rows["dense-fp16-bytes"] = report["communication"]["dense_fp16_bytes_all_layers"]
+        logging.info("%s %s %s: %s (%.0fs)", pruner, column, name, rows[name], seconds)
+    return rows
+
+
+def markdown(results: dict, first_eval: str) -> str:
+    columns = list(results)
+    names = [
+        n for n in next(iter(results.values())) if not n.endswith("bytes") and "bytes" not in n
+    ]
+    lines = [
+        f"Perplexity on {first_eval} (lower is better)",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name in names:
+        cells = [f"{results[c][name][first_eval]:.1f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, first_eval: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    columns = [c for c in results if ":" not in c.split(" ")[1]]
+    for pruner in sorted({c.split(" ")[0] for c in columns}):
+        mine = [c for c in columns if c.startswith(pruner)]
+        x = [float(c.split(" ")[1]) for c in mine]
+        for name in ("centralized", "fedspallm", "standalone-mean", "fedprllm", "fedavg"):
+            axis.plot(
+                x,
+                [results[c][name][first_eval] for c in mine],
+                marker="o",
+                label=f"{pruner} {name}",
+            )
+    axis.set_yscale("log")
+    axis.set_xlabel("sparsity")
+    axis.set_ylabel(f"perplexity on {Path(first_eval).name}")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "austen")
+    parser.add_argument(
+        "--extra-eval", type=Path, nargs="*", default=[], help="more held-out texts"
+    )
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
+    parser.add_argument("--pruners", default="sparsegpt,wanda")
+    parser.add_argument("--segments", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("fedspallm_strategy").setLevel(logging.WARNING)
+
+    memo, evaluators, results = MemoClient(), {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for pruner in args.pruners.split(","):
+            for column in args.sparsities.split(","):
+                results[f"{pruner} {column}"] = run_column(
+                    args, pruner, column, memo, evaluators, Path(scratch)
+                )
+                memo.replies.clear()  # replies of another pruning spec are never reused
+    args.out.mkdir(parents=True, exist_ok=True)
+    first_eval = str(args.data / "persuasion.txt")
+    table = markdown(results, first_eval).replace(first_eval, "persuasion.txt")
+    (args.out / "compare_strategies.md").write_text(table + "\n")
+    (args.out / "compare_strategies.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args)
+                | {
+                    "data": str(args.data),
+                    "out": str(args.out),
+                    "extra_eval": [str(p) for p in args.extra_eval],
+                },
+                "results": results,
+            },
+            indent=1,
+        )
+    )
+    plot(results, first_eval, args.out / "compare_strategies.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

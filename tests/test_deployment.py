@@ -1,0 +1,525 @@
+"""A real federation on loopback: a SuperLink and SuperNodes as separate processes.
+
+What users deploy — one SuperLink, one ``flower-supernode`` per organisation with its own
+private text, layer budget and model cache (``--node-config``), and ``flwr run . <connection>``
+from a laptop — started here as real processes on 127.0.0.1 with free ports, each SuperNode
+with its own FLWR_HOME as if on its own machine. The second federation runs with TLS and
+SuperNode authentication on, and in the same topology as ``docker/compose.yml`` (the SuperLink
+in process isolation with a separate SuperExec that authenticates with a shared secret).
+
+Every process a test starts is stopped by its PID, with the processes it started (found by a
+marker in their environment, so detached ones too), also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedspallm_strategy.payload import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_CERTS = ROOT / "docker" / "make_certs.py"
+NUM_LAYERS = 4  # tiny-llama
+RUN_CONFIG = "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 round-timeout=240.0"
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None,
+    reason="needs the flower-superlink and flower-supernode commands (pip install flwr)",
+)
+
+
+# ------------------------------------------------------------------ processes
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 right now (held open together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; only its parent can reap it
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _pids_with_marker(marker: bytes) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class Federation:
+    """Starts Flower processes with logs under ``root``; :meth:`stop` ends all of them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.marker = f"FEDSPALLM_DEPLOYMENT_TEST={uuid.uuid4().hex}"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.cli_home = root / "cli-home"  # the laptop's FLWR_HOME: SuperLink connections
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        key, value = self.marker.split("=")
+        return {
+            **os.environ,
+            key: value,
+            "FLWR_HOME": str(flwr_home),
+            # The machine already has our dependencies: no uv installs per run.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+            # Several ClientApps share 2 cores: one thread each, not 2 spinning per process.
+            "OMP_NUM_THREADS": "1",
+        }
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("wb")
+        home = self.root / name / "flwr-home"  # a machine of its own
+        home.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            args,
+            cwd=home.parent,
+            env=self.env(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self, tail: int = 2500) -> str:
+        return "\n".join(f"--- {name}.log\n{self.log(name)[-tail:]}" for name in self.processes)
+
+    def wait_for(self, name: str, pattern: str, timeout: float = 90) -> re.Match:
+        """Poll ``name``'s log for ``pattern``; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := re.search(pattern, self.log(name)):
+                return match
+            if self.processes[name].poll() is not None:
+                pytest.fail(f"{name} exited ({self.processes[name].returncode})\n{self.logs()}")
+            time.sleep(0.5)
+        pytest.fail(f"{name}: no {pattern!r} after {timeout} s\n{self.logs()}")
+
+    def wait_healthy(self, name: str, url: str, verify: str | bool = False, timeout=60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                pytest.fail(f"{name} exited ({self.processes[name].returncode})\n{self.logs()}")
+            try:
+                if httpx.get(url, verify=verify, timeout=2).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"{name}: {url} not healthy after {timeout} s\n{self.logs()}")
+
+    def connect(self, name: str, port: int, root_certificates: Path | None = None) -> str:
+        """Write a SuperLink connection into the CLI's config.toml; returns its name."""
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        security = (
+            f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+        )
+        (self.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{name}"\n\n'
+            f'[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
+        )
+        return name
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["flwr", *args],
+            cwd=ROOT,
+            env=self.env(self.cli_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM every started process and its descendants by PID, then SIGKILL leftovers."""
+        key = self.marker.encode()
+        children = _children_by_parent()
+        pids: set[int] = set()
+        stack = [process.pid for process in self.processes.values()]
+        while stack:  # the started processes and everything below them
+            pid = stack.pop()
+            if pid not in pids:
+                pids.add(pid)
+                stack.extend(children.get(pid, []))
+        pids |= _pids_with_marker(key)  # and any that left the tree (detached, orphaned)
+        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+            for pid in sorted(pids):
+                if _alive(pid):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                pids |= _pids_with_marker(key)  # anything started meanwhile
+                if not any(_alive(pid) for pid in pids):
+                    break
+                time.sleep(0.2)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        left = [pid for pid in pids if _alive(pid)]
+        assert not left, f"processes still running after SIGKILL: {left}"
+
+
+@pytest.fixture
+def federation(tmp_path):
+    federation = Federation(tmp_path)
+    try:
+        yield federation
+    finally:
+        federation.stop()
+
+
+# ---------------------------------------------------------------------- data
+def write_private_texts(root: Path, count: int) -> list[Path]:
+    """``count`` organisations' private texts: different Python documentation topics each."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    paths = []
+    for index in range(count):
+        text = "\n\n".join(topics[name] for name in names[index * 9 : (index + 1) * 9])
+        path = root / f"org-{index + 1}" / "private.txt"
+        path.parent.mkdir(parents=True)
+        path.write_text(text[:6000])
+        paths.append(path)
+    return paths
+
+
+def supernode_args(
+    superlink_port: int, runtime_port: int, node_config: str, security: list[str]
+) -> list[str]:
+    return [
+        "flower-supernode",
+        *security,
+        "--superlink",
+        f"127.0.0.1:{superlink_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),  # each SuperNode's Runtime API (its ClientApps) on its own port
+        "--node-config",
+        node_config,
+    ]
+
+
+def run_and_check(federation: Federation, connection: str, output_dir: Path, nodes: int):
+    """``flwr run . <connection>``; returns (run id, run folder, report) of a completed run."""
+    overrides = f"{RUN_CONFIG} output-dir='{output_dir}' min-clients={nodes}"
+    result = federation.flwr(
+        "run", ".", connection, "--stream", "--run-config", overrides, timeout=420
+    )
+    log = result.stdout + result.stderr
+    match = re.search(r"Successfully started run (\d+)", log)
+    assert match, log[-3000:] + federation.logs()
+    run_id = match.group(1)
+
+    # `--stream` exits 0 even when the run failed: the status comes from `flwr ls`.
+    listing = federation.flwr("ls", connection, "--format", "json")
+    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+    assert runs[run_id]["status"] == "finished:completed", log[-4000:] + federation.logs()
+
+    folders = list(output_dir.glob(f"*-fedspallm-{run_id}"))
+    assert len(folders) == 1, log[-3000:]
+    assert f"FedSpaLLM run folder: {folders[0]}" in log
+    report = json.loads((folders[0] / "report.json").read_text())
+    return run_id, folders[0], report
+
+
+def check_nodes_pruned_their_layers(
+    run_dir: Path, report: dict, budgets: dict[str, int], failed: frozenset[str] = frozenset()
+):
+    """Each node was given exactly its budget of layers, and its payload holds only those.
+
+    ``failed`` nodes were given their layers too, but sent no payload; the others' layers
+    cover the model.
+    """
+    clients = report["clients"]
+    assert set(clients) == set(budgets), clients.keys()
+    covered = set()
+    for node, budget in budgets.items():
+        entry = clients[node]
+        assert entry["layer-budget"] == budget
+        layers = [layer for round_layers in entry["layers"].values() for layer in round_layers]
+        assert len(layers) == len(set(layers)) == budget, entry
+        replies = sorted((run_dir / "replies").glob(f"node-{node}-part-*.safetensors"))
+        if node in failed:
+            assert not replies and not entry["metrics"], entry
+            continue
+        covered |= set(layers)
+        assert len(replies) == 1, replies
+        _, masks = decode(replies[0].read_bytes())
+        in_payload = {int(LAYER.search(name).group(1)) for name in masks}
+        assert in_payload == set(layers), (node, in_payload, layers)
+        assert entry["metrics"]["layers"] == budget
+    assert covered == set(range(NUM_LAYERS))
+
+
+# --------------------------------------------------------------------- tests
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    """What a node with a wrong ``data-path`` replies: its path, not a hub lookup."""
+    from client_app.task import private_data_path
+
+    with pytest.raises(FileNotFoundError, match="node config data-path .*does not exist"):
+        private_data_path(str(tmp_path / "no-such-file.txt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        private_data_path("wikitext2")  # a data-path is always a local path
+    text = tmp_path / "ok.txt"
+    text.write_text("hello")
+    assert private_data_path(str(text)) == text.resolve()
+
+
+def test_make_certs(tmp_path):
+    """The CA signs a server certificate with the SANs asked for; node keys load as Flower's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    out = tmp_path / "certs"
+    args = [sys.executable, str(MAKE_CERTS), "--out", str(out), "--supernodes", "2"]
+    subprocess.run([*args, "--host", "link.example.org"], check=True, capture_output=True)
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"link.example.org", "localhost", "superlink"} <= set(
+        sans.get_values_for_type(x509.DNSName)
+    )
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    for index in (1, 2):
+        private = load_ssh_private_key((out / f"supernode-{index}.key").read_bytes(), None)
+        public = load_ssh_public_key((out / f"supernode-{index}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert (out / f"supernode-{index}.key").stat().st_mode & 0o077 == 0
+    assert (out / "superexec.secret").read_bytes()
+
+    # Running it again keeps everything, adds what is missing, re-issues for a new host.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    subprocess.run([*args, "--supernodes", "3", "--host", "link.example.org"], check=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) - set(before) == {"supernode-3.key", "supernode-3.pub"}
+    assert all(after[name] == content for name, content in before.items())
+    subprocess.run([*args, "--host", "10.0.0.7"], check=True, capture_output=True)
+    server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "10.0.0.7" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert (out / "ca.crt").read_bytes() == before["ca.crt"]
+
+
+def test_insecure_federation_with_node_configs(federation, tmp_path):
+    """SuperLink + 4 SuperNodes, each with its own text, budget and model cache.
+
+    Three nodes hold text (budgets 2, 2, 4 of tiny-llama's 4 layers); the fourth's data-path
+    does not exist: its reply is an error, recorded as a rejection, and the run completes
+    from the others.
+    """
+    superlink_port, *runtime_ports = free_ports(5)
+    texts = write_private_texts(tmp_path, 3)
+    missing = tmp_path / "org-4" / "not-there.txt"
+    budgets = [2, 2, 4, 2]
+    caches = [tmp_path / f"org-{i + 1}" / "model-cache" for i in range(4)]
+
+    federation.start(
+        "superlink",
+        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(superlink_port)],
+    )
+    federation.wait_healthy("superlink", f"http://127.0.0.1:{superlink_port}/health")
+    for index, data in enumerate([*texts, missing]):
+        node_config = (
+            f"data-path='{data}' layer-budget={budgets[index]} cache-dir='{caches[index]}'"
+        )
+        federation.start(
+            f"supernode-{index + 1}",
+            supernode_args(superlink_port, runtime_ports[index], node_config, ["--insecure"]),
+        )
+    node_ids = [
+        federation.wait_for(f"supernode-{i + 1}", r"SuperNode ID: (\d+)").group(1) for i in range(4)
+    ]
+    connection = federation.connect("loopback", superlink_port)
+
+    run_id, run_dir, report = run_and_check(federation, connection, tmp_path / "runs", nodes=4)
+
+    bad = node_ids[3]
+    check_nodes_pruned_their_layers(
+        run_dir, report, dict(zip(node_ids, budgets, strict=True)), failed=frozenset({bad})
+    )
+    # The node without data replied with an error naming its data path.
+    assert [r["node"] for r in report["rejected"]] == [int(bad)], report["rejected"]
+    reason = report["rejected"][0]["reason"]
+    assert "data-path" in reason and str(missing) in reason and "does not exist" in reason
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    # Each node converted the model once into its own cache-dir (safetensors on its disk).
+    for cache in caches[:3]:
+        assert list((cache / "models" / "tiny-llama").glob("*.safetensors")), cache
+
+
+def test_tls_federation_with_supernode_authentication(federation, tmp_path):
+    """TLS everywhere, SuperNode authentication on, and the compose topology.
+
+    The SuperLink runs in process isolation with its own SuperExec (authenticated by a
+    shared secret), as in docker/compose.yml. Two registered SuperNodes (budgets 1 and 3)
+    prune; a SuperNode whose key was never registered is turned away.
+    """
+    superlink_port, *runtime_ports = free_ports(4)
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, str(MAKE_CERTS), "--out", str(certs), "--supernodes", "3"],
+        check=True,
+        capture_output=True,
+    )
+    texts = write_private_texts(tmp_path, 2)
+    budgets = [1, 3]
+    ca = certs / "ca.crt"
+
+    federation.start(
+        "superlink",
+        [
+            "flower-superlink",
+            "--ssl-ca-certfile",
+            str(ca),
+            "--ssl-certfile",
+            str(certs / "server.crt"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(certs / "superexec.secret"),
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(superlink_port),
+        ],
+    )
+    federation.wait_healthy("superlink", f"https://127.0.0.1:{superlink_port}/health", str(ca))
+    federation.start(
+        "superexec-serverapp",
+        [
+            "flower-superexec",
+            "--root-certificates",
+            str(ca),
+            "--runtime-api-address",
+            f"127.0.0.1:{superlink_port}",
+            "--superexec-auth-secret-file",
+            str(certs / "superexec.secret"),
+        ],
+    )
+    connection = federation.connect("secure", superlink_port, root_certificates=ca)
+
+    # Register the organisations' public keys (what the SuperLink's operator does).
+    registered = []
+    for index in (1, 2):
+        result = federation.flwr(
+            "supernode",
+            "register",
+            str(certs / f"supernode-{index}.pub"),
+            connection,
+            "--format",
+            "json",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        registered.append(str(json.loads(result.stdout)["node-id"]))
+
+    for index in (1, 2):
+        node_config = f"data-path='{texts[index - 1]}' layer-budget={budgets[index - 1]}"
+        security = [
+            "--root-certificates",
+            str(ca),
+            "--auth-supernode-private-key",
+            str(certs / f"supernode-{index}.key"),
+        ]
+        federation.start(
+            f"supernode-{index}",
+            supernode_args(superlink_port, runtime_ports[index - 1], node_config, security),
+        )
+    node_ids = [
+        federation.wait_for(f"supernode-{i}", r"SuperNode ID: (\d+)").group(1) for i in (1, 2)
+    ]
+    assert node_ids == registered
+
+    # A SuperNode with a key the SuperLink does not know cannot join.
+    intruder = federation.start(
+        "supernode-3",
+        supernode_args(
+            superlink_port,
+            runtime_ports[2],
+            "layer-budget=4",
+            [
+                "--root-certificates",
+                str(ca),
+                "--auth-supernode-private-key",
+                str(certs / "supernode-3.key"),
+                "--max-retries",
+                "0",
+            ],
+        ),
+    )
+    assert intruder.wait(timeout=90) != 0, federation.log("supernode-3")
+    assert "Failed to activate SuperNode" in federation.log("supernode-3")
+
+    run_id, run_dir, report = run_and_check(federation, connection, tmp_path / "runs", nodes=2)
+
+    check_nodes_pruned_their_layers(run_dir, report, dict(zip(node_ids, budgets, strict=True)))
+    assert report["rejected"] == []
+    listing = federation.flwr("supernode", "ls", connection, "--format", "json")
+    online = {str(n["node-id"]) for n in json.loads(listing.stdout)["nodes"]}
+    assert online == set(node_ids), listing.stdout
