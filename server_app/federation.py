@@ -17,6 +17,7 @@ from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
+from llm_pruning.data import BUILTIN_CORPORA
 from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
 from server_app.report import Evaluator, apply_payload, save_run, standalone_perplexities
 
@@ -49,6 +50,7 @@ def run_federation(
         evaluate = evaluator or Evaluator(config, tokenizer)
     nodes = wait_for_nodes(grid, config.min_clients)
     node_configs = query_resources(grid, nodes)
+    check_calibration_text(config, tokenizer, node_configs)
     budgets = {node: nc.layer_budget for node, nc in node_configs.items()}
     check_rounds(config, model, nodes, budgets)
     report: dict = {
@@ -69,10 +71,11 @@ def run_federation(
             timeout=config.round_timeout,
         )
     if strategy.remaining:
+        reasons = sorted({f"node {r['node']}: {r['reason']}" for r in strategy.accounting.rejected})
         raise RuntimeError(
             f"layers {strategy.remaining} were not pruned by any valid client in "
-            f"{config.num_rounds} round(s); see the rejected replies in the log. "
-            "Raise num-rounds or check the failing nodes."
+            f"{config.num_rounds} round(s). Raise num-rounds or fix the failing nodes; "
+            f"rejected replies: {'; '.join(reasons) or 'none'}"
         )
 
     saved = model
@@ -140,6 +143,24 @@ def check_against_model(config: RunConfig, model: PreTrainedModel) -> None:
                     f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
                     f"not a multiple of {pattern.m}"
                 )
+
+
+def check_calibration_text(
+    config: RunConfig, tokenizer, node_configs: dict[int, NodeConfig]
+) -> None:
+    """Every shard the server can read must hold one segment, or the clients would all fail.
+
+    Shards on the nodes' own disks (``data-path``) and hub datasets are the nodes' business.
+    """
+    readable = config.calib_data in BUILTIN_CORPORA or Path(config.calib_data).expanduser().exists()
+    if not readable:
+        return
+    for node in node_configs.values():
+        if node.data_path is None:
+            try:
+                load_shard(config, node, tokenizer)
+            except ValueError as error:
+                raise ConfigError(f"calib-data: {node.name}: {error}") from error
 
 
 def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> None:

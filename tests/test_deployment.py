@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -145,7 +146,8 @@ class Federation:
             time.sleep(0.5)
         pytest.fail(f"{name}: no {pattern!r} after {timeout} s\n{self.logs()}")
 
-    def wait_healthy(self, name: str, url: str, verify: str | bool = False, timeout=60) -> None:
+    def wait_healthy(self, name: str, url: str, ca: Path | None = None, timeout=60) -> None:
+        verify = ssl.create_default_context(cafile=str(ca)) if ca else False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.processes[name].poll() is not None:
@@ -450,7 +452,7 @@ def test_tls_federation_with_supernode_authentication(federation, tmp_path):
             str(superlink_port),
         ],
     )
-    federation.wait_healthy("superlink", f"https://127.0.0.1:{superlink_port}/health", str(ca))
+    federation.wait_healthy("superlink", f"https://127.0.0.1:{superlink_port}/health", ca)
     federation.start(
         "superexec-serverapp",
         [
@@ -523,3 +525,153 @@ def test_tls_federation_with_supernode_authentication(federation, tmp_path):
     listing = federation.flwr("supernode", "ls", connection, "--format", "json")
     online = {str(n["node-id"]) for n in json.loads(listing.stdout)["nodes"]}
     assert online == set(node_ids), listing.stdout
+
+
+# ------------------------------------------------------------- docker files
+# Docker cannot run here: check what can be checked without it — every command in the
+# compose files parses with the installed Flower's own argument parsers, every node config
+# with Flower's parser and ours, and the services fit together.
+DOCKER = ROOT / "docker"
+VARIABLE = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def _compose(*names: str) -> dict:
+    """The compose files merged like `docker compose -f a -f b` (enough for these files)."""
+    yaml = pytest.importorskip("yaml")
+
+    def merge(base, override):
+        if isinstance(base, dict) and isinstance(override, dict):
+            return {k: merge(base[k], v) if k in base else v for k, v in override.items()} | {
+                k: v for k, v in base.items() if k not in override
+            }
+        return override
+
+    merged: dict = {}
+    for name in names:
+        text = VARIABLE.sub(lambda m: m.group(2), (DOCKER / name).read_text())  # defaults
+        loaded = yaml.safe_load(text)
+        assert "$" not in json.dumps(loaded), f"{name}: a variable without a default"
+        merged = merge(merged, loaded)
+    return merged
+
+
+def _parsers():
+    try:
+        from flwr.supercore.cli.flower_superexec import _parse_args as superexec
+        from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink
+        from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode
+    except ImportError as error:  # private helpers of flwr 1.41; moved in another version
+        pytest.skip(f"Flower's command-line parsers moved: {error}")
+    return {"superlink": superlink(), "supernode": supernode(), "superexec": superexec()}
+
+
+def test_compose_commands_parse_with_flower_and_fit_together():
+    from flwr.common.config import parse_config_args
+
+    from fedspallm_strategy.config import NodeConfig
+
+    compose = _compose("compose.yml")
+    services = compose["services"]
+    parsers = _parsers()
+    version = services["superlink"]["image"].split(":")[1]
+    assert services["superlink"]["image"] == f"flwr/superlink:{version}"
+
+    link = parsers["superlink"].parse_args(services["superlink"]["command"])
+    assert link.isolation == "process" and link.enable_supernode_auth and not link.insecure
+    assert not link.runtime_dependency_install
+    env = services["superlink"]["environment"]
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    link_port = link.port
+    assert services["superlink"]["ports"] == [f"{link_port}:{link_port}"]
+    secrets = {s["target"]: s["source"] for s in services["superlink"]["secrets"]}
+    for path in (link.ssl_ca_certfile, link.ssl_certfile, link.ssl_keyfile):
+        assert path.removeprefix("/run/secrets/") in secrets, path
+
+    server = parsers["superexec"].parse_args(services["superexec-serverapp"]["command"])
+    assert server.runtime_api_address == f"superlink:{link_port}"
+    assert server.superexec_auth_secret_file == link.superexec_auth_secret_file
+    assert server.root_certificates and not server.insecure
+
+    supernodes = sorted(name for name in services if name.startswith("supernode-"))
+    assert len(supernodes) >= 2
+    volumes_used = []
+    for name in supernodes:
+        service = services[name]
+        assert service["image"] == f"flwr/supernode:{version}"
+        node = parsers["supernode"].parse_args(service["command"])
+        assert node.superlink == f"superlink:{link_port}" and node.isolation == "process"
+        assert node.root_certificates and node.auth_supernode_private_key and not node.insecure
+        config = NodeConfig.from_mapping(parse_config_args([node.node_config]))
+        assert config.data_path and config.layer_budget and config.cache_dir
+
+        # Its ClientApps run in its own SuperExec, where the node config's paths must be.
+        clientapp = services[name.replace("supernode-", "superexec-clientapp-")]
+        executor = parsers["superexec"].parse_args(clientapp["command"])
+        assert executor.runtime_api_address == f"{name}:{node.port}"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in clientapp["volumes"]}
+        assert mounts[config.data_path].startswith("private-data")
+        assert clientapp["volumes"][0].endswith(":ro")  # the private text, read-only
+        assert mounts[config.cache_dir].startswith("model-cache")
+        volumes_used += [mounts[config.data_path], mounts[config.cache_dir]]
+        assert set(clientapp["networks"]) & set(service["networks"]) - {"federation"}
+        assert "federation" not in clientapp["networks"]  # reaches only its own SuperNode
+    assert len(volumes_used) == len(set(volumes_used)), "each organisation its own volumes"
+    assert set(volumes_used) <= set(compose["volumes"])
+
+    # Every secret is a file make_certs.py writes; every superexec is built from our image.
+    made = {"ca.crt", "server.crt", "server.key", "superexec.secret"}
+    made |= {f"supernode-{i}.key" for i in range(1, len(supernodes) + 1)}
+    assert {Path(s["file"]).name for s in compose["secrets"].values()} == made
+    for name, service in services.items():
+        if name.startswith("superexec-"):
+            assert service["build"]["dockerfile"] == "docker/Dockerfile"
+            assert service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_compose_gpu_override_reserves_a_gpu_per_organisation():
+    compose = _compose("compose.yml", "compose.gpu.yml")
+    for name, service in compose["services"].items():
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        if name.startswith("superexec-clientapp-"):
+            assert service["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+            assert service["build"]["context"] == ".."
+            (device,) = devices["devices"]
+            assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        else:
+            assert not devices, name  # the SuperLink and the ServerApp need no GPU
+
+
+def test_dockerfiles_install_the_package_on_the_official_superexec_image():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    compose_version = _compose("compose.yml")["services"]["superlink"]["image"].split(":")[1]
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (DOCKER / name).read_text()
+        assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M), name
+        default = re.search(r"^ARG FLWR_VERSION=(\S+)$", text, re.M).group(1)
+        assert default == compose_version, (name, default, compose_version)
+        for package in packages:  # the image must hold every package the wheel has
+            assert re.search(rf"^COPY .*\b{package} ", text, re.M), (name, package)
+        ignore = (DOCKER / f"{name}.dockerignore").read_text().split()
+        assert all(f"!{package}/" in ignore for package in packages), name
+
+
+@pytest.mark.skipif(
+    subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
+    if shutil.which("docker")
+    else True,
+    reason="docker compose v2 not available",
+)
+def test_docker_compose_config(tmp_path):
+    """`docker compose config` validates the files where the compose plugin is installed."""
+    certs = DOCKER / "certs"
+    if not certs.exists():
+        subprocess.run([sys.executable, str(MAKE_CERTS), "--out", str(certs)], check=True)
+    for files in (["compose.yml"], ["compose.yml", "compose.gpu.yml"]):
+        args = [arg for name in files for arg in ("-f", str(DOCKER / name))]
+        result = subprocess.run(
+            ["docker", "compose", *args, "config", "--quiet"], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
