@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from transformers import PreTrainedModel
 
 from fedspallm_strategy import checkpoint
+from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.merging import MatrixMerger
 from fedspallm_strategy.payload import PayloadError, decode, validate_layer
@@ -66,49 +66,6 @@ def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
 
 class RejectedReply(Exception):
     """A reply the server will not aggregate; the reason goes to the log and the report."""
-
-
-@dataclass
-class Accounting:
-    """Who was rejected and how many bytes moved, for the report."""
-
-    rejected: list[dict] = field(default_factory=list)
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    client_metrics: dict[int, dict] = field(default_factory=dict)
-    assignments: dict[int, dict[int, list[int]]] = field(
-        default_factory=dict
-    )  # round -> node -> layers
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> Accounting:
-        """JSON turned the int keys into strings; turn them back."""
-
-        def ints(mapping: dict) -> dict:
-            return {int(k): v for k, v in mapping.items()}
-
-        return cls(
-            rejected=data["rejected"],
-            bytes_up=ints(data["bytes_up"]),
-            bytes_down=ints(data["bytes_down"]),
-            client_metrics=ints(data["client_metrics"]),
-            assignments={int(r): ints(a) for r, a in data["assignments"].items()},
-        )
-
-    def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
-        log.warning(
-            "round %d: rejected reply of node %d (layers %s): %s",
-            server_round,
-            node,
-            layers,
-            reason,
-        )
-        self.rejected.append(
-            {"round": server_round, "node": node, "layers": layers, "reason": reason}
-        )
 
 
 class FedSpaLLM(Strategy):

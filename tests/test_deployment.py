@@ -354,7 +354,9 @@ def test_make_certs(tmp_path):
 
     # Running it again keeps everything, adds what is missing, re-issues for a new host.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    subprocess.run([*args, "--supernodes", "3", "--host", "link.example.org"], check=True)
+    subprocess.run(
+        [*args, "--supernodes", "3", "--host", "link.example.org"], check=True, capture_output=True
+    )
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(after) - set(before) == {"supernode-3.key", "supernode-3.pub"}
     assert all(after[name] == content for name, content in before.items())
@@ -407,7 +409,7 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     reason = report["rejected"][0]["reason"]
     assert "data-path" in reason and str(missing) in reason and "does not exist" in reason
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
-    # Each node converted the model once into its own cache-dir (safetensors on its disk).
+    # Each node converted the model into its own cache-dir (safetensors on its own disk).
     for cache in caches[:3]:
         assert list((cache / "models" / "tiny-llama").glob("*.safetensors")), cache
 
@@ -532,7 +534,8 @@ def test_tls_federation_with_supernode_authentication(federation, tmp_path):
 # compose files parses with the installed Flower's own argument parsers, every node config
 # with Flower's parser and ours, and the services fit together.
 DOCKER = ROOT / "docker"
-VARIABLE = re.compile(r"\$\{(\w+):-([^}]*)\}")
+VARIABLE = re.compile(r"\$\{(\w+):([-?])([^}]*)\}")  # ${X:-default} or ${X:?message}
+REQUIRED = "192.0.2.1"  # stands for a variable the user must set
 
 
 def _compose(*names: str) -> dict:
@@ -548,7 +551,9 @@ def _compose(*names: str) -> dict:
 
     merged: dict = {}
     for name in names:
-        text = VARIABLE.sub(lambda m: m.group(2), (DOCKER / name).read_text())  # defaults
+        text = VARIABLE.sub(
+            lambda m: m.group(3) if m.group(2) == "-" else REQUIRED, (DOCKER / name).read_text()
+        )
         loaded = yaml.safe_load(text)
         assert "$" not in json.dumps(loaded), f"{name}: a variable without a default"
         merged = merge(merged, loaded)
@@ -641,6 +646,16 @@ def test_compose_gpu_override_reserves_a_gpu_per_organisation():
             assert not devices, name  # the SuperLink and the ServerApp need no GPU
 
 
+def test_compose_remote_override_points_supernodes_at_another_host():
+    base = _compose("compose.yml")["services"]
+    remote = _compose("compose.yml", "compose.remote.yml")["services"]
+    for name, service in remote.items():
+        if name.startswith("supernode-"):
+            # "superlink" is in the server certificate's SANs: TLS verification holds.
+            assert service.pop("extra_hosts") == [f"superlink:{REQUIRED}"]
+        assert service == base[name]
+
+
 def test_dockerfiles_install_the_package_on_the_official_superexec_image():
     import tomllib
 
@@ -669,9 +684,13 @@ def test_docker_compose_config(tmp_path):
     certs = DOCKER / "certs"
     if not certs.exists():
         subprocess.run([sys.executable, str(MAKE_CERTS), "--out", str(certs)], check=True)
-    for files in (["compose.yml"], ["compose.yml", "compose.gpu.yml"]):
+    env = {**os.environ, "SUPERLINK_IP": REQUIRED}
+    for files in (["compose.yml"], ["compose.yml", "compose.gpu.yml", "compose.remote.yml"]):
         args = [arg for name in files for arg in ("-f", str(DOCKER / name))]
         result = subprocess.run(
-            ["docker", "compose", *args, "config", "--quiet"], capture_output=True, text=True
+            ["docker", "compose", *args, "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         assert result.returncode == 0, result.stderr

@@ -1,0 +1,51 @@
+"""What a run did, per node: assignments, rejections, bytes and client metrics (for the report)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Accounting:
+    """Who was rejected and how many bytes moved, for the report."""
+
+    rejected: list[dict] = field(default_factory=list)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    client_metrics: dict[int, dict] = field(default_factory=dict)
+    assignments: dict[int, dict[int, list[int]]] = field(
+        default_factory=dict
+    )  # round -> node -> layers
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Accounting:
+        """JSON turned the int keys into strings; turn them back."""
+
+        def ints(mapping: dict) -> dict:
+            return {int(k): v for k, v in mapping.items()}
+
+        return cls(
+            rejected=data["rejected"],
+            bytes_up=ints(data["bytes_up"]),
+            bytes_down=ints(data["bytes_down"]),
+            client_metrics=ints(data["client_metrics"]),
+            assignments={int(r): ints(a) for r, a in data["assignments"].items()},
+        )
+
+    def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
+        log.warning(
+            "round %d: rejected reply of node %d (layers %s): %s",
+            server_round,
+            node,
+            layers,
+            reason,
+        )
+        self.rejected.append(
+            {"round": server_round, "node": node, "layers": layers, "reason": reason}
+        )
