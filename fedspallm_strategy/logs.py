@@ -12,8 +12,11 @@ def share_flower_handlers(level: int = logging.INFO) -> None:
     """Give our package loggers the handlers of Flower's ``flwr`` logger.
 
     Flower configures only its own logger in the ServerApp/ClientApp processes; our
-    modules log under their package names, which would otherwise go nowhere.
+    modules log under their package names, which would otherwise go nowhere. Where the root
+    logger has handlers (a script's ``basicConfig``, pytest), our lines already reach them.
     """
+    if logging.getLogger().handlers:
+        return
     flower = logging.getLogger("flwr")
     for name in PACKAGES:
         logger = logging.getLogger(name)
@@ -21,4 +24,3 @@ def share_flower_handlers(level: int = logging.INFO) -> None:
         for handler in flower.handlers:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
-        logger.propagate = not flower.handlers
