@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from transformers import PreTrainedModel
@@ -113,6 +114,7 @@ class FedSpaLLM(Strategy):
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
         self.assignments: dict[int, list[int]] = {}
+        self.sent: list[Message] = []  # this round's train messages
         # Names of nodes with no valid reply last round: asked again only as a last resort.
         self.failed_names: set[str] = set()
         self.accounting = Accounting()
@@ -133,7 +135,7 @@ class FedSpaLLM(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.assignments = {}
+        self.assignments, self.sent = {}, []
         if not self.remaining:  # every layer is done: later rounds are idle
             return []
         self.assignments = self.assign_layers(list(grid.get_node_ids()))
@@ -151,6 +153,7 @@ class FedSpaLLM(Strategy):
         log.info(
             "round %d: %d layers over %d nodes", server_round, len(self.remaining), len(messages)
         )
+        self.sent = messages  # the grid gives them their message ids as it pushes them
         return messages
 
     def assign_layers(self, nodes: list[int]) -> dict[int, list[int]]:
@@ -205,7 +208,7 @@ class FedSpaLLM(Strategy):
         )
         delivered: dict[int, set[int]] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             layers = self.assignments.get(node, [])
             try:
                 tensors, masks = self._accept(reply, node, delivered)
@@ -244,6 +247,19 @@ class FedSpaLLM(Strategy):
         if self.checkpoint_dir is not None:
             checkpoint.save_round(self.checkpoint_dir, this_round, finished, self.state())
         return None, MetricRecord(metrics)
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply answers for.
+
+        An error the SuperLink itself generates (e.g. "Node Unavailable" when a node stops
+        sending heartbeats) comes from the SuperLink's own node id, not the node's: it is
+        attributed to the node the message it answers was sent to. Nothing else is.
+        """
+        src = reply.metadata.src_node_id
+        if src == SUPERLINK_NODE_ID and reply.has_error():
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+            return sent_to.get(reply.metadata.reply_to_message_id, src)
+        return src
 
     def _accept(
         self, reply: Message, node: int, delivered: Mapping[int, set[int]]

@@ -111,13 +111,20 @@ class Federation:
             "OMP_NUM_THREADS": "1",
         }
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(
+        self, name: str, args: list[str], *, cwd: Path | None = None, home: Path | None = None
+    ) -> subprocess.Popen:
+        """Start ``args`` in its own session, logging to ``<root>/<name>.log``.
+
+        By default as a machine of its own (its own FLWR_HOME); ``cwd`` and ``home`` run it
+        elsewhere, e.g. ``flwr run`` in the project with the CLI's home.
+        """
         log = (self.root / f"{name}.log").open("wb")
-        home = self.root / name / "flwr-home"  # a machine of its own
+        home = home or self.root / name / "flwr-home"  # a machine of its own
         home.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen(
             args,
-            cwd=home.parent,
+            cwd=cwd or home.parent,
             env=self.env(home),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -216,8 +223,8 @@ class Federation:
         assert not left, f"processes still running after SIGKILL: {left}"
 
 
-@pytest.fixture
-def federation(tmp_path):
+@pytest.fixture(name="federation")  # named: other modules import it as federation_fixture
+def federation_fixture(tmp_path):
     federation = Federation(tmp_path)
     try:
         yield federation
@@ -258,6 +265,13 @@ def supernode_args(
     ]
 
 
+def run_status(federation: Federation, connection: str, run_id: str) -> str:
+    """A run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
+    listing = federation.flwr("ls", connection, "--format", "json")
+    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+    return runs[run_id]["status"]
+
+
 def run_and_check(federation: Federation, connection: str, output_dir: Path, nodes: int):
     """``flwr run . <connection>``; returns (run id, run folder, report) of a completed run."""
     overrides = f"{RUN_CONFIG} output-dir='{output_dir}' min-clients={nodes}"
@@ -270,9 +284,8 @@ def run_and_check(federation: Federation, connection: str, output_dir: Path, nod
     run_id = match.group(1)
 
     # `--stream` exits 0 even when the run failed: the status comes from `flwr ls`.
-    listing = federation.flwr("ls", connection, "--format", "json")
-    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
-    assert runs[run_id]["status"] == "finished:completed", log[-4000:] + federation.logs()
+    status = run_status(federation, connection, run_id)
+    assert status == "finished:completed", log[-4000:] + federation.logs()
 
     folders = list(output_dir.glob(f"*-fedspallm-{run_id}"))
     assert len(folders) == 1, log[-3000:]

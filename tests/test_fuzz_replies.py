@@ -142,6 +142,36 @@ def test_duplicate_reply_is_rejected(payloads):
     ]
 
 
+def test_superlink_error_reply_is_charged_to_the_node_it_answers_for(payloads):
+    """A node that stopped heartbeating gets an error reply from the SuperLink itself (its
+    src_node_id is the SuperLink's): it is recorded against the node asked, once."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    _set_task_identity(1)
+    model, _ = load_model(CONFIG.model)
+    strategy = FedSpaLLM(model, CONFIG)
+    strategy.assignments = {7: LAYERS, 9: LAYERS}
+    strategy.sent = []
+    for node in (7, 9):
+        request = Message(RecordDict(), message_type="train", dst_node_id=node, group_id="1")
+        request.metadata.__dict__["_message_id"] = f"m{node}"  # what the grid does on push
+        strategy.sent.append(request)
+    error = Error(code=5, reason="Error: Node Unavailable")
+    unavailable = Message(error, reply_to=strategy.sent[1])
+    unavailable.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as the SuperLink sends it
+    strategy.aggregate_train(1, [_reply(7, payloads[1], "m7"), unavailable])
+    assert strategy.accounting.rejected == [
+        {
+            "round": 1,
+            "node": 9,
+            "layers": LAYERS,
+            "reason": "client error: Error: Node Unavailable",
+        }
+    ]
+    assert strategy.failed_names == {"9"} and strategy.remaining == []
+
+
 def _all_matrices(model, layers):
     return {
         name: linear.weight.data.clone()
