@@ -15,7 +15,7 @@ from pathlib import Path
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
-STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized")
+STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -37,7 +37,7 @@ class RunConfig:
     calib_samples: int = 8  # calibration segments per client
     seqlen: int = 512  # tokens per calibration segment and evaluation window
     eval_data: tuple[str, ...] = ("python-docs",)  # comma-separated list in run config
-    eval_windows: int = 16  # at most this many windows per eval set (0 = all)
+    eval_windows: int = 8  # at most this many windows per eval set (0 = all)
     seed: int = 0
     output_dir: str = "runs"
     device: str = "cpu"  # server-side evaluation device; nodes may override in node config
@@ -46,6 +46,8 @@ class RunConfig:
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
     min_clients: int = 1  # wait for this many connected nodes before starting
     resume_from: str = ""  # a run folder whose checkpoint this run continues
+    exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
+    max_stats_mb: float = 1024.0  # exact: most statistics one client may upload in a run (MiB)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -88,6 +90,14 @@ class RunConfig:
             raise ConfigError(f"round-timeout must be positive, got {self.round_timeout}")
         if self.max_payload_mb <= 0:
             raise ConfigError(f"max-payload-mb must be positive, got {self.max_payload_mb}")
+        _at_least("exact-layers-per-round", self.exact_layers_per_round, 1)
+        if self.max_stats_mb <= 0:
+            raise ConfigError(f"max-stats-mb must be positive, got {self.max_stats_mb}")
+        if self.strategy == "exact" and self.pruner == "magnitude":
+            raise ConfigError(
+                "strategy exact sums the pruners' calibration statistics; pruner magnitude "
+                "has none: choose pruner sparsegpt or wanda"
+            )
         check_device("device", self.device)
         for name, value in (("model", self.model), ("calib-data", self.calib_data)):
             if not value.strip():

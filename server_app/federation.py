@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
+from fedspallm_strategy.exact import Exact, plan_exact
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
 from llm_pruning.data import BUILTIN_CORPORA
@@ -44,6 +45,8 @@ def run_federation(
         raise ConfigError(f"resume-from: {run_dir} holds no checkpoint/state.json")
     if config.resume_from and config.strategy == "centralized":
         raise ConfigError("resume-from: the centralized strategy has no rounds to resume")
+    if config.resume_from and config.strategy == "exact":
+        raise ConfigError("resume-from: the exact strategy keeps no checkpoint to resume from")
     with clock("load"):
         model, tokenizer = load_model(config.model)
         check_against_model(config, model)
@@ -67,7 +70,8 @@ def run_federation(
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),  # clients hold the dense model: no weights go down
-            num_rounds=config.num_rounds,
+            # exact runs one round per group of layers, whatever num-rounds says.
+            num_rounds=strategy.rounds if isinstance(strategy, Exact) else config.num_rounds,
             timeout=config.round_timeout,
         )
     if strategy.remaining:
@@ -87,6 +91,9 @@ def run_federation(
             )
         if standalone:
             perplexities["standalone"] = standalone
+    if isinstance(strategy, Exact):
+        _record_clients(report, strategy, budgets, model)
+        report["exact"] = strategy.costs()
     if config.strategy == "standalone":
         saved = _best_standalone(config, strategy, perplexities.get("standalone"))
     else:
@@ -109,6 +116,8 @@ def run_federation(
 def build_strategy(config, model, tokenizer, node_configs: dict[int, NodeConfig], run_dir: Path):
     if config.strategy == "centralized":
         return Centralized(model, config, _pooled(config, tokenizer, node_configs))
+    if config.strategy == "exact":
+        return Exact(model, config, node_names={node: nc.name for node, nc in node_configs.items()})
     return FedSpaLLM(
         model,
         config,
@@ -165,6 +174,9 @@ def check_calibration_text(
 
 def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> None:
     if config.strategy == "centralized":
+        return
+    if config.strategy == "exact":  # one round per layer group; only its bytes can refuse it
+        plan_exact(model, config).check_budget(config)
         return
     total_layers = num_layers(model)
     per_round = sum(

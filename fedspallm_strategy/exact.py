@@ -1,0 +1,454 @@
+"""Exact federated pruning: the clients' statistics are summed and the server prunes once.
+
+Beyond the paper. SparseGPT's ``H = Σ xᵀx`` and Wanda's ``Σ x²`` per input column are sums
+over token rows, so summing the clients' sums gives the statistics of their pooled text. Layer
+by layer (one round per ``exact-layers-per-round`` decoder layers):
+
+1. each client runs its calibration activations through the round's layer(s) and sends their
+   statistics (``stats_payload.py``; Linears that share an input send one copy);
+2. the server sums them over the clients (in node-name order, as ``centralized`` pools the
+   shards) and prunes each matrix with the engine's pruner;
+3. the next round's message carries the pruned matrices (``payload.encode``: values and mask,
+   the mask alone for pruners that keep values), and each client advances its activations
+   through the *pruned global* layer(s) before it collects the next statistics.
+
+With one layer per round the result is the ``centralized`` model up to float rounding (sums
+in another order), without moving any text. With more, the statistics of the later layers of
+a round come from activations advanced through the still-dense earlier layers of that round:
+fewer rounds, no longer exact. The run takes ``ceil(L / exact-layers-per-round)`` rounds
+whatever ``num-rounds`` says. A node that fails a round is left out of the later rounds (its
+activations would be stale); from then on the model is the centralized one of the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from transformers import PreTrainedModel
+
+from fedspallm_strategy.accounting import Accounting
+from fedspallm_strategy.config import ConfigError, RunConfig
+from fedspallm_strategy.payload import PayloadError, encode
+from fedspallm_strategy.stats_payload import (
+    decode_statistics,
+    kind_of,
+    statistics_nbytes,
+    validate_statistics,
+)
+from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, RejectedReply, request_record
+from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.models import family_of, num_layers, prunable_weights
+from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "train.exact"  # routed to the ClientApp's @app.train("exact")
+EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
+PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def shared_input_groups(model: PreTrainedModel) -> list[tuple[str, ...]]:
+    """The prunable Linears of a decoder layer grouped by the input tensor they read.
+
+    Relative names (``self_attn.q_proj``). q/k/v read one tensor, gate/up another: their
+    statistics are identical, so a client sends one copy per group. Found by running decoder
+    layer 0 once on a few tokens (the layers of a model share one structure).
+    """
+    family = family_of(model)
+    probe = torch.arange(8).remainder(model.config.vocab_size)[None]  # (1, 8) token ids
+    calibrator = LayerwiseCalibrator(model, probe, "cpu")
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(_module, inputs, _output) -> None:  # None: the output stays as it is
+            seen.setdefault(name, inputs[0])
+
+        return hook
+
+    handles = [
+        linear.register_forward_hook(record(name))
+        for name, linear in zip(family.linears, prunable_weights(model, 0).values(), strict=True)
+    ]
+    try:
+        calibrator.advance(0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    for name in family.linears:  # `seen` keeps the tensors alive, so `is` cannot be fooled
+        for group in groups:
+            if seen[group[0]] is seen[name]:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return [tuple(group) for group in groups]
+
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Rounds, shared-input groups and bytes of an ``exact`` run, from the model's shapes."""
+
+    rounds: tuple[tuple[int, ...], ...]  # decoder layers per round
+    shared: tuple[tuple[str, ...], ...]  # relative Linear names that share one input
+    kind: str  # statistics kind: hessian | column-norms
+    stats_bytes: dict[int, int]  # layer -> statistics bytes per client
+    fedspallm_bytes: dict[int, int]  # layer -> what a fedspallm client would upload
+
+    @property
+    def stats_total(self) -> int:
+        return sum(self.stats_bytes.values())
+
+    @property
+    def fedspallm_total(self) -> int:
+        return sum(self.fedspallm_bytes.values())
+
+    def round_bytes(self, layers: Iterable[int]) -> int:
+        return sum(self.stats_bytes[layer] for layer in layers)
+
+    def check_budget(self, config: RunConfig) -> None:
+        """Refuse a run whose statistics exceed ``max-stats-mb`` (or one reply
+        ``max-payload-mb``), before any node does any work."""
+        per_layer = max(self.stats_bytes.values())
+        if self.stats_total > config.max_stats_mb * MIB:
+            raise ConfigError(
+                f"strategy exact: each client would upload {self.stats_total / MIB:.1f} MiB of "
+                f"{self.kind} statistics ({per_layer / MIB:.2f} MiB per decoder layer, "
+                f"{len(self.stats_bytes)} layers), over max-stats-mb={config.max_stats_mb:g}. "
+                f"Raise max-stats-mb, or use strategy fedspallm "
+                f"({self.fedspallm_total / MIB:.1f} MiB per client)"
+            )
+        largest = max(self.round_bytes(layers) for layers in self.rounds)
+        if largest > config.max_payload_mb * MIB:
+            raise ConfigError(
+                f"strategy exact: one round's statistics reply would be {largest / MIB:.1f} MiB, "
+                f"over max-payload-mb={config.max_payload_mb:g}; lower exact-layers-per-round "
+                f"(now {config.exact_layers_per_round}) or raise max-payload-mb"
+            )
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": len(self.rounds),
+            "layers_per_round": [list(layers) for layers in self.rounds],
+            "shared_inputs": [list(group) for group in self.shared],
+            "statistics_kind": self.kind,
+            "statistics_bytes_per_layer": {str(k): v for k, v in self.stats_bytes.items()},
+            "statistics_bytes_per_client": self.stats_total,
+            "fedspallm_bytes_per_layer": {str(k): v for k, v in self.fedspallm_bytes.items()},
+            "fedspallm_bytes_per_client": self.fedspallm_total,
+        }
+
+
+def fedspallm_upload_bytes(linear: torch.nn.Linear, pruner: Pruner, sparsity: float) -> int:
+    """What ``payload.encode`` makes of one pruned matrix (tensor data, without the header)."""
+    numel = linear.weight.numel()
+    mask = math.ceil(numel / 8)
+    if not pruner.updates_weights:
+        return mask
+    return (numel - num_to_prune(numel, sparsity)) * linear.weight.element_size() + mask
+
+
+def plan_exact(model: PreTrainedModel, config: RunConfig) -> ExactPlan:
+    """Everything an ``exact`` run will do and send, computed before it starts."""
+    pruner = get_pruner(config.pruner)
+    if pruner.make_stats is None:
+        raise ConfigError(f"strategy exact needs a pruner with statistics, not {pruner.name}")
+    kind = kind_of(pruner.make_stats)
+    total = num_layers(model)
+    step = config.exact_layers_per_round
+    rounds = tuple(tuple(range(s, min(s + step, total))) for s in range(0, total, step))
+    shared = tuple(shared_input_groups(model))
+    prefix = family_of(model).layer_prefix
+    stats_bytes, fedspallm_bytes = {}, {}
+    for layer in range(total):
+        linears = prunable_weights(model, layer)
+        stats_bytes[layer] = sum(
+            statistics_nbytes(kind, linears[f"{prefix(layer)}{group[0]}.weight"].in_features)
+            for group in shared
+        )
+        fedspallm_bytes[layer] = sum(
+            fedspallm_upload_bytes(linear, pruner, config.sparsity) for linear in linears.values()
+        )
+    return ExactPlan(rounds, shared, kind, stats_bytes, fedspallm_bytes)
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class Exact(Strategy):
+    """Federated pruning that reaches the centralized model: sum statistics, prune once.
+
+    Parameters
+    ----------
+    model
+        The server's dense model; each round's layers are pruned into it in place.
+    config
+        The validated run configuration (``exact-layers-per-round``, ``max-stats-mb``).
+    node_names
+        Node id -> a stable name; the sums run in this order, as ``centralized`` pools.
+
+    Raises
+    ------
+    ConfigError
+        If the statistics would exceed ``max-stats-mb`` or a reply ``max-payload-mb``.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: RunConfig,
+        *,
+        node_names: Mapping[int, str] | None = None,
+    ):
+        self.model, self.config = model, config
+        self.node_names = dict(node_names or {})
+        self.pruner = get_pruner(config.pruner)
+        self.pattern = config.sparsity_pattern
+        self.plan = plan_exact(model, config)
+        self.plan.check_budget(config)
+        self.rounds = len(self.plan.rounds)  # what Strategy.start must run
+        self.remaining = list(range(num_layers(model)))
+        self.participants: list[int] | None = None  # fixed in round 1
+        self.dropped: set[int] = set()
+        self.assignments: dict[int, list[int]] = {}
+        self.previous: tuple[list[int], bytes] | None = None  # last round's pruned layers
+        self.accounting = Accounting()
+        self.contributors: dict[int, list[int]] = {}
+        self.round_seconds: dict[int, float] = {}
+        self._round_start = 0.0
+
+    def summary(self) -> None:
+        plan = self.plan
+        log.info(
+            "exact: %s %s, %d layers in %d rounds; per client %.2f MiB of %s statistics per "
+            "layer (%.1f MiB in all) vs %.1f MiB for fedspallm; shared inputs %s",
+            self.pruner.name,
+            self.pattern,
+            len(plan.stats_bytes),
+            self.rounds,
+            max(plan.stats_bytes.values()) / MIB,
+            plan.kind,
+            plan.stats_total / MIB,
+            plan.fedspallm_total / MIB,
+            [list(group) for group in plan.shared],
+        )
+
+    def _name(self, node: int) -> str:
+        return self.node_names.get(node, str(node))
+
+    # ----------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.assignments = {}
+        if server_round > self.rounds or not self.remaining:
+            return []
+        self._round_start = time.perf_counter()
+        layers = list(self.plan.rounds[server_round - 1])
+        if self.participants is None:
+            self.participants = sorted(grid.get_node_ids(), key=lambda n: (self._name(n), n))
+            if not self.participants:
+                raise RuntimeError("no nodes are connected to the federation")
+        connected = set(grid.get_node_ids())
+        nodes = [n for n in self.participants if n in connected and n not in self.dropped]
+        if not nodes:
+            raise RuntimeError(
+                f"exact: none of the nodes that started the run is left for layers {layers}"
+            )
+        previous_layers, previous = self.previous or ([], b"")
+        extra = ConfigRecord(
+            {
+                "shared": [",".join(group) for group in self.plan.shared],
+                "previous-layers": previous_layers,
+            }
+        )
+        messages = []
+        for node in nodes:
+            spec = request_record(self.config, layers)
+            content = RecordDict({SPEC_KEY: spec, EXACT_KEY: extra})
+            if previous:
+                array = Array(np.frombuffer(previous, dtype=np.uint8))  # 1-D: Flower chunks it
+                content[PREVIOUS_KEY] = ArrayRecord({PREVIOUS_KEY: array})
+            down = len(spec.deflate()) + len(extra.deflate()) + len(previous)
+            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + down
+            self.assignments[node] = layers
+            messages.append(
+                Message(
+                    content, message_type=MESSAGE_TYPE, dst_node_id=node, group_id=str(server_round)
+                )
+            )
+        self.accounting.assignments[server_round] = dict(self.assignments)
+        log.info(
+            "exact round %d/%d: statistics of layers %s from %d nodes (%.2f MiB each)",
+            server_round,
+            self.rounds,
+            layers,
+            len(messages),
+            self.plan.round_bytes(layers) / MIB,
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.assignments:
+            return None, None
+        start = time.perf_counter()
+        layers = next(iter(self.assignments.values()))
+        expected = self._expected(layers)
+        # Sum in node-name order, the order in which `centralized` pools the shards.
+        ordered = sorted(
+            replies, key=lambda r: (self._name(r.metadata.src_node_id), r.metadata.src_node_id)
+        )
+        sums: dict[str, Stats] = {}
+        accepted: list[int] = []
+        for reply in ordered:
+            node = reply.metadata.src_node_id
+            try:
+                entries = self._accept(reply, node, accepted, expected)
+            except (PayloadError, RejectedReply) as error:
+                self.accounting.reject(server_round, node, layers, str(error))
+                continue
+            for name, (stats, _covers) in entries.items():
+                if name in sums:
+                    sums[name].merge(stats)
+                else:
+                    sums[name] = stats
+            accepted.append(node)
+            del entries  # streaming: one client's statistics at a time
+        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
+        for node in sorted(set(self.assignments) - set(accepted) - rejected_now):
+            self.accounting.reject(server_round, node, layers, "no reply in time")
+        failed = set(self.assignments) - set(accepted)
+        if not accepted:
+            reasons = sorted(
+                {r["reason"] for r in self.accounting.rejected if r["round"] == server_round}
+            )
+            raise RuntimeError(
+                f"exact: no valid statistics for layers {layers} in round {server_round}, so "
+                f"no later layer can be pruned; rejected: {'; '.join(reasons)}"
+            )
+        if failed:
+            self.dropped |= failed
+            log.warning(
+                "exact: nodes %s left out from layer %d on; the model is the centralized one "
+                "of the other nodes' data from there",
+                sorted(failed),
+                layers[0],
+            )
+        self.contributors[server_round] = accepted
+        masks, pruned = self._prune(layers, sums)
+        self.previous = (layers, encode(pruned if self.pruner.updates_weights else None, masks))
+        self.remaining = [layer for layer in self.remaining if layer not in layers]
+        self.round_seconds[server_round] = round(time.perf_counter() - self._round_start, 3)
+        metrics = {
+            "clients": len(accepted),
+            "rejected": len(failed),
+            "layers-done": len(layers),
+            "layers-pending": len(self.remaining),
+            "bytes-up": sum(self.accounting.bytes_up.values()),
+            "prune-seconds": round(time.perf_counter() - start, 3),
+        }
+        return None, MetricRecord(metrics)
+
+    def _expected(self, layers: list[int]) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Group key -> (inputs, covers) of every statistics group the round must deliver."""
+        expected = {}
+        for layer in layers:
+            linears = prunable_weights(self.model, layer)
+            prefix = family_of(self.model).layer_prefix(layer)
+            for group in self.plan.shared:
+                names = tuple(f"{prefix}{name}.weight" for name in group)
+                expected[names[0]] = (linears[names[0]].in_features, names)
+        return expected
+
+    def _accept(self, reply: Message, node: int, accepted: list[int], expected) -> dict:
+        """Decode and validate one reply completely before anything is summed."""
+        if reply.has_error():
+            raise RejectedReply(f"client error: {reply.error.reason}")
+        if node not in self.assignments:
+            raise RejectedReply("reply from a node that was not asked this round")
+        if node in accepted:
+            raise RejectedReply("duplicate reply")
+        if PAYLOAD_KEY not in reply.content.array_records:
+            raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
+        arrays = reply.content.array_records[PAYLOAD_KEY]
+        if list(arrays.keys()) != [PAYLOAD_KEY]:
+            raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
+        array = arrays[PAYLOAD_KEY]
+        if array.dtype != "uint8" or len(array.shape) != 1:
+            raise RejectedReply(
+                f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}"
+            )
+        data = array.numpy().tobytes()
+        kind, entries = decode_statistics(data, max_bytes=int(self.config.max_payload_mb * MIB))
+        validate_statistics(kind, entries, expected_kind=self.plan.kind, expected=expected)
+        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
+        if "metrics" in reply.content.metric_records:
+            self._add_metrics(node, dict(reply.content.metric_records["metrics"]))
+        return entries
+
+    def _add_metrics(self, node: int, metrics: dict) -> None:
+        """A node's metrics summed over rounds (its rounds counted)."""
+        totals = self.accounting.client_metrics.setdefault(node, {"rounds": 0})
+        totals["rounds"] += 1
+        for key, value in metrics.items():
+            if key == "num-examples":
+                totals[key] = value
+            elif isinstance(value, int | float):
+                totals[key] = round(totals.get(key, 0) + value, 3)
+
+    @torch.no_grad()
+    def _prune(self, layers: list[int], sums: Mapping) -> tuple[dict, dict]:
+        """Prune the round's layers with the summed statistics, as ``prune_layer`` would."""
+        device = torch.device(self.config.device)
+        masks, pruned = {}, {}
+        for layer in layers:
+            prefix = family_of(self.model).layer_prefix(layer)
+            key_of = {
+                f"{prefix}{name}.weight": f"{prefix}{group[0]}.weight"
+                for group in self.plan.shared
+                for name in group
+            }
+            for name, linear in prunable_weights(self.model, layer).items():
+                weight = linear.weight.data.to(device)
+                new_weight, keep = self.pruner.prune(weight, sums[key_of[name]], self.pattern)
+                linear.weight.data.copy_(new_weight.to(linear.weight.device))
+                masks[name] = keep.cpu()
+                pruned[name] = linear.weight.data
+            log.info("exact: layer %d pruned on the summed statistics", layer)
+        return masks, pruned
+
+    def costs(self) -> dict:
+        """The ``exact`` section of the report: the plan, who contributed, wall time."""
+        return {
+            **self.plan.as_dict(),
+            "layers_per_round_setting": self.config.exact_layers_per_round,
+            "contributors": {str(r): nodes for r, nodes in self.contributors.items()},
+            "dropped": sorted(self.dropped),
+            "round_seconds": {str(r): s for r, s in self.round_seconds.items()},
+        }
+
+    # -------------------------------------------------------------- evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
