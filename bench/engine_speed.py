@@ -16,10 +16,17 @@ does), on a copy of each Linear. Both results are then scored with the reconstru
 ``||W X - W_hat X||_F^2`` on the calibration inputs ``X``, computed exactly from our Hessian
 sum ``H = sum x^T x`` as ``tr((W - W_hat) H (W - W_hat)^T)`` (float64). The model continues
 with OUR pruned layer, so the next layer's inputs are the engine's. The reference's extra
-forward is not counted in our timings.
+forward is not counted in our timings. The reference's time is that of its whole
+``fasterprune`` call as published (it also sums a loss estimate and prints two lines, which
+the bench captures); ours is the whole ``Pruner.prune`` call.
 
+The machine may be shared: per matrix, both pruners run ``--timing-repeats`` times,
+alternating, and the table shows each one's minimum (every time is in the JSON).
+
+    git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref_sparsegpt     # outside the repo
     python bench/engine_speed.py --reference /tmp/ref_sparsegpt            # all 30 layers
     python bench/engine_speed.py --layers 2 --reference /tmp/ref_sparsegpt  # a quick look
+    python bench/engine_speed.py --layers 2 --pattern 2:4 --reference /tmp/ref_sparsegpt
 
 Writes bench/results/engine_speed.json (``--out``).
 """
@@ -73,7 +80,7 @@ def import_reference(path: Path):
     if not (path / "sparsegpt.py").is_file():
         raise SystemExit(f"--reference {path}: no sparsegpt.py there")
     sys.path.insert(0, str(path))  # its sparsegpt.py does `from quant import *`
-    import sparsegpt as reference  # noqa: PLC0415
+    import sparsegpt as reference
 
     if not torch.cuda.is_available():
         # fasterprune ends with torch.cuda.synchronize(), which raises on a CPU-only torch
@@ -151,8 +158,10 @@ def reference_prune(obj, pattern: SparsityPattern, device: torch.device) -> tupl
 
 
 def short(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``3.up_proj``."""
     parts = name.split(".")
-    return f"{parts[2]}.{parts[-2]}"  # "<layer>.<matrix>"
+    index = parts.index("layers") + 1 if "layers" in parts else 0
+    return f"{parts[index]}.{parts[-2]}"
 
 
 def warm_up(args, segments: torch.Tensor, reference_cls) -> None:

@@ -20,15 +20,20 @@ made lazily by a generator, each just before the strategy reads it (so neither t
 nor the strategy ever holds K payloads): client k's keep-mask keeps the largest
 ``|w| * u`` with ``u ~ U(0.5, 1.5)`` per entry (masks overlap only partly, as with private
 data), at exactly the target count per matrix, values = dense * mask (as SparseGPT
-replies carry values). Reported: peak RSS (``resource.getrusage``) and its growth over the
-RSS once the model is loaded and the code paths warmed up on a one-layer round. The growth
-includes the making of one client's payload (the bench plays the client too).
+replies carry values). Reported: the server's seconds in ``aggregate_train`` (without the
+bench's own time making payloads, shown apart), and the peak RSS of the round: once the
+model is loaded and the code paths warmed up on a one-layer round, the peak is reset to the
+current RSS (``/proc/self/clear_refs``), so the peak after the round (``VmHWM``) is the
+round's own; its growth over the RSS before includes the making of one client's payload
+(the bench plays the client too). ``resource.getrusage``'s ``ru_maxrss`` is in the JSON as
+well, but on Linux a spawned child inherits its parent's high-water mark (folded in at
+fork/exec), so it cannot show a child smaller than its parent, and it cannot be reset.
 Workers run with a fixed glibc mmap threshold (``--mmap-threshold``, as bench/aggregate.py
 does) so freed large blocks go back to the OS; 0 leaves glibc's dynamic default.
 
-(c) **Client memory.** Peak RSS of a subprocess running ``client_app.task.prune_layers``
-(SparseGPT, ``--client-segments`` x ``--client-seqlen`` python-docs segments) on
-``--client-layers`` layers (default: all).
+(c) **Client memory.** Peak RSS (``VmHWM``, whole process) of a subprocess running
+``client_app.task.prune_layers`` (SparseGPT, ``--client-segments`` x ``--client-seqlen``
+python-docs segments, partition 0 of 2) on ``--client-layers`` layers (default: all).
 
     python bench/wire_and_memory.py                                   # everything
     python bench/wire_and_memory.py --clients 2 4 --client-layers 4   # smaller
@@ -386,7 +391,8 @@ def server_table(rows: list[dict], args) -> str:
     lines = [
         f"Server: one round through FedSpaLLM.aggregate_train, {args.model}, "
         f"{rows[0]['layers']} layers per client, s={args.server_sparsity}, values + mask "
-        f"(glibc mmap threshold {args.mmap_threshold or 'dynamic'})",
+        f"(glibc mmap threshold {args.mmap_threshold or 'dynamic'}); peak = VmHWM of the "
+        "round, reset after the model load and warm-up",
         "",
         "| K | server s (aggregate_train) | server s / client | bench making payloads s "
         "| payload MiB / client | RSS before MiB | peak RSS MiB | peak growth MiB |",
