@@ -44,7 +44,12 @@ from fedspallm_strategy.stats_payload import (
     statistics_nbytes,
     validate_statistics,
 )
-from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, RejectedReply, request_record
+from fedspallm_strategy.strategy import (
+    SPEC_KEY,
+    RejectedReply,
+    reply_payload,
+    request_record,
+)
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
@@ -383,17 +388,7 @@ class Exact(Strategy):
             raise RejectedReply("reply from a node that was not asked this round")
         if node in accepted:
             raise RejectedReply("duplicate reply")
-        if PAYLOAD_KEY not in reply.content.array_records:
-            raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
-        arrays = reply.content.array_records[PAYLOAD_KEY]
-        if list(arrays.keys()) != [PAYLOAD_KEY]:
-            raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
-        array = arrays[PAYLOAD_KEY]
-        if array.dtype != "uint8" or len(array.shape) != 1:
-            raise RejectedReply(
-                f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}"
-            )
-        data = array.numpy().tobytes()
+        data = reply_payload(reply)
         kind, entries = decode_statistics(data, max_bytes=int(self.config.max_payload_mb * MIB))
         validate_statistics(kind, entries, expected_kind=self.plan.kind, expected=expected)
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)

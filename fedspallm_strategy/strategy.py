@@ -69,6 +69,19 @@ class RejectedReply(Exception):
     """A reply the server will not aggregate; the reason goes to the log and the report."""
 
 
+def reply_payload(reply: Message) -> bytes:
+    """The payload bytes of a reply: exactly one 1-D uint8 array under ``PAYLOAD_KEY``."""
+    if PAYLOAD_KEY not in reply.content.array_records:
+        raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
+    arrays = reply.content.array_records[PAYLOAD_KEY]
+    if list(arrays.keys()) != [PAYLOAD_KEY]:
+        raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
+    array = arrays[PAYLOAD_KEY]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise RejectedReply(f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}")
+    return array.numpy().tobytes()
+
+
 class FedSpaLLM(Strategy):
     """Federated one-shot pruning with l0-norm aggregation and adaptive mask expansion.
 
@@ -271,17 +284,7 @@ class FedSpaLLM(Strategy):
             raise RejectedReply("reply from a node that was not asked this round")
         if any(node in nodes for nodes in delivered.values()):
             raise RejectedReply("duplicate reply")
-        if PAYLOAD_KEY not in reply.content.array_records:
-            raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
-        arrays = reply.content.array_records[PAYLOAD_KEY]
-        if list(arrays.keys()) != [PAYLOAD_KEY]:
-            raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
-        array = arrays[PAYLOAD_KEY]
-        if array.dtype != "uint8" or len(array.shape) != 1:
-            raise RejectedReply(
-                f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}"
-            )
-        data = array.numpy().tobytes()
+        data = reply_payload(reply)
         tensors, masks = decode(data, max_bytes=int(self.config.max_payload_mb * 2**20))
         expected = {
             name: tuple(linear.weight.shape)
