@@ -191,38 +191,44 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the columns already in --out's JSON"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedspallm_strategy").setLevel(logging.WARNING)
 
-    memo, evaluators, results = MemoClient(), {}, {}
+    first_eval = str(args.data / "persuasion.txt")
+    saved = args.out / "compare_strategies.json"
+    results = json.loads(saved.read_text())["results"] if args.resume and saved.exists() else {}
+    memo, evaluators = MemoClient(), {}
     with tempfile.TemporaryDirectory() as scratch:
         for pruner in args.pruners.split(","):
             for column in args.sparsities.split(","):
+                if f"{pruner} {column}" in results:
+                    continue  # --resume: finished in an earlier invocation
                 results[f"{pruner} {column}"] = run_column(
                     args, pruner, column, memo, evaluators, Path(scratch)
                 )
                 memo.replies.clear()  # replies of another pruning spec are never reused
+                save(results, args, first_eval)  # a long sweep keeps what it finished
+    print(markdown(results, first_eval).replace(first_eval, "persuasion.txt"))
+
+
+def save(results: dict, args, first_eval: str) -> None:
+    """Write the table, the JSON and the plot of every column finished so far."""
     args.out.mkdir(parents=True, exist_ok=True)
-    first_eval = str(args.data / "persuasion.txt")
     table = markdown(results, first_eval).replace(first_eval, "persuasion.txt")
     (args.out / "compare_strategies.md").write_text(table + "\n")
+    settings = vars(args) | {
+        "data": str(args.data),
+        "out": str(args.out),
+        "extra_eval": [str(p) for p in args.extra_eval],
+    }
     (args.out / "compare_strategies.json").write_text(
-        json.dumps(
-            {
-                "args": vars(args)
-                | {
-                    "data": str(args.data),
-                    "out": str(args.out),
-                    "extra_eval": [str(p) for p in args.extra_eval],
-                },
-                "results": results,
-            },
-            indent=1,
-        )
+        json.dumps({"args": settings, "results": results}, indent=1)
     )
     plot(results, first_eval, args.out / "compare_strategies.png")
-    print(table)
 
 
 if __name__ == "__main__":

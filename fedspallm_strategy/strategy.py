@@ -319,7 +319,18 @@ class FedSpaLLM(Strategy):
     def _resumable_config(self) -> dict:
         """The settings a resumed run must share with the original (JSON-normalised)."""
         settings = self.config.as_dict()
-        for key in ("resume-from", "output-dir", "round-timeout", "num-rounds", "min-clients"):
+        # Limits, logistics and other strategies' settings do not change the pruned model.
+        for key in (
+            "resume-from",
+            "output-dir",
+            "round-timeout",
+            "num-rounds",
+            "min-clients",
+            "max-payload-mb",
+            "max-stats-mb",
+            "exact-layers-per-round",
+            "compare-centralized",
+        ):
             settings.pop(key)
         return json.loads(json.dumps(settings))
 

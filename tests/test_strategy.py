@@ -272,7 +272,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_model(tmp_path):
     state = json.loads((crashed / "checkpoint" / "state.json").read_text())
     assert state["completed_round"] == 1 and len(state["remaining"]) == 2
 
-    resumed_config = make_config(tmp_path / "b", **settings, **{"resume-from": str(crashed)})
+    # Limits may change on resume: they do not change the pruned model.
+    limits = {"max-payload-mb": 512.0, "max-stats-mb": 64.0, "round-timeout": 600.0}
+    resumed_config = make_config(
+        tmp_path / "b", **settings, **limits, **{"resume-from": str(crashed)}
+    )
     resumed = run_federation(InProcessGrid(client_app, configs, {}), resumed_config, run_id=3)
     assert resumed == crashed
     first = AutoModelForCausalLM.from_pretrained(whole / "model")
