@@ -38,9 +38,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,6 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from _common import machine, write_results  # noqa: E402
+
 from llm_pruning.data import calibration_segments  # noqa: E402
 from llm_pruning.engine import LayerwiseCalibrator  # noqa: E402
 from llm_pruning.models import load_model, num_layers, prunable_weights  # noqa: E402
@@ -56,18 +55,6 @@ from llm_pruning.pruners import SparsityPattern, get_pruner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-
-
-def machine() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def _sync(device: torch.device) -> None:
@@ -401,18 +388,7 @@ def main() -> None:
         print(reference_tables(compared))
     wall = time.perf_counter() - wall
     print(f"\nbench wall time {wall:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": info,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "results": results,
-                "wall_s": wall,
-            },
-            indent=1,
-        )
-    )
+    write_results(args.out, info=info, args=args, results=results, wall_s=wall)
 
 
 if __name__ == "__main__":

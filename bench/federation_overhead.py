@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -41,23 +40,11 @@ import time
 import tomllib
 from pathlib import Path
 
+from _common import machine, write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))  # run from anywhere
-
-
-def machine() -> dict:
-    import torch
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def toml_value(value) -> str:
@@ -330,19 +317,7 @@ def main() -> None:
         f"\nfixed start-up (cold flwr run - in-process wall), per repeat: "
         f"{', '.join(f'{c:.1f} s' for c in cold)}; bench wall time {total:.1f} s"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": info,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "config": config,
-                "rows": rows,
-                "wall_s": total,
-            },
-            indent=1,
-        )
-    )
+    write_results(args.out, info=info, args=args, config=config, rows=rows, wall_s=total)
 
 
 if __name__ == "__main__":

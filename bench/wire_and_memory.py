@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -60,6 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
+from _common import machine, write_results  # noqa: E402
+
 from fedspallm_strategy.config import NodeConfig, RunConfig  # noqa: E402
 from fedspallm_strategy.payload import encode  # noqa: E402
 from llm_pruning.models import load_model, num_layers, prunable_weights  # noqa: E402
@@ -67,18 +68,6 @@ from llm_pruning.pruners import SparsityPattern, get_pruner  # noqa: E402
 from llm_pruning.pruners.masks import num_to_prune  # noqa: E402
 
 MIB = 2**20
-
-
-def machine() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def maxrss() -> int:
@@ -499,22 +488,8 @@ def main() -> None:
         print("\n" + client_table(results["client"], args))
     wall = time.perf_counter() - wall
     print(f"\nbench wall time {wall:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": info,
-                "args": {
-                    k: str(v) if isinstance(v, Path) else v
-                    for k, v in vars(args).items()
-                    if k not in ("passthrough", "server_worker", "client_worker")
-                },
-                "results": results,
-                "wall_s": wall,
-            },
-            indent=1,
-        )
-    )
+    workers = ("passthrough", "server_worker", "client_worker")
+    write_results(args.out, info=info, args=args, skip=workers, results=results, wall_s=wall)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""What every benchmark records about the machine its numbers came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> dict:
+    """CPU, threads, versions and the load when the bench started (a loaded machine is slower)."""
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def write_results(path: Path, *, info: dict, args, skip: tuple[str, ...] = (), **sections) -> None:
+    """One JSON per bench: the machine, the arguments that made it, then its sections."""
+    settings = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in vars(args).items()
+        if key not in skip
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "args": settings, **sections}, indent=1))
