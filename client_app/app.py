@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from client_app.exact_task import exact_statistics
+from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY
 from fedspallm_strategy.logs import share_flower_handlers
+from fedspallm_strategy.secure_encoding import secure_vectors
+from fedspallm_strategy.secure_exact import request_from_fitins
 from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, request_from_record
 
 app = ClientApp()
+
+
+def secure_exact_mod(msg: Message, context: Context, call_next) -> Message:
+    """Route Flower's SecAgg+ messages through ``secaggplus_mod`` to :func:`train_secure_exact`.
+
+    The SecAgg+ workflow sends plain ``train`` messages, which carry its config record; every
+    other ``train`` message goes on to the FedSpaLLM handler untouched.
+    """
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, train_secure_exact)
+    return call_next(msg, context)
 
 
 @app.query()
@@ -26,7 +43,7 @@ def resources(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"resources": record}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_exact_mod])
 def train(msg: Message, context: Context) -> Message:
     """Prune the layers named in the message; reply with one safetensors payload."""
     share_flower_handlers()
@@ -44,20 +61,46 @@ def train(msg: Message, context: Context) -> Message:
 def train_exact(msg: Message, context: Context) -> Message:
     """Strategy exact: advance through last round's pruned global layers, send statistics."""
     share_flower_handlers()
-    config, layer_ids = request_from_record(msg.content[SPEC_KEY])
-    exact = msg.content.config_records[EXACT_KEY]
-    previous = msg.content.array_records.get(PREVIOUS_KEY)
-    reply = exact_statistics(
-        config,
-        NodeConfig.from_mapping(context.node_config),
+    reply = exact_statistics(**_exact_request(msg.content, context))
+    payload = Array(np.frombuffer(reply.payload, dtype=np.uint8))
+    content = RecordDict(
+        {PAYLOAD_KEY: ArrayRecord({PAYLOAD_KEY: payload}), "metrics": MetricRecord(reply.metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+def train_secure_exact(msg: Message, context: Context) -> Message:
+    """Strategy exact with secure aggregation: the statistics as FitRes parameters, which
+    ``secaggplus_mod`` quantises and masks before anything leaves the node."""
+    share_flower_handlers()
+    content, settings = request_from_fitins(recorddict_to_fitins(msg.content, keep_input=True))
+    entries, metrics = collect_statistics(**_exact_request(content, context))
+    vectors = secure_vectors(
+        entries,
+        count=int(settings["tokens"]),
+        clip=float(settings["clipping-range"]),
+        q=int(settings["quantization-range"]),
+    )
+    fitres = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters(vectors),
+        num_examples=1,  # equal weights: the server multiplies the mean back to the sum
+        metrics={"seconds": metrics["seconds"], "layers": metrics["layers"]},
+    )
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _exact_request(content: RecordDict, context: Context) -> dict:
+    """The keyword arguments of the exact task, from a request's records."""
+    config, layer_ids = request_from_record(content[SPEC_KEY])
+    exact = content.config_records[EXACT_KEY]
+    previous = content.array_records.get(PREVIOUS_KEY)
+    return dict(
+        config=config,
+        node=NodeConfig.from_mapping(context.node_config),
         run_id=context.run_id,
         layer_ids=layer_ids,
         shared=[group.split(",") for group in exact["shared"]],
         previous_layers=list(exact["previous-layers"]),
         previous=previous[PREVIOUS_KEY].numpy().tobytes() if previous is not None else None,
     )
-    payload = Array(np.frombuffer(reply.payload, dtype=np.uint8))
-    content = RecordDict(
-        {PAYLOAD_KEY: ArrayRecord({PAYLOAD_KEY: payload}), "metrics": MetricRecord(reply.metrics)}
-    )
-    return Message(content, reply_to=msg)

@@ -127,6 +127,36 @@ def exact_statistics(
     previous_layers: Sequence[int],
     previous: bytes | None,
 ) -> PruneReply:
+    """:func:`collect_statistics`, encoded as one statistics payload (``stats_payload``)."""
+    entries, metrics = collect_statistics(
+        config,
+        node,
+        run_id=run_id,
+        layer_ids=layer_ids,
+        shared=shared,
+        previous_layers=previous_layers,
+        previous=previous,
+    )
+    payload = encode_statistics(entries)
+    log.info(
+        "exact: statistics of layers %s over %d token rows: %d bytes",
+        list(layer_ids),
+        metrics["tokens"],
+        len(payload),
+    )
+    return PruneReply(payload, {**metrics, "payload-bytes": len(payload)})
+
+
+def collect_statistics(
+    config: RunConfig,
+    node: NodeConfig,
+    *,
+    run_id: int,
+    layer_ids: Sequence[int],
+    shared: Sequence[Sequence[str]],
+    previous_layers: Sequence[int],
+    previous: bytes | None,
+) -> tuple[dict, dict]:
     """Advance through the previous round's pruned global layers, then collect statistics.
 
     Parameters
@@ -138,6 +168,11 @@ def exact_statistics(
     previous_layers, previous
         The previous round's layers and their pruned global matrices (``payload.encode``);
         empty and ``None`` in the first round.
+
+    Returns
+    -------
+    tuple
+        ``({group key: (stats, covers)}, metrics)``.
     """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
@@ -172,7 +207,6 @@ def exact_statistics(
         if position + 1 < len(layer_ids):
             # The server has not pruned this layer yet: later layers of the round see it dense.
             calibrator.advance(index)
-    payload = encode_statistics(entries)
     if last_round:
         shutil.rmtree(folder, ignore_errors=True)
         try:  # the run's folder, once the last of this machine's nodes is done
@@ -180,18 +214,11 @@ def exact_statistics(
         except OSError:
             pass
     rows = next(iter(entries.values()))[0].count
-    log.info(
-        "exact: statistics of layers %s over %d token rows: %d bytes",
-        list(layer_ids),
-        rows,
-        len(payload),
-    )
     metrics = {
         "num-examples": int(calibrator.hidden.shape[0]),
         "tokens": int(rows),
         "layers": len(layer_ids),
-        "payload-bytes": len(payload),
         "seconds": round(time.perf_counter() - start, 3),
         **{f"seconds-{stage}": value for stage, value in calibrator.timings.as_dict().items()},
     }
-    return PruneReply(payload, metrics)
+    return entries, metrics

@@ -48,6 +48,8 @@ class RunConfig:
     resume_from: str = ""  # a run folder whose checkpoint this run continues
     exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
     max_stats_mb: float = 1024.0  # exact: most statistics one client may upload in a run (MiB)
+    secure_aggregation: bool = False  # exact: Flower's SecAgg+, the server sees sums only
+    secure_clipping_range: float = 16777216.0  # exact + SecAgg+: bound on per-token mean x²
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -97,6 +99,15 @@ class RunConfig:
             raise ConfigError(
                 "strategy exact sums the pruners' calibration statistics; pruner magnitude "
                 "has none: choose pruner sparsegpt or wanda"
+            )
+        if self.secure_aggregation and self.strategy != "exact":
+            raise ConfigError(
+                f"secure-aggregation needs strategy exact (clients send sums of statistics); "
+                f"got strategy {self.strategy!r}"
+            )
+        if not 0 < self.secure_clipping_range < 2**60:
+            raise ConfigError(
+                f"secure-clipping-range must be in (0, 2**60), got {self.secure_clipping_range}"
             )
         check_device("device", self.device)
         for name, value in (("model", self.model), ("calib-data", self.calib_data)):

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.payload import PayloadError, encode
+from fedspallm_strategy.secure_encoding import masked_bytes, vector_lengths
 from fedspallm_strategy.stats_payload import (
     decode_statistics,
     kind_of,
@@ -128,10 +129,11 @@ class ExactPlan:
         """Refuse a run whose statistics exceed ``max-stats-mb`` (or one reply
         ``max-payload-mb``), before any node does any work."""
         per_layer = max(self.stats_bytes.values())
+        what = f"{'masked ' if config.secure_aggregation else ''}{self.kind} statistics"
         if self.stats_total > config.max_stats_mb * MIB:
             raise ConfigError(
                 f"strategy exact: each client would upload {self.stats_total / MIB:.1f} MiB of "
-                f"{self.kind} statistics ({per_layer / MIB:.2f} MiB per decoder layer, "
+                f"{what} ({per_layer / MIB:.2f} MiB per decoder layer, "
                 f"{len(self.stats_bytes)} layers), over max-stats-mb={config.max_stats_mb:g}. "
                 f"Raise max-stats-mb, or use strategy fedspallm "
                 f"({self.fedspallm_total / MIB:.1f} MiB per client)"
@@ -180,10 +182,11 @@ def plan_exact(model: PreTrainedModel, config: RunConfig) -> ExactPlan:
     stats_bytes, fedspallm_bytes = {}, {}
     for layer in range(total):
         linears = prunable_weights(model, layer)
-        stats_bytes[layer] = sum(
-            statistics_nbytes(kind, linears[f"{prefix(layer)}{group[0]}.weight"].in_features)
-            for group in shared
-        )
+        inputs = [linears[f"{prefix(layer)}{group[0]}.weight"].in_features for group in shared]
+        if config.secure_aggregation:  # masked int64 digits (secure_encoding.py)
+            stats_bytes[layer] = masked_bytes(vector_lengths(kind, inputs))
+        else:
+            stats_bytes[layer] = sum(statistics_nbytes(kind, d) for d in inputs)
         fedspallm_bytes[layer] = sum(
             fedspallm_upload_bytes(linear, pruner, config.sparsity) for linear in linears.values()
         )
@@ -337,6 +340,18 @@ class Exact(Strategy):
         rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
         for node in sorted(set(self.assignments) - set(accepted) - rejected_now):
             self.accounting.reject(server_round, node, layers, "no reply in time")
+        return None, self._finish_round(server_round, layers, sums, accepted, start)
+
+    def _finish_round(
+        self,
+        server_round: int,
+        layers: list[int],
+        sums: Mapping[str, Stats],
+        accepted: list[int],
+        start: float | None = None,
+    ) -> MetricRecord:
+        """Prune the round's layers on the summed statistics; drop the nodes that failed."""
+        start = time.perf_counter() if start is None else start
         failed = set(self.assignments) - set(accepted)
         if not accepted:
             reasons = sorted(
@@ -367,7 +382,7 @@ class Exact(Strategy):
             "bytes-up": sum(self.accounting.bytes_up.values()),
             "prune-seconds": round(time.perf_counter() - start, 3),
         }
-        return None, MetricRecord(metrics)
+        return MetricRecord(metrics)
 
     def _expected(self, layers: list[int]) -> dict[str, tuple[int, tuple[str, ...]]]:
         """Group key -> (inputs, covers) of every statistics group the round must deliver."""

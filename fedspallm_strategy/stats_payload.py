@@ -77,6 +77,26 @@ def _upper(size: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
 
 
+def flat_sums(stats: Stats) -> Tensor:
+    """The sums as sent, 1-D float32 on the CPU: a Hessian's upper triangle, row-major."""
+    sums = stats_tensor(stats).detach().to("cpu", torch.float32)
+    if isinstance(stats, HessianStats):
+        sums = sums[_upper(stats.num_inputs)]  # (d (d + 1) / 2,)
+    return sums
+
+
+def statistics_from_sums(kind: str, inputs: int, count: int, sums: Tensor) -> Stats:
+    """Statistics from :func:`flat_sums` output, validated as a decoded payload is.
+
+    Raises
+    ------
+    PayloadError
+        On a wrong length or dtype, values that are not finite, or a negative sum of squares.
+    """
+    entry = {"inputs": inputs, "count": count}
+    return _stats_from("sums", kind, sums, entry)
+
+
 # --------------------------------------------------------------------------- encode
 
 
@@ -111,9 +131,7 @@ def encode_statistics(entries: SharedStats) -> bytes:
         if covered & set(covers) or len(set(covers)) != len(covers):
             raise ValueError(f"{name}: a weight is covered twice in {covers}")
         covered |= set(covers)
-        sums = stats_tensor(stats).detach().to("cpu", torch.float32)
-        if kind == "hessian":
-            sums = sums[_upper(stats.num_inputs)]  # (d (d + 1) / 2,), row-major
+        sums = flat_sums(stats)
         if not bool(torch.isfinite(sums).all()):
             raise ValueError(f"{name}: statistics are not all finite")
         tensors[STATS_PREFIX + name] = sums.contiguous()

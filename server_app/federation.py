@@ -17,6 +17,7 @@ from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.exact import Exact, plan_exact
 from fedspallm_strategy.sampling import layer_budget
+from fedspallm_strategy.secure_exact import SecureExact
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
 from llm_pruning.data import BUILTIN_CORPORA
 from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
@@ -52,6 +53,11 @@ def run_federation(
         check_against_model(config, model)
         evaluate = evaluator or Evaluator(config, tokenizer)
     nodes = wait_for_nodes(grid, config.min_clients)
+    if config.secure_aggregation and len(nodes) < 2:
+        raise ConfigError(
+            f"secure-aggregation needs at least 2 nodes (the sum over one client is its "
+            f"statistics); {len(nodes)} connected. Set min-clients=2 or more to wait for them"
+        )
     node_configs = query_resources(grid, nodes)
     check_calibration_text(config, tokenizer, node_configs)
     budgets = {node: nc.layer_budget for node, nc in node_configs.items()}
@@ -117,7 +123,10 @@ def build_strategy(config, model, tokenizer, node_configs: dict[int, NodeConfig]
     if config.strategy == "centralized":
         return Centralized(model, config, _pooled(config, tokenizer, node_configs))
     if config.strategy == "exact":
-        return Exact(model, config, node_names={node: nc.name for node, nc in node_configs.items()})
+        names = {node: nc.name for node, nc in node_configs.items()}
+        if config.secure_aggregation:
+            return SecureExact(model, config, node_names=names)
+        return Exact(model, config, node_names=names)
     return FedSpaLLM(
         model,
         config,

@@ -7,6 +7,7 @@ to run many federations quickly; ``fail`` lets a test replace a node's reply.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from itertools import count
@@ -114,7 +115,9 @@ class InProcessGrid(Grid):
     def _deliver(self, message: Message) -> Message | None:
         node_id = message.metadata.dst_node_id
         try:
-            reply = self.client_app(message, self.contexts[node_id])
+            # A copy, as over the wire: handlers and mods may change what they receive (Flower's
+            # SecAgg+ workflow sends one content object to every node; its mod pops from it).
+            reply = self.client_app(copy.deepcopy(message), self.contexts[node_id])
         except Exception as error:  # noqa: BLE001 - mirrors Flower's error replies
             log.warning("node %d failed: %s", node_id, error)
             reply = Message(

@@ -6,7 +6,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED = {"fedspallm_strategy/strategy.py", "fedspallm_strategy/exact.py"}
+ALLOWED = {
+    "fedspallm_strategy/strategy.py",
+    "fedspallm_strategy/exact.py",
+    "fedspallm_strategy/secure_exact.py",
+}
 
 
 def _imports_flwr(path: Path) -> bool:
