@@ -1,11 +1,16 @@
 """Strategy exact with secure aggregation: the server sees masked vectors and their sum only."""
 
+import json
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from test_flwr_run import _flwr, flower_home  # noqa: F401 - a fixture, used by name
 
 import client_app.app as client_module
 from client_app.app import app as client_app
@@ -232,3 +237,47 @@ def test_a_clipping_range_too_small_fails_the_run_naming_the_key(tmp_path):
     config = make_config(tmp_path, **{"secure-clipping-range": 1e-3})
     with pytest.raises(RuntimeError, match="halted.*secure-clipping-range"):
         run(config, 2, run_id=307)
+
+
+# ------------------------------------------------------------------------- with flwr run
+
+
+def test_flwr_run_with_secure_aggregation(flower_home, tmp_path):  # noqa: F811
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flower_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FEDSPALLM_CACHE": os.environ.get("FEDSPALLM_CACHE", str(tmp_path / "cache")),
+    }
+    output_dir = tmp_path / "runs"
+    overrides = (
+        "model='tiny-llama' strategy='exact' secure-aggregation=true seqlen=64 calib-samples=4 "
+        f"eval-windows=2 output-dir='{output_dir}'"
+    )
+    result = _flwr(
+        [
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            overrides,
+            "--federation-config",
+            "num-supernodes=3",
+        ],
+        env,
+        timeout=300,
+    )
+    log = result.stdout + result.stderr
+    run_id = re.search(r"Successfully started run (\d+)", log).group(1)
+    runs = {
+        r["run-id"]: r
+        for r in json.loads(_flwr(["ls", "--format", "json"], env, 60).stdout)["runs"]
+    }
+    assert runs[run_id]["status"] == "finished:completed", log[-3000:]
+    assert log.count("Secure aggregation completed") == 4  # one SecAgg+ workflow per layer
+    (folder,) = output_dir.glob(f"*-exact-{run_id}")
+    report = json.loads((folder / "report.json").read_text())
+    assert all(len(nodes) == 3 for nodes in report["exact"]["contributors"].values())
+    assert set(report["communication"]["bytes_up"].values()) == {
+        report["exact"]["statistics_bytes_per_client"]
+    }
