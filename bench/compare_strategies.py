@@ -103,7 +103,7 @@ def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dic
         ("fedavg", every_layer, {}),
         ("fedprllm", every_layer, {}),
         ("fedspallm-sampled", sampled, {}),
-    ]
+    ][: 3 if args.skip_sampled else 4]
     for name, nodes, extra in plans:
         strategy = name.split("-")[0]
         config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
@@ -144,7 +144,9 @@ def markdown(results: dict, first_eval: str) -> str:
         "|---|" + "---|" * len(columns),
     ]
     for name in names:
-        cells = [f"{results[c][name][first_eval]:.1f}" for c in columns]
+        cells = [
+            f"{results[c][name][first_eval]:.1f}" if name in results[c] else "–" for c in columns
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,6 +193,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--skip-sampled", action="store_true", help="leave out the unequal-budget row (faster)"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="keep the columns already in --out's JSON"
     )
