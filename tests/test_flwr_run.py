@@ -65,39 +65,38 @@ def _flwr(args, env, timeout):
     )
 
 
-def test_flwr_run_tiny_llama(flower_home, tmp_path):
-    env = {
+def flwr_env(home: Path, tmp_path: Path) -> dict:
+    """The environment of a `flwr run` under a private FLWR_HOME."""
+    return {
         **os.environ,
-        "FLWR_HOME": str(flower_home),
+        "FLWR_HOME": str(home),
         # The machine already has our dependencies; don't let the SuperLink reinstall them.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FEDSPALLM_CACHE": os.environ.get("FEDSPALLM_CACHE", str(tmp_path / "cache")),
     }
+
+
+def flwr_run(env: dict, overrides: str, *, supernodes: int | None = None) -> tuple[str, str, str]:
+    """`flwr run . --stream`; returns (run id, its status from `flwr ls`, the streamed log)."""
+    args = ["run", ".", "--stream", "--run-config", overrides]
+    if supernodes is not None:
+        args += ["--federation-config", f"num-supernodes={supernodes}"]
+    result = _flwr(args, env, timeout=300)
+    log = result.stdout + result.stderr
+    match = re.search(r"Successfully started run (\d+)", log)
+    assert match, log[-3000:]
+    listing = _flwr(["ls", "--format", "json"], env, timeout=60)
+    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+    return match.group(1), runs[match.group(1)]["status"], log
+
+
+def test_flwr_run_tiny_llama(flower_home, tmp_path):
     output_dir = tmp_path / "runs"
     overrides = (
         f"model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 output-dir='{output_dir}'"
     )
-    result = _flwr(
-        [
-            "run",
-            ".",
-            "--stream",
-            "--run-config",
-            overrides,
-            "--federation-config",
-            "num-supernodes=3",
-        ],
-        env,
-        timeout=300,
-    )
-    log = result.stdout + result.stderr
-    match = re.search(r"Successfully started run (\d+)", log)
-    assert match, log[-3000:]
-    run_id = match.group(1)
-
-    listing = _flwr(["ls", "--format", "json"], env, timeout=60)
-    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
-    assert runs[run_id]["status"] == "finished:completed", log[-3000:]
+    run_id, status, log = flwr_run(flwr_env(flower_home, tmp_path), overrides, supernodes=3)
+    assert status == "finished:completed", log[-3000:]
 
     folders = list(output_dir.glob(f"*-fedspallm-{run_id}"))
     assert len(folders) == 1, log[-3000:]
@@ -112,20 +111,8 @@ def test_flwr_run_tiny_llama(flower_home, tmp_path):
 
 
 def test_bad_run_config_fails_the_run_before_any_work(flower_home, tmp_path):
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flower_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }
-    result = _flwr(
-        ["run", ".", "--stream", "--run-config", f"sparsity=1.5 output-dir='{tmp_path}'"],
-        env,
-        timeout=300,
-    )
-    log = result.stdout + result.stderr
-    run_id = re.search(r"Successfully started run (\d+)", log).group(1)
-    listing = _flwr(["ls", "--format", "json"], env, timeout=60)
-    runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
-    assert runs[run_id]["status"].startswith("finished:failed"), runs[run_id]
+    env = flwr_env(flower_home, tmp_path)
+    _, status, log = flwr_run(env, f"sparsity=1.5 output-dir='{tmp_path}'")
+    assert status.startswith("finished:failed"), status
     assert "sparsity" in log
     assert not list(tmp_path.glob("*-fedspallm-*"))  # nothing was written

@@ -1,8 +1,6 @@
 """Strategy exact with secure aggregation: the server sees masked vectors and their sum only."""
 
 import json
-import os
-import re
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from test_flwr_run import _flwr, flower_home  # noqa: F401 - a fixture, used by name
+from test_flwr_run import flower_home, flwr_env, flwr_run  # noqa: F401 - a fixture, used by name
 
 import client_app.app as client_module
 from client_app.app import app as client_app
@@ -243,37 +241,13 @@ def test_a_clipping_range_too_small_fails_the_run_naming_the_key(tmp_path):
 
 
 def test_flwr_run_with_secure_aggregation(flower_home, tmp_path):  # noqa: F811
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flower_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FEDSPALLM_CACHE": os.environ.get("FEDSPALLM_CACHE", str(tmp_path / "cache")),
-    }
     output_dir = tmp_path / "runs"
     overrides = (
         "model='tiny-llama' strategy='exact' secure-aggregation=true seqlen=64 calib-samples=4 "
         f"eval-windows=2 output-dir='{output_dir}'"
     )
-    result = _flwr(
-        [
-            "run",
-            ".",
-            "--stream",
-            "--run-config",
-            overrides,
-            "--federation-config",
-            "num-supernodes=3",
-        ],
-        env,
-        timeout=300,
-    )
-    log = result.stdout + result.stderr
-    run_id = re.search(r"Successfully started run (\d+)", log).group(1)
-    runs = {
-        r["run-id"]: r
-        for r in json.loads(_flwr(["ls", "--format", "json"], env, 60).stdout)["runs"]
-    }
-    assert runs[run_id]["status"] == "finished:completed", log[-3000:]
+    run_id, status, log = flwr_run(flwr_env(flower_home, tmp_path), overrides, supernodes=3)
+    assert status == "finished:completed", log[-3000:]
     assert log.count("Secure aggregation completed") == 4  # one SecAgg+ workflow per layer
     (folder,) = output_dir.glob(f"*-exact-{run_id}")
     report = json.loads((folder / "report.json").read_text())
