@@ -88,7 +88,8 @@ def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> P
         device=node_device(config, node),
     )
     weights = dict(model.named_parameters())
-    pruned = {name: weights[name].data for name in result.masks}
+    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
+    pruned = {name: weights[name].data.to(wire or weights[name].dtype) for name in result.masks}
     payload = encode(pruned if pruner.updates_weights else None, result.masks)
     metrics = {
         "num-examples": int(segments.shape[0]),

@@ -16,6 +16,7 @@ from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
+PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -44,6 +45,7 @@ class RunConfig:
     compare_centralized: bool = False  # also prune centrally on the pooled shards (simulation)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
+    payload_dtype: str = "auto"  # kept values on the wire: auto (the model's) or a float dtype
     min_clients: int = 1  # wait for this many connected nodes before starting
     resume_from: str = ""  # a run folder whose checkpoint this run continues
     exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
@@ -77,6 +79,7 @@ class RunConfig:
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
         _one_of("partition", self.partition, PARTITIONS)
+        _one_of("payload-dtype", self.payload_dtype, PAYLOAD_DTYPES)
         try:
             SparsityPattern.parse(self.pattern, self.sparsity)
         except ValueError as error:

@@ -299,3 +299,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
     )
     with pytest.raises(ValueError, match="sparsity"):
         run_federation(InProcessGrid(client_app, configs, {}), changed, run_id=2)
+
+
+def test_payload_dtype_float16_halves_the_values_and_rounds_them_once(tmp_path):
+    from client_app.task import prune_layers
+    from fedspallm_strategy.config import NodeConfig
+
+    node = NodeConfig(partition_id=0, num_partitions=2)
+    full = prune_layers(make_config(tmp_path), node, [0, 1]).payload
+    half = prune_layers(make_config(tmp_path, **{"payload-dtype": "float16"}), node, [0, 1])
+    values32, masks32 = decode(full)
+    values16, masks16 = decode(half.payload)
+    kept = sum(int(mask.sum()) for mask in masks32.values())
+    # Same pruning (seeded), two bytes fewer per kept value; headers differ by a few bytes.
+    assert all(torch.equal(masks32[name], masks16[name]) for name in masks32)
+    assert len(full) - len(half.payload) == pytest.approx(2 * kept, abs=256)
+    for name, tensor in values16.items():
+        assert tensor.dtype == torch.float16
+        assert torch.equal(tensor, values32[name].to(torch.float16))
+
+
+def test_payload_dtype_is_validated():
+    with pytest.raises(ValueError, match="payload-dtype"):
+        RunConfig.from_mapping({"payload-dtype": "int8"})
