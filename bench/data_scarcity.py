@@ -109,7 +109,7 @@ def markdown(results: dict) -> str:
         "centralized | gain |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for cell, row in results.items():
+    for cell, row in sorted(results.items(), key=lambda item: tuple(map(int, item[0].split("x")))):
         clients, segments = cell.split("x")
         gain = 1 - row["fedspallm"] / row["standalone-mean"]
         lines.append(
