@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.accounting import Accounting
@@ -48,6 +47,7 @@ from fedspallm_strategy.stats_payload import (
 from fedspallm_strategy.strategy import (
     SPEC_KEY,
     RejectedReply,
+    ServerEvaluated,
     reply_payload,
     request_record,
 )
@@ -196,7 +196,7 @@ def plan_exact(model: PreTrainedModel, config: RunConfig) -> ExactPlan:
 # --------------------------------------------------------------------------- the strategy
 
 
-class Exact(Strategy):
+class Exact(ServerEvaluated):
     """Federated pruning that reaches the centralized model: sum statistics, prune once.
 
     Parameters
@@ -451,14 +451,3 @@ class Exact(Strategy):
             "dropped": sorted(self.dropped),
             "round_seconds": {str(r): s for r, s in self.round_seconds.items()},
         }
-
-    # -------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None

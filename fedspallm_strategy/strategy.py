@@ -82,7 +82,22 @@ def reply_payload(reply: Message) -> bytes:
     return array.numpy().tobytes()
 
 
-class FedSpaLLM(Strategy):
+class ServerEvaluated(Strategy):
+    """A strategy whose models are scored on the server after the rounds (perplexity), so no
+    evaluate messages go to the clients."""
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+
+class FedSpaLLM(ServerEvaluated):
     """Federated one-shot pruning with l0-norm aggregation and adaptive mask expansion.
 
     Parameters
@@ -374,21 +389,8 @@ class FedSpaLLM(Strategy):
             "resumed after round %d: %d layers pending", self.completed_rounds, len(self.remaining)
         )
 
-    # -------------------------------------------------------------- evaluate
-    # Evaluation happens on the server after the rounds (perplexity of the global model),
-    # so no evaluate messages go to the clients.
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None
-
-
-class Centralized(Strategy):
+class Centralized(ServerEvaluated):
     """The upper bound that privacy forbids: one pruner on every client's shard pooled.
 
     Simulation only — the server reads the shards itself. It sends no messages; the
@@ -432,9 +434,3 @@ class Centralized(Strategy):
         if not self.remaining:
             return None, None
         return None, MetricRecord(self.prune())
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
