@@ -77,6 +77,7 @@ def run_cell(args, clients: int, segments: int, evaluator, scratch: Path) -> dic
         "seed": args.seed,
     }
     memo, row = MemoClient(), {}
+    first = str(args.data / HELD_OUT)  # the perplexity reported per eval source
     for strategy, extra in (("fedspallm", {"compare-centralized": True}), ("exact", {})):
         config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
         start = time.perf_counter()
@@ -84,8 +85,7 @@ def run_cell(args, clients: int, segments: int, evaluator, scratch: Path) -> dic
             InProcessGrid(memo, nodes, {}), config, run_id=0, evaluator=evaluator
         )
         report = json.loads((run_dir / "report.json").read_text())
-        perplexity = {name: scores for name, scores in report["perplexity"].items()}
-        first = str(args.data / HELD_OUT)
+        perplexity = report["perplexity"]
         row[strategy] = perplexity["global"][first]
         if strategy == "fedspallm":
             row["dense"] = perplexity["dense"][first]
