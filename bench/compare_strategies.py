@@ -74,7 +74,10 @@ def pattern_and_sparsity(column: str) -> tuple[str, float]:
     return (column, 0.5) if ":" in column else ("unstructured", float(column))
 
 
-def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dict, out: Path):
+def run_column(
+    args, pruner: str, column: str, memo: MemoClient, evaluators: dict, out: Path, rows: dict
+) -> dict:
+    """Run every strategy whose row ``rows`` (a column finished earlier, or ``{}``) lacks."""
     pattern, sparsity = pattern_and_sparsity(column)
     novels = sorted(p for p in args.data.glob("*.txt") if p.name != "persuasion.txt")
     eval_data = ",".join(str(p) for p in [args.data / "persuasion.txt", *args.extra_eval])
@@ -97,7 +100,7 @@ def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dic
         node: {**cfg, "layer-budget": max(1, round(f * num_layers))}
         for (node, cfg), f in zip(every_layer.items(), fractions, strict=True)
     }
-    rows = {}
+    rows = dict(rows)
     plans = [
         ("fedspallm", every_layer, {"compare-centralized": True}),
         ("fedavg", every_layer, {}),
@@ -105,6 +108,8 @@ def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dic
         ("fedspallm-sampled", sampled, {}),
     ][: 3 if args.skip_sampled else 4]
     for name, nodes, extra in plans:
+        if name in rows:
+            continue  # --resume: this row of the column is finished
         strategy = name.split("-")[0]
         config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
         key = (config.seqlen, config.eval_data, config.eval_windows)
@@ -132,11 +137,30 @@ def run_column(args, pruner: str, column: str, memo: MemoClient, evaluators: dic
     return rows
 
 
+ROW_ORDER = ["dense", "centralized", "fedspallm", "fedspallm-sampled", "standalone-mean"]
+TAIL_ROWS = ["fedavg", "fedprllm"]
+
+
+def ordered_columns(results: dict) -> list[str]:
+    """SparseGPT before Wanda; unstructured by rising sparsity, then N:M."""
+
+    def key(column: str) -> tuple:
+        pruner, pattern = column.split(" ")
+        return (pruner, ":" in pattern, pattern)
+
+    return sorted(results, key=key)
+
+
+def ordered_rows(results: dict) -> list[str]:
+    """Dense and the federated results first, each client's standalone model, the baselines."""
+    present = {n for rows in results.values() for n in rows if "bytes" not in n}
+    clients = sorted(n for n in present if n.startswith("standalone-") and n not in ROW_ORDER)
+    return [n for n in [*ROW_ORDER, *clients, *TAIL_ROWS] if n in present]
+
+
 def markdown(results: dict, first_eval: str) -> str:
-    columns = list(results)
-    names = [
-        n for n in next(iter(results.values())) if not n.endswith("bytes") and "bytes" not in n
-    ]
+    columns = ordered_columns(results)
+    names = ordered_rows(results)
     lines = [
         f"Perplexity on {first_eval} (lower is better)",
         "",
@@ -158,7 +182,7 @@ def plot(results: dict, first_eval: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    columns = [c for c in results if ":" not in c.split(" ")[1]]
+    columns = [c for c in ordered_columns(results) if ":" not in c.split(" ")[1]]
     for pruner in sorted({c.split(" ")[0] for c in columns}):
         mine = [c for c in columns if c.startswith(pruner)]
         x = [float(c.split(" ")[1]) for c in mine]
@@ -210,13 +234,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for pruner in args.pruners.split(","):
             for column in args.sparsities.split(","):
-                if f"{pruner} {column}" in results:
-                    continue  # --resume: finished in an earlier invocation
-                results[f"{pruner} {column}"] = run_column(
-                    args, pruner, column, memo, evaluators, Path(scratch)
-                )
+                key = f"{pruner} {column}"
+                done = results.get(key, {})
+                rows = run_column(args, pruner, column, memo, evaluators, Path(scratch), done)
+                if rows != done:
+                    results[key] = rows
+                    save(results, args, first_eval)  # a long sweep keeps what it finished
                 memo.replies.clear()  # replies of another pruning spec are never reused
-                save(results, args, first_eval)  # a long sweep keeps what it finished
+    save(results, args, first_eval)
     print(markdown(results, first_eval).replace(first_eval, "persuasion.txt"))
 
 

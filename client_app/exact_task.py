@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -117,30 +118,13 @@ def _shared(stats: dict, prefix: str, shared: Sequence[Sequence[str]]) -> dict:
     return entries
 
 
-def exact_statistics(
-    config: RunConfig,
-    node: NodeConfig,
-    *,
-    run_id: int,
-    layer_ids: Sequence[int],
-    shared: Sequence[Sequence[str]],
-    previous_layers: Sequence[int],
-    previous: bytes | None,
-) -> PruneReply:
-    """:func:`collect_statistics`, encoded as one statistics payload (``stats_payload``)."""
-    entries, metrics = collect_statistics(
-        config,
-        node,
-        run_id=run_id,
-        layer_ids=layer_ids,
-        shared=shared,
-        previous_layers=previous_layers,
-        previous=previous,
-    )
+def exact_statistics(config: RunConfig, node: NodeConfig, **request: Any) -> PruneReply:
+    """:func:`collect_statistics` (same keyword arguments), encoded as one statistics payload."""
+    entries, metrics = collect_statistics(config, node, **request)
     payload = encode_statistics(entries)
     log.info(
         "exact: statistics of layers %s over %d token rows: %d bytes",
-        list(layer_ids),
+        list(request["layer_ids"]),
         metrics["tokens"],
         len(payload),
     )

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 import safetensors.torch
@@ -41,6 +42,9 @@ VALUES_PREFIX = "values/"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _METADATA_KEYS = {"format", "version", "values", "matrices"}
+
+
+T = TypeVar("T")
 
 
 class PayloadError(ValueError):
@@ -229,6 +233,22 @@ def _dense_from(name: str, values: Tensor, mask: Tensor, dtype: torch.dtype) -> 
     return torch.zeros(mask.shape, dtype=dtype).masked_scatter_(mask, values)
 
 
+def parse_guarded(parse: Callable[[], T], what: str) -> T:
+    """Call ``parse``, turning any failure into :class:`PayloadError` ("malformed <what>: ...")."""
+    try:
+        return parse()
+    except (PayloadError, MemoryError):
+        raise
+    except Exception as exc:
+        raise PayloadError(f"malformed {what}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        # A Rust panic inside safetensors surfaces as pyo3's PanicException, which derives
+        # from BaseException; it is still a malformed payload, not a signal.
+        if type(exc).__name__ == "PanicException":
+            raise PayloadError(f"malformed {what}: safetensors panicked: {exc}") from exc
+        raise
+
+
 def _decode_unchecked(
     data: bytes, max_bytes: int | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -272,18 +292,7 @@ def decode(
         For anything malformed; no other exception escapes from parsing (except
         ``MemoryError`` and non-``Exception`` signals such as ``KeyboardInterrupt``).
     """
-    try:
-        return _decode_unchecked(data, max_bytes)
-    except (PayloadError, MemoryError):
-        raise
-    except Exception as exc:
-        raise PayloadError(f"malformed payload: {type(exc).__name__}: {exc}") from exc
-    except BaseException as exc:
-        # A Rust panic inside safetensors surfaces as pyo3's PanicException, which derives
-        # from BaseException; it is still a malformed payload, not a signal.
-        if type(exc).__name__ == "PanicException":
-            raise PayloadError(f"malformed payload: safetensors panicked: {exc}") from exc
-        raise
+    return parse_guarded(lambda: _decode_unchecked(data, max_bytes), "payload")
 
 
 # --------------------------------------------------------------------------- validate

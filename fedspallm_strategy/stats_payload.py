@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.payload import PayloadError, _read_metadata, _unique_keys
+from fedspallm_strategy.payload import PayloadError, _read_metadata, _unique_keys, parse_guarded
 from llm_pruning.pruners import ColumnNormStats, HessianStats, Stats
 
 FORMAT = "fedspallm-statistics"
@@ -58,17 +58,12 @@ def statistics_nbytes(kind: str, inputs: int) -> int:
     raise ValueError(f"unknown statistics kind {kind!r}; choose one of {sorted(KINDS)}")
 
 
-def stats_tensor(stats: Stats) -> Tensor:
-    """The accumulated sums of ``stats``: ``(d, d)`` for Hessians, ``(d,)`` for column norms."""
-    return stats.xtx if isinstance(stats, HessianStats) else stats.sq_norm
-
-
 def same_statistics(first: Stats, second: Stats) -> bool:
     """Bit-identical sums over the same number of rows (what Linears sharing an input give)."""
     return (
         type(first) is type(second)
         and first.count == second.count
-        and torch.equal(stats_tensor(first), stats_tensor(second))
+        and torch.equal(first.sums, second.sums)
     )
 
 
@@ -79,7 +74,7 @@ def _upper(size: int, device: torch.device | str = "cpu") -> Tensor:
 
 def flat_sums(stats: Stats) -> Tensor:
     """The sums as sent, 1-D float32 on the CPU: a Hessian's upper triangle, row-major."""
-    sums = stats_tensor(stats).detach().to("cpu", torch.float32)
+    sums = stats.sums.detach().to("cpu", torch.float32)
     if isinstance(stats, HessianStats):
         sums = sums[_upper(stats.num_inputs)]  # (d (d + 1) / 2,)
     return sums
@@ -262,16 +257,7 @@ def decode_statistics(
         For anything malformed; no other exception escapes from parsing (except
         ``MemoryError`` and signals).
     """
-    try:
-        return _decode_unchecked(data, max_bytes)
-    except (PayloadError, MemoryError):
-        raise
-    except Exception as exc:
-        raise PayloadError(f"malformed statistics: {type(exc).__name__}: {exc}") from exc
-    except BaseException as exc:
-        if type(exc).__name__ == "PanicException":  # a Rust panic inside safetensors
-            raise PayloadError(f"malformed statistics: safetensors panicked: {exc}") from exc
-        raise
+    return parse_guarded(lambda: _decode_unchecked(data, max_bytes), "statistics")
 
 
 def validate_statistics(

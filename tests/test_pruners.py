@@ -219,8 +219,12 @@ def test_stats_reject_wrong_width(stats_cls: type) -> None:
     stats = stats_cls(8)
     with pytest.raises(ValueError, match="8"):
         stats.add(torch.ones(3, 7))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="9 and 8 inputs"):
         stats.merge(stats_cls(9))
+    other_cls = ColumnNormStats if stats_cls is HessianStats else HessianStats
+    with pytest.raises(ValueError, match=f"cannot merge {other_cls.__name__}"):
+        stats.merge(other_cls(8))  # a Hessian and column norms never add up
+    assert stats.count == 0 and not stats.sums.any()  # a rejected merge changes nothing
 
 
 # --- all pruners: exact sparsity, valid N:M, no in-place change ------------------------------

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from llm_pruning.pruners.masks import SparsityPattern, lowest_k_mask, nm_keep_mask, prune_counts
+from llm_pruning.pruners.stats import InputStats
 
 logger = logging.getLogger(__name__)
 
 _MAX_DAMP_RETRIES = 5  # each retry multiplies the dampening by 10
 
 
-class HessianStats:
+class HessianStats(InputStats):
     """Running ``Σ xᵀx`` over the inputs of a Linear layer, in float32.
 
     Parameters
@@ -36,28 +37,15 @@ class HessianStats:
     """
 
     def __init__(self, num_inputs: int, device: torch.device | str = "cpu") -> None:
-        self.num_inputs = num_inputs
+        super().__init__(num_inputs)
         self.xtx = torch.zeros(num_inputs, num_inputs, dtype=torch.float32, device=device)
-        self.count = 0  # token rows seen
 
-    def add(self, inputs: Tensor) -> None:
-        """Accumulate a batch of layer inputs of shape ``(..., num_inputs)``."""
-        if inputs.shape[-1] != self.num_inputs:
-            raise ValueError(
-                f"inputs have {inputs.shape[-1]} features; these stats expect {self.num_inputs}"
-            )
-        rows = inputs.reshape(-1, self.num_inputs).to(self.xtx.device, torch.float32)  # (rows, in)
+    @property
+    def sums(self) -> Tensor:
+        return self.xtx
+
+    def _accumulate(self, rows: Tensor) -> None:
         self.xtx.addmm_(rows.T, rows)
-        self.count += rows.shape[0]
-
-    def merge(self, other: HessianStats) -> None:
-        """Add another accumulator's sums (another batch set or another client) to this one."""
-        if other.num_inputs != self.num_inputs:
-            raise ValueError(
-                f"cannot merge stats of {other.num_inputs} and {self.num_inputs} inputs"
-            )
-        self.xtx += other.xtx.to(self.xtx.device)
-        self.count += other.count
 
 
 def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tensor:

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from llm_pruning.pruners.masks import SparsityPattern, nm_keep_mask, prune_counts, row_lowest_mask
+from llm_pruning.pruners.stats import InputStats
 
 
-class ColumnNormStats:
+class ColumnNormStats(InputStats):
     """Running Σ x² per input column of a Linear layer, in float32.
 
     Parameters
@@ -24,28 +25,15 @@ class ColumnNormStats:
     """
 
     def __init__(self, num_inputs: int, device: torch.device | str = "cpu") -> None:
-        self.num_inputs = num_inputs
+        super().__init__(num_inputs)
         self.sq_norm = torch.zeros(num_inputs, dtype=torch.float32, device=device)  # (in,)
-        self.count = 0  # token rows seen
 
-    def add(self, inputs: Tensor) -> None:
-        """Accumulate a batch of layer inputs of shape ``(..., num_inputs)``."""
-        if inputs.shape[-1] != self.num_inputs:
-            raise ValueError(
-                f"inputs have {inputs.shape[-1]} features; these stats expect {self.num_inputs}"
-            )
-        rows = inputs.reshape(-1, self.num_inputs).to(self.sq_norm.device, torch.float32)
+    @property
+    def sums(self) -> Tensor:
+        return self.sq_norm
+
+    def _accumulate(self, rows: Tensor) -> None:
         self.sq_norm += rows.square().sum(dim=0)
-        self.count += rows.shape[0]
-
-    def merge(self, other: ColumnNormStats) -> None:
-        """Add another accumulator's sums (another batch set or another client) to this one."""
-        if other.num_inputs != self.num_inputs:
-            raise ValueError(
-                f"cannot merge stats of {other.num_inputs} and {self.num_inputs} inputs"
-            )
-        self.sq_norm += other.sq_norm.to(self.sq_norm.device)
-        self.count += other.count
 
 
 def wanda_score(weight: Tensor, stats: ColumnNormStats) -> Tensor:
