@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import tomllib
 from pathlib import Path
 
 from _common import machine, write_results  # noqa: E402
+from local_superlink import stop_local_superlink, superlink_running  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -115,44 +115,6 @@ def run_inprocess(config: dict, clients: int) -> dict:
 
 
 # ----------------------------------------------------------------- flwr run
-
-
-def superlink_running() -> bool:
-    from flwr.cli.local_superlink import _is_local_superlink_started
-
-    return _is_local_superlink_started()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def stop_superlink(home: Path) -> list[int]:
-    """Stop what the bench's `flwr run` started under ``home``: by PID, its process group."""
-    pids = processes_mentioning(str(home))
-    for pid in pids:
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)  # the detached SuperLink's own session
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 30
-    while processes_mentioning(str(home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in processes_mentioning(str(home)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 def run_flwr(config: dict, clients: int, env: dict) -> dict:
@@ -303,7 +265,7 @@ def main() -> None:
                         file=sys.stderr,
                     )
             finally:
-                row["stopped_pids"] = stop_superlink(home)
+                row["stopped_pids"] = stop_local_superlink(home)
             rows.append(row)
     total = time.perf_counter() - total
     print(f"\n`flwr run` vs in-process, {args.model}, K={args.clients}, plan {config}")

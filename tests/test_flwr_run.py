@@ -8,55 +8,29 @@ stops the SuperLink it started by PID, also when it fails.
 import json
 import os
 import re
-import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the bench stops its SuperLinks the same way
 
-
-def _superlink_running() -> bool:
-    from flwr.cli.local_superlink import _is_local_superlink_started
-
-    return _is_local_superlink_started()
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline and entry.name != str(os.getpid()):
-                pids.append(int(entry.name))
-    return pids
+from local_superlink import stop_local_superlink, superlink_running  # noqa: E402
 
 
 @pytest.fixture
 def flower_home(tmp_path):
     """A private FLWR_HOME; the SuperLink started under it is stopped by PID afterwards."""
-    if _superlink_running():
+    if superlink_running():
         pytest.skip("a local Flower SuperLink is already running; stop it to run this test")
     home = tmp_path / "flwr-home"
     try:
         yield home
     finally:
-        for pid in _processes_mentioning(str(home)):
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGTERM)  # SuperLink and its children
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 30
-        while _processes_mentioning(str(home)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _processes_mentioning(str(home)):
-            os.kill(pid, signal.SIGKILL)
+        stop_local_superlink(home)
 
 
 def _flwr(args, env, timeout):
