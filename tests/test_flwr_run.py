@@ -16,7 +16,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))  # the bench stops its SuperLinks the same way
+sys.path.append(str(ROOT / "bench"))  # the bench stops its SuperLinks the same way; last, so
+# bench/*.py can never shadow an installed module
 
 from local_superlink import stop_local_superlink, superlink_running  # noqa: E402
 
