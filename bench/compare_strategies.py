@@ -42,9 +42,15 @@ class MemoClient:
         self.replies: dict[tuple, Message] = {}
 
     def __call__(self, message: Message, context) -> Message:
-        record = message.content.config_records.get("spec")
+        # Everything the message asks: its configs and (layer-wise rounds) the arrays it carries.
+        content = message.content
+        digest = hashlib.sha1()
+        for name in sorted(content.array_records):
+            for array in content.array_records[name].values():
+                digest.update(array.data)
+        configs = {name: dict(record) for name, record in sorted(content.config_records.items())}
         node = tuple(sorted(context.node_config.items()))
-        key = (node, message.metadata.message_type, repr(record))
+        key = (node, message.metadata.message_type, repr(configs), digest.hexdigest())
         if key not in self.replies:
             self.replies[key] = client_app(message, context)
         reply = self.replies[key]

@@ -20,6 +20,7 @@ finished; --resume skips the cells already in the JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from compare_strategies import MemoClient, MemoEvaluator
 
+from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
 from llm_pruning.models import load_model
 from server_app.federation import run_federation
@@ -57,8 +59,27 @@ def client_texts(data: Path, clients: int, folder: Path) -> list[Path]:
     return paths
 
 
-def run_cell(args, clients: int, segments: int, evaluator, scratch: Path) -> dict:
-    """One (K, S) cell: perplexities of every strategy and the exact run's bytes."""
+# Rows of a cell: run-config overrides of each strategy compared (fedspallm also gives the
+# dense, centralized and standalone numbers).
+ROWS = {
+    "fedspallm": {"strategy": "fedspallm", "compare-centralized": True},
+    "exact": {"strategy": "exact"},
+    "resolve": {"strategy": "fedspallm", "resolve": True},
+    "global": {"strategy": "fedspallm", "calibration": "global"},
+    "global-resolve": {"strategy": "fedspallm", "calibration": "global", "resolve": True},
+    "global-resolve-unpipelined": {
+        "strategy": "fedspallm",
+        "calibration": "global",
+        "resolve": True,
+        "resolve-pipelined": False,
+    },
+}
+RUN_IDS = itertools.count(1000)
+
+
+def run_cell(args, clients, segments, evaluator, scratch: Path, done: dict, save) -> dict:
+    """One (K, S) cell: perplexity, bytes, rounds and seconds of every row (``done`` kept);
+    ``save(row)`` is called after every row."""
     folder = scratch / f"k{clients}"
     folder.mkdir(exist_ok=True)
     nodes = {
@@ -76,48 +97,82 @@ def run_cell(args, clients: int, segments: int, evaluator, scratch: Path) -> dic
         "output-dir": str(scratch / "runs"),
         "seed": args.seed,
     }
-    memo, row = MemoClient(), {}
+    memo, row = MemoClient(), dict(done)
     first = str(args.data / HELD_OUT)  # the perplexity reported per eval source
-    for strategy, extra in (("fedspallm", {"compare-centralized": True}), ("exact", {})):
-        config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
+    for name in args.rows.split(","):
+        if name in row:
+            continue  # --resume: this row of the cell is finished
+        extra = ROWS[name]
+        config = RunConfig.from_mapping({**base, **extra})
+        # Layer-wise rounds keep state on the clients per run id: no memo, a fresh id each.
+        client = client_app if config.layerwise else memo
         start = time.perf_counter()
         run_dir = run_federation(
-            InProcessGrid(memo, nodes, {}), config, run_id=0, evaluator=evaluator
+            InProcessGrid(client, nodes, {}), config, run_id=next(RUN_IDS), evaluator=evaluator
         )
         report = json.loads((run_dir / "report.json").read_text())
         perplexity = report["perplexity"]
-        row[strategy] = perplexity["global"][first]
-        if strategy == "fedspallm":
+        row[name] = perplexity["global"][first]
+        if name == "fedspallm":
             row["dense"] = perplexity["dense"][first]
             row["centralized"] = perplexity["centralized"][first]
             row["standalone-mean"] = perplexity["standalone"]["mean"][first]
             row["standalone-best"] = min(
                 scores[first] for scores in perplexity["standalone"]["per_client"].values()
             )
-        up = report["communication"]["total_up"] / clients
-        row[f"{strategy}-bytes-up-per-client"] = up
-        row[f"{strategy}-seconds"] = round(time.perf_counter() - start, 1)
-        logging.info("K=%d S=%d %s: %.2f", clients, segments, strategy, row[strategy])
+        communication = report["communication"]
+        row[f"{name}-bytes-up-per-client"] = communication["total_up"] / clients
+        row[f"{name}-bytes-down-per-client"] = communication["total_down"] / clients
+        row[f"{name}-rounds"] = rounds_of(report)
+        row[f"{name}-seconds"] = round(time.perf_counter() - start, 1)
+        logging.info("K=%d S=%d %s: %.2f", clients, segments, name, row[name])
+        save(row)
     return row
 
 
+def rounds_of(report: dict) -> int:
+    """Rounds the run took: exact and layer-wise runs plan theirs; one-shot takes num-rounds."""
+    for section in ("exact", "layerwise"):
+        if section in report:
+            return report[section]["rounds"]
+    return report["config"]["num-rounds"]
+
+
 def markdown(results: dict) -> str:
-    lines = [
-        f"Perplexity on {HELD_OUT} (lower is better); gain = fedspallm vs standalone mean",
-        "",
-        "| clients | segments each | standalone mean | standalone best | fedspallm | exact | "
-        "centralized | gain |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """One table per cell: a line per row, against the standalone mean and centralized."""
+    lines = [f"Perplexity on {HELD_OUT} (lower is better); SparseGPT, 512-token segments", ""]
     for cell, row in sorted(results.items(), key=lambda item: tuple(map(int, item[0].split("x")))):
         clients, segments = cell.split("x")
-        gain = 1 - row["fedspallm"] / row["standalone-mean"]
-        lines.append(
-            f"| {clients} | {segments} | {row['standalone-mean']:.1f} | "
-            f"{row['standalone-best']:.1f} | {row['fedspallm']:.1f} | {row['exact']:.1f} | "
-            f"{row['centralized']:.1f} | {gain:.1%} |"
-        )
+        mean, central = row.get("standalone-mean"), row.get("centralized")
+        lines += [
+            f"**{clients} clients x {segments} segments**: standalone mean {_num(mean)}, "
+            f"best {_num(row.get('standalone-best'))}, centralized {_num(central)}",
+            "",
+            "| row | perplexity | vs standalone mean | vs centralized | rounds | "
+            "MB up / client | MB down / client | seconds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name in ROWS:
+            if name not in row:
+                continue
+            value = row[name]
+            lines.append(
+                f"| {name} | {value:.1f} | {_ratio(value, mean)} | {_ratio(value, central)} | "
+                f"{row.get(f'{name}-rounds', '–')} | "
+                f"{row.get(f'{name}-bytes-up-per-client', 0) / 1e6:.1f} | "
+                f"{row.get(f'{name}-bytes-down-per-client', 0) / 1e6:.2f} | "
+                f"{row.get(f'{name}-seconds', '–')} |"
+            )
+        lines.append("")
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    return "–" if reference is None else f"{value / reference - 1:+.1%}"
 
 
 def main() -> None:
@@ -135,7 +190,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--resume", action="store_true", help="keep cells already in the JSON")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
+    parser.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedspallm_strategy").setLevel(logging.WARNING)
@@ -159,11 +215,14 @@ def main() -> None:
         for clients in map(int, args.clients.split(",")):
             for segments in map(int, args.segments.split(",")):
                 cell = f"{clients}x{segments}"
-                if cell in results:
-                    continue
-                results[cell] = run_cell(args, clients, segments, evaluator, Path(scratch))
-                saved.write_text(json.dumps({"args": settings, "results": results}, indent=1))
-                (args.out / "data_scarcity.md").write_text(markdown(results) + "\n")
+
+                def save(row, cell=cell):
+                    results[cell] = row
+                    saved.write_text(json.dumps({"args": settings, "results": results}, indent=1))
+                    (args.out / "data_scarcity.md").write_text(markdown(results) + "\n")
+
+                done = results.get(cell, {})
+                save(run_cell(args, clients, segments, evaluator, Path(scratch), done, save))
     print(markdown(results))
 
 

@@ -11,13 +11,16 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client_app.exact_task import collect_statistics, exact_statistics
+from client_app.layerwise_task import run_round
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY
+from fedspallm_strategy.layerwise import GLOBAL_KEY, MASKS_KEY, RESOLVED_KEY, STEP_KEY
 from fedspallm_strategy.logs import share_flower_handlers
+from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.secure_encoding import secure_vectors
 from fedspallm_strategy.secure_exact import request_from_fitins
-from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, request_from_record
+from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, bytes_record, request_from_record
 
 app = ClientApp()
 
@@ -55,6 +58,37 @@ def train(msg: Message, context: Context) -> Message:
         {PAYLOAD_KEY: ArrayRecord({PAYLOAD_KEY: payload}), "metrics": MetricRecord(reply.metrics)}
     )
     return Message(content, reply_to=msg)
+
+
+@app.train("layerwise")
+def train_layerwise(msg: Message, context: Context) -> Message:
+    """Layer-wise FedSpaLLM: this node's part of one round (advance, re-solve, prune)."""
+    share_flower_handlers()
+    config, layer_ids = request_from_record(msg.content[SPEC_KEY])
+    step = RoundStep.from_dict(dict(msg.content.config_records[STEP_KEY]))
+    if list(step.prune) != layer_ids:
+        raise ValueError(f"the step prunes {list(step.prune)}, the spec names {layer_ids}")
+    reply = run_round(
+        config,
+        NodeConfig.from_mapping(context.node_config),
+        step,
+        run_id=context.run_id,
+        masks=_bytes_of(msg.content, MASKS_KEY),
+        global_layers=_bytes_of(msg.content, GLOBAL_KEY),
+    )
+    content = RecordDict(
+        {
+            PAYLOAD_KEY: bytes_record(reply.payload),
+            RESOLVED_KEY: bytes_record(reply.resolved, RESOLVED_KEY),
+            "metrics": MetricRecord(reply.metrics),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _bytes_of(content: RecordDict, key: str) -> bytes | None:
+    record = content.array_records.get(key)
+    return None if record is None else record[key].numpy().tobytes()
 
 
 @app.train("exact")

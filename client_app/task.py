@@ -65,6 +65,20 @@ def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
     )
 
 
+def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
+    """The named matrices of ``model`` in the dtype they travel in (``payload-dtype``)."""
+    weights = dict(model.named_parameters())
+    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
+    return {name: weights[name].data.to(wire or weights[name].dtype) for name in names}
+
+
+def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> bytes:
+    """The payload of pruned matrices: kept values and mask (the mask alone for pruners that
+    keep the dense values, which the server already holds)."""
+    updates = get_pruner(config.pruner).updates_weights
+    return encode(wire_values(model, masks, config) if updates else None, masks)
+
+
 def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> PruneReply:
     """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result."""
     start = time.perf_counter()
@@ -87,10 +101,7 @@ def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> P
         layer_ids=layer_ids,
         device=node_device(config, node),
     )
-    weights = dict(model.named_parameters())
-    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
-    pruned = {name: weights[name].data.to(wire or weights[name].dtype) for name in result.masks}
-    payload = encode(pruned if pruner.updates_weights else None, result.masks)
+    payload = encode_pruned(model, result.masks, config)
     metrics = {
         "num-examples": int(segments.shape[0]),
         "tokens": int(segments.numel()),

@@ -38,6 +38,16 @@ class Accounting:
             assignments={int(r): ints(a) for r, a in data["assignments"].items()},
         )
 
+    def add_metrics(self, node: int, metrics: dict) -> None:
+        """A node's metrics summed over the rounds it answered (``rounds`` counts them)."""
+        totals = self.client_metrics.setdefault(node, {"rounds": 0})
+        totals["rounds"] += 1
+        for key, value in metrics.items():
+            if key == "num-examples":
+                totals[key] = value
+            elif isinstance(value, int | float):
+                totals[key] = round(totals.get(key, 0) + value, 3)
+
     def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
         log.warning(
             "round %d: rejected reply of node %d (layers %s): %s",

@@ -12,10 +12,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fedspallm_strategy.round_plan import CALIBRATIONS
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
+# Strategies that merge the clients' pruned layers: resolve, calibration and layers-per-round
+# apply to them (the others prune once, alone, or centrally: the keys do not apply there).
+LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -52,6 +56,18 @@ class RunConfig:
     max_stats_mb: float = 1024.0  # exact: most statistics one client may upload in a run (MiB)
     secure_aggregation: bool = False  # exact: Flower's SecAgg+, the server sees sums only
     secure_clipping_range: float = 16777216.0  # exact + SecAgg+: bound on per-token mean x²
+    resolve: bool = False  # re-solve the kept weights under the merged mask (one more round)
+    calibration: str = "local"  # local (the paper's) | global (clients advance on merged layers)
+    layers_per_round: int = 0  # decoder layers per round (0: all; global calibration: 1)
+    resolve_pipelined: bool = True  # global + resolve: re-solve a group while pruning the next
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether the run goes through layer-wise rounds (``layerwise.py``) rather than the
+        paper's one-shot round. Only strategies that merge pruned layers have them."""
+        return self.strategy in LAYERWISE_STRATEGIES and (
+            self.resolve or self.calibration == "global" or self.layers_per_round > 0
+        )
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -111,6 +127,22 @@ class RunConfig:
         if not 0 < self.secure_clipping_range < 2**60:
             raise ConfigError(
                 f"secure-clipping-range must be in (0, 2**60), got {self.secure_clipping_range}"
+            )
+        _one_of("calibration", self.calibration, CALIBRATIONS)
+        _at_least("layers-per-round", self.layers_per_round, 0)
+        if self.resolve and self.strategy in LAYERWISE_STRATEGIES:
+            pruner = PRUNERS[self.pruner]
+            if not pruner.updates_weights:
+                raise ConfigError(
+                    f"resolve=true re-solves the kept weights under the merged mask, but pruner "
+                    f"{self.pruner!r} keeps the dense values, so there is nothing to re-solve: "
+                    f"set resolve=false, or pruner='sparsegpt'"
+                )
+        if self.layerwise and self.resume_from:
+            raise ConfigError(
+                "resume-from: runs with resolve, calibration='global' or layers-per-round > 0 "
+                "keep no checkpoint yet; resume works for the one-shot run (resolve=false "
+                "calibration='local' layers-per-round=0)"
             )
         check_device("device", self.device)
         for name, value in (("model", self.model), ("calib-data", self.calib_data)):

@@ -408,18 +408,8 @@ class Exact(ServerEvaluated):
         validate_statistics(kind, entries, expected_kind=self.plan.kind, expected=expected)
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
         if "metrics" in reply.content.metric_records:
-            self._add_metrics(node, dict(reply.content.metric_records["metrics"]))
+            self.accounting.add_metrics(node, dict(reply.content.metric_records["metrics"]))
         return entries
-
-    def _add_metrics(self, node: int, metrics: dict) -> None:
-        """A node's metrics summed over rounds (its rounds counted)."""
-        totals = self.accounting.client_metrics.setdefault(node, {"rounds": 0})
-        totals["rounds"] += 1
-        for key, value in metrics.items():
-            if key == "num-examples":
-                totals[key] = value
-            elif isinstance(value, int | float):
-                totals[key] = round(totals.get(key, 0) + value, 3)
 
     @torch.no_grad()
     def _prune(self, layers: list[int], sums: Mapping) -> tuple[dict, dict]:

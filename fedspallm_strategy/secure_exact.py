@@ -264,7 +264,7 @@ class SecureExact(Exact):
         upload = masked_bytes(vector_lengths(self.plan.kind, inputs))
         for node in accepted:
             self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + upload
-            self._add_metrics(node, adapter.metrics.get(node, {}))
+            self.accounting.add_metrics(node, adapter.metrics.get(node, {}))
         sums = {name: stats for name, (stats, _covers) in entries.items()}
         self._finish_round(server_round, layers, sums, accepted)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -69,17 +69,27 @@ class RejectedReply(Exception):
     """A reply the server will not aggregate; the reason goes to the log and the report."""
 
 
+def bytes_record(data: bytes, key: str = PAYLOAD_KEY) -> ArrayRecord:
+    """``data`` as one 1-D uint8 array named ``key`` (1-D: Flower chunks it)."""
+    return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
+
+
+def reply_bytes(reply: Message, key: str) -> bytes:
+    """The bytes a reply carries under ``key``: exactly one 1-D uint8 array in that record."""
+    if key not in reply.content.array_records:
+        raise RejectedReply(f"reply has no '{key}' ArrayRecord")
+    arrays = reply.content.array_records[key]
+    if list(arrays.keys()) != [key]:
+        raise RejectedReply(f"{key} record must hold exactly one array '{key}'")
+    array = arrays[key]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise RejectedReply(f"{key} must be a 1-D uint8 array, got {array.dtype} {array.shape}")
+    return array.numpy().tobytes()
+
+
 def reply_payload(reply: Message) -> bytes:
     """The payload bytes of a reply: exactly one 1-D uint8 array under ``PAYLOAD_KEY``."""
-    if PAYLOAD_KEY not in reply.content.array_records:
-        raise RejectedReply(f"reply has no '{PAYLOAD_KEY}' ArrayRecord")
-    arrays = reply.content.array_records[PAYLOAD_KEY]
-    if list(arrays.keys()) != [PAYLOAD_KEY]:
-        raise RejectedReply(f"payload record must hold exactly one array '{PAYLOAD_KEY}'")
-    array = arrays[PAYLOAD_KEY]
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise RejectedReply(f"payload must be a 1-D uint8 array, got {array.dtype} {array.shape}")
-    return array.numpy().tobytes()
+    return reply_bytes(reply, PAYLOAD_KEY)
 
 
 class ServerEvaluated(Strategy):
@@ -135,6 +145,7 @@ class FedSpaLLM(ServerEvaluated):
         self.node_budgets = dict(node_budgets or {})
         self.node_names = dict(node_names or {})
         self.reply_dir, self.checkpoint_dir = reply_dir, checkpoint_dir
+        self.rounds = config.num_rounds  # what Strategy.start must run
         self.completed_rounds = 0  # before this process started, when resuming
         self.pattern = config.sparsity_pattern
         self.pruner = get_pruner(config.pruner)
@@ -299,20 +310,25 @@ class FedSpaLLM(ServerEvaluated):
             raise RejectedReply("reply from a node that was not asked this round")
         if any(node in nodes for nodes in delivered.values()):
             raise RejectedReply("duplicate reply")
-        data = reply_payload(reply)
-        tensors, masks = decode(data, max_bytes=int(self.config.max_payload_mb * 2**20))
-        expected = {
-            name: tuple(linear.weight.shape)
-            for layer in self.assignments[node]
-            for name, linear in prunable_weights(self.model, layer).items()
-        }
-        validate_layer(tensors, masks, expected, require_values=self.pruner.updates_weights)
+        tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
         if "metrics" in reply.content.metric_records:
             self.accounting.client_metrics[node] = dict(reply.content.metric_records["metrics"])
         if self.reply_dir is not None:
             self._store(node, data)
         return tensors, masks
+
+    def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
+        """The reply's pruned matrices, checked to be exactly those of ``layers``."""
+        data = reply_payload(reply)
+        tensors, masks = decode(data, max_bytes=int(self.config.max_payload_mb * 2**20))
+        expected = {
+            name: tuple(linear.weight.shape)
+            for layer in layers
+            for name, linear in prunable_weights(self.model, layer).items()
+        }
+        validate_layer(tensors, masks, expected, require_values=self.pruner.updates_weights)
+        return tensors, masks, data
 
     def _store(self, node: int, data: bytes) -> None:
         self.reply_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +418,7 @@ class Centralized(ServerEvaluated):
         self.model, self.config = model, config
         self.pooled_segments = pooled_segments  # callable: () -> (N, T) tokens of all shards
         self.remaining = list(range(num_layers(model)))
+        self.rounds = 1  # the pruning happens in round 1
 
     def summary(self) -> None:
         log.info(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -137,19 +137,34 @@ class LayerwiseCalibrator:
 
     @torch.no_grad()
     def prune_layer(
-        self, index: int, pruner: Pruner, pattern: SparsityPattern, stats: dict | None = None
+        self,
+        index: int,
+        pruner: Pruner,
+        pattern: SparsityPattern,
+        stats: dict | None = None,
+        keep_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Prune every prunable Linear of layer ``index`` in place; returns keep-masks by name.
 
         ``stats`` defaults to this client's own statistics; a caller may pass pooled ones.
+        ``keep_masks`` (weight name -> bool mask) fixes the masks instead of letting the pruner
+        choose them: the pruner then only compensates for them (the masked re-solve), which
+        only pruners that update weights can do.
         """
+        if keep_masks is not None and not pruner.updates_weights:
+            raise ValueError(
+                f"pruner {pruner.name} keeps the dense values: it cannot re-solve under a mask"
+            )
         if stats is None and pruner.make_stats is not None:
             stats = self.statistics(index, pruner)
         start = time.perf_counter()
         masks = {}
         for name, linear in prunable_weights(self.model, index).items():
             weight = linear.weight.data.to(self.device)
-            new_weight, keep = pruner.prune(weight, stats[name] if stats else None, pattern)
+            given = {} if keep_masks is None else {"keep_mask": keep_masks[name]}
+            new_weight, keep = pruner.prune(
+                weight, stats[name] if stats else None, pattern, **given
+            )
             linear.weight.data.copy_(new_weight.to(linear.weight.device))
             masks[name] = keep.cpu()
         self.timings.prune += time.perf_counter() - start

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.exact import Exact, plan_exact
+from fedspallm_strategy.layerwise import LayerwiseFedSpaLLM
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.secure_exact import SecureExact
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
@@ -76,8 +77,8 @@ def run_federation(
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),  # clients hold the dense model: no weights go down
-            # exact runs one round per group of layers, whatever num-rounds says.
-            num_rounds=strategy.rounds if isinstance(strategy, Exact) else config.num_rounds,
+            # exact and layer-wise runs plan their own rounds, whatever num-rounds says.
+            num_rounds=strategy.rounds,
             timeout=config.round_timeout,
         )
     if strategy.remaining:
@@ -97,6 +98,8 @@ def run_federation(
             )
         if standalone:
             perplexities["standalone"] = standalone
+    if isinstance(strategy, LayerwiseFedSpaLLM):
+        report["layerwise"] = strategy.costs()
     if isinstance(strategy, Exact):
         _record_clients(report, strategy, budgets, model)
         report["exact"] = strategy.costs()
@@ -127,7 +130,8 @@ def build_strategy(config, model, tokenizer, node_configs: dict[int, NodeConfig]
         if config.secure_aggregation:
             return SecureExact(model, config, node_names=names)
         return Exact(model, config, node_names=names)
-    return FedSpaLLM(
+    kind = LayerwiseFedSpaLLM if config.layerwise else FedSpaLLM
+    return kind(
         model,
         config,
         node_budgets={node: nc.layer_budget for node, nc in node_configs.items()},
@@ -191,6 +195,12 @@ def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> N
     per_round = sum(
         layer_budget(total_layers, config.layer_fraction, budgets.get(node)) for node in nodes
     )
+    if config.layerwise and per_round < total_layers:
+        raise ConfigError(
+            f"the nodes' layer budgets cover {per_round} of {total_layers} layers, and a "
+            "run with resolve, calibration='global' or layers-per-round samples every layer "
+            "once for the whole run: raise layer-fraction or the nodes' layer-budget"
+        )
     needed = math.ceil(total_layers / per_round)
     if needed > config.num_rounds:
         raise ConfigError(

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from client_app.app import app as client_app
-from client_app.exact_task import STATE_FILE, state_dir
+from client_app.running_inputs import STATE_FILE, state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.exact import EXACT_KEY, MESSAGE_TYPE, PREVIOUS_KEY, Exact, plan_exact
 from fedspallm_strategy.payload import PayloadError, decode

@@ -10,6 +10,7 @@ ALLOWED = {
     "fedspallm_strategy/strategy.py",
     "fedspallm_strategy/exact.py",
     "fedspallm_strategy/secure_exact.py",
+    "fedspallm_strategy/layerwise.py",
 }
 
 
@@ -41,6 +42,8 @@ def test_public_api_imports_without_flower():
         "from fedspallm_strategy.expansion import expand_mask\n"
         "from fedspallm_strategy.payload import encode, decode, PayloadError\n"
         "from fedspallm_strategy.merging import MatrixMerger\n"
+        "from fedspallm_strategy.round_plan import plan_rounds\n"
+        "from fedspallm_strategy.values_payload import decode_values\n"
         "import llm_pruning.engine, llm_pruning.evaluate\n"
         "assert 'flwr' not in sys.modules, 'flwr was imported'\n"
     )

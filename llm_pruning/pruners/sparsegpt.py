@@ -110,8 +110,13 @@ def sparsegpt_prune(
     *,
     block_size: int = 128,
     damp_fraction: float = 0.01,
+    keep_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune a weight matrix with SparseGPT, updating the kept weights to compensate.
+
+    With ``keep_mask`` the mask is given instead of chosen: the same OBS sweep then only
+    compensates for it (the masked re-solve of a federation's merged mask). Re-solving under
+    the mask SparseGPT itself chose reproduces its weights, since every step is the same.
 
     Parameters
     ----------
@@ -127,6 +132,9 @@ def sparsegpt_prune(
         Columns per lazy-update block (a multiple of ``m`` for N:M).
     damp_fraction
         Dampening relative to the mean of ``diag H``.
+    keep_mask
+        ``(out, in)`` bool keep-mask to compensate for (``pattern`` then only names the
+        pattern the mask is expected to follow); ``None`` lets SparseGPT choose.
 
     Returns
     -------
@@ -146,6 +154,12 @@ def sparsegpt_prune(
             f"N:M {pattern} needs columns ({cols}) and block_size ({block_size}) "
             f"to be multiples of {pattern.m}"
         )
+    if keep_mask is not None and (keep_mask.dtype != torch.bool or keep_mask.shape != weight.shape):
+        raise ValueError(
+            f"keep_mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, "
+            f"got {keep_mask.dtype} {tuple(keep_mask.shape)}"
+        )
+    given = None if keep_mask is None else keep_mask.t().to(weight.device)  # (in, out)
 
     # Work on Wᵀ: a column of W is then a contiguous row, which makes the per-column OBS
     # update below about 20x faster on CPU than updating a strided column view.
@@ -158,14 +172,16 @@ def sparsegpt_prune(
     hinv = inverse_hessian_factor(hessian, damp_fraction)  # (in, in), upper triangular
 
     column_counts = prune_counts(cols, rows, pattern.sparsity)  # (in,), used when unstructured
-    keep_mask = torch.ones(cols, rows, dtype=torch.bool, device=work.device)  # (in, out)
+    chosen = torch.ones(cols, rows, dtype=torch.bool, device=work.device)  # (in, out)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = work[start:end].clone()  # (B, out): the block's columns of W, as rows
         block_hinv = hinv[start:end, start:end]  # (B, B)
         block_diag = block_hinv.diagonal()  # (B,)
         block_err = torch.zeros_like(block)  # (B, out)
-        if pattern.is_nm:
+        if given is not None:
+            block_keep = given[start:end].clone()
+        elif pattern.is_nm:
             block_keep = torch.ones_like(block, dtype=torch.bool)
         else:
             # OBS saliency w² / [H^{-1}]_jj² (paper, eq. 3 with the Cholesky row scaling);
@@ -174,7 +190,7 @@ def sparsegpt_prune(
             block_keep = lowest_k_mask(saliency, int(column_counts[start:end].sum()))
 
         for j in range(end - start):
-            if pattern.is_nm and j % pattern.m == 0:
+            if given is None and pattern.is_nm and j % pattern.m == 0:
                 group = slice(j, j + pattern.m)
                 saliency = block[group].square() / block_diag[group].square().unsqueeze(1)
                 block_keep[group] = nm_keep_mask(saliency.t(), pattern.n, pattern.m).t()
@@ -187,10 +203,10 @@ def sparsegpt_prune(
             block_err[j] = err
 
         work[start:end] = block
-        keep_mask[start:end] = block_keep
+        chosen[start:end] = block_keep
         # Lazy batch update: the columns right of the block absorb its errors at once.
         work[end:].addmm_(hinv[start:end, end:].t(), block_err, alpha=-1.0)
 
-    work.masked_fill_(~keep_mask, 0.0)
-    work, keep_mask = work.t(), keep_mask.t().contiguous()  # back to (out, in)
-    return work.to(weight.dtype).contiguous(), keep_mask
+    work.masked_fill_(~chosen, 0.0)
+    work, chosen = work.t(), chosen.t().contiguous()  # back to (out, in)
+    return work.to(weight.dtype).contiguous(), chosen

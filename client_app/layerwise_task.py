@@ -1,0 +1,131 @@
+"""A client's round of a layer-wise FedSpaLLM run, without Flower (see ``round_plan.py``).
+
+The message names this node's part of one :class:`RoundStep`: where to start (its shard, or
+the inputs it kept last round), the merged global layers to advance through, the layers to
+re-solve under the global masks it carries, and the layers to prune. The node runs its
+calibration inputs through the layers in order, doing each layer's part, and replies with the
+pruned layers (values and masks, as in one-shot FedSpaLLM) and the re-solved values (values
+only: the server knows the masks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client_app.running_inputs import (
+    apply_global_layers,
+    remove_activations,
+    resume,
+    save_activations,
+    state_dir,
+)
+from client_app.task import encode_pruned, load_shard, node_device, wire_values
+from fedspallm_strategy.config import NodeConfig, RunConfig
+from fedspallm_strategy.payload import decode, validate_layer
+from fedspallm_strategy.round_plan import RoundStep
+from fedspallm_strategy.values_payload import encode_values, kept_values
+from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.pruners import get_pruner
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "layerwise"  # the cache-dir folder this strategy's running inputs live in
+
+
+@dataclass
+class LayerwiseReply:
+    payload: bytes  # the pruned layers (payload.encode)
+    resolved: bytes  # the re-solved values (values_payload.encode_values)
+    metrics: dict[str, float | int]
+
+
+def given_masks(model, data: bytes | None, layers: list[int]) -> dict[str, torch.Tensor]:
+    """The server's global keep-masks for the layers this node re-solves, checked."""
+    if not layers:
+        return {}
+    if data is None:
+        raise ValueError(f"the message asks to re-solve layers {layers} but carries no masks")
+    _, masks = decode(data)
+    expected = {
+        name: tuple(linear.weight.shape)
+        for layer in layers
+        for name, linear in prunable_weights(model, layer).items()
+    }
+    validate_layer({}, masks, expected, require_values=False)
+    return masks
+
+
+def run_round(
+    config: RunConfig,
+    node: NodeConfig,
+    step: RoundStep,
+    *,
+    run_id: int,
+    masks: bytes | None = None,
+    global_layers: bytes | None = None,
+) -> LayerwiseReply:
+    """Do this node's part of ``step`` (its prune and re-solve layers only) and encode it.
+
+    Parameters
+    ----------
+    step
+        This node's share of the round: ``prune`` and ``resolve`` hold its own layers.
+    masks
+        Mask-only payload of the global keep-masks of ``step.resolve``.
+    global_layers
+        Payload of the merged global matrices of ``step.advance``.
+    """
+    start_time = time.perf_counter()
+    cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
+    model, tokenizer = load_model(config.model, cache=cache)
+    pruner, pattern = get_pruner(config.pruner), config.sparsity_pattern
+    device = node_device(config, node)
+    folder = state_dir(node, run_id, STATE_KIND)
+    if step.start == 0:  # the inputs entering layer 0 come from the shard itself
+        calibrator = LayerwiseCalibrator(model, load_shard(config, node, tokenizer), device)
+    else:
+        calibrator = resume(model, folder, device, step.start)
+    if step.advance:
+        if global_layers is None:
+            raise ValueError(
+                f"the message names global layers {list(step.advance)} but no matrices"
+            )
+        apply_global_layers(model, global_layers, step.advance, pruner)
+    fixed = given_masks(model, masks, list(step.resolve))
+    end = min(step.end, num_layers(model))
+    pruned_masks: dict[str, torch.Tensor] = {}
+    resolved: dict[str, torch.Tensor] = {}
+    for index in range(step.start, end):
+        if index == step.keep_from and index > 0:
+            save_activations(folder, calibrator.hidden, index)
+        if index in step.resolve:
+            layer_masks = {name: fixed[name] for name in prunable_weights(model, index)}
+            calibrator.prune_layer(index, pruner, pattern, keep_masks=layer_masks)
+            resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
+            log.info("layer %d re-solved under the global mask", index)
+        elif index in step.prune:
+            pruned_masks.update(calibrator.prune_layer(index, pruner, pattern))
+            log.info("layer %d pruned (%s, %s)", index, pruner.name, pattern)
+        if index + 1 < end or step.keep_from == end:
+            calibrator.advance(index)
+    if step.keep_from is None:
+        remove_activations(folder)
+    elif step.keep_from == end and end > 0:
+        save_activations(folder, calibrator.hidden, end)
+    payload = encode_pruned(model, pruned_masks, config)
+    resolved_payload = encode_values(resolved)
+    metrics = {
+        "num-examples": int(calibrator.hidden.shape[0]),
+        "layers": len(step.prune),
+        "layers-resolved": len(step.resolve),
+        "payload-bytes": len(payload) + len(resolved_payload),
+        "seconds": round(time.perf_counter() - start_time, 3),
+        **{f"seconds-{stage}": value for stage, value in calibrator.timings.as_dict().items()},
+    }
+    return LayerwiseReply(payload, resolved_payload, metrics)

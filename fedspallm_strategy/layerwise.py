@@ -1,0 +1,291 @@
+"""Layer-wise FedSpaLLM: rounds over groups of layers, global calibration, the masked re-solve.
+
+Beyond the paper (DESIGN §2). One-shot FedSpaLLM averages SparseGPT weights that each
+compensate for their own client's mask, and the merged mask differs from every client's. Here,
+once l0 aggregation and adaptive mask expansion have fixed a matrix's global keep-mask, the
+next round sends that mask to the clients that pruned the layer; each re-runs SparseGPT's OBS
+sweep with the mask given (not chosen) on its own calibration inputs and sends only the kept
+values, which the server averages. With ``calibration='global'`` the rounds walk the layers
+in groups, and every client advances its inputs through the merged layers below the group it
+prunes. ``round_plan.py`` says what each round does; this class sends it and merges replies.
+
+Layers are sampled once for the whole run (the nodes' budgets must cover the model); a node
+prunes its layers as their group comes up. A node whose reply fails is left out of the later
+rounds (its running inputs would be stale); its layers in later groups go to the live node
+with the fewest layers there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedspallm_strategy.merging import MatrixMerger
+from fedspallm_strategy.payload import PayloadError, encode
+from fedspallm_strategy.round_plan import RoundStep, plan_rounds
+from fedspallm_strategy.strategy import (
+    SPEC_KEY,
+    FedSpaLLM,
+    RejectedReply,
+    bytes_record,
+    reply_bytes,
+    request_record,
+)
+from fedspallm_strategy.values_payload import decode_values
+from llm_pruning.models import num_layers, prunable_weights
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "train.layerwise"  # routed to the ClientApp's @app.train("layerwise")
+STEP_KEY = "step"  # ConfigRecord: this node's part of the round (RoundStep.as_dict)
+MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-solve
+GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
+RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
+
+
+class LayerwiseFedSpaLLM(FedSpaLLM):
+    """FedSpaLLM with ``resolve``, ``calibration='global'`` or ``layers-per-round``.
+
+    Takes :class:`FedSpaLLM`'s arguments; ``checkpoint_dir`` is not used (no resume yet).
+    """
+
+    def __init__(self, model, config, **kwargs):
+        kwargs.pop("checkpoint_dir", None)
+        super().__init__(model, config, **kwargs)
+        self.plan = plan_rounds(
+            num_layers(model),
+            calibration=config.calibration,
+            resolve=config.resolve,
+            layers_per_round=config.layers_per_round,
+            pipelined=config.resolve_pipelined,
+        )
+        self.rounds = len(self.plan)
+        self.owned: dict[int, list[int]] | None = None  # node -> its sampled layers, whole run
+        self.dropped: set[int] = set()
+        self.steps: dict[int, RoundStep] = {}  # this round: node -> its part
+        self.pruned_by: dict[int, list[int]] = {}  # layer -> nodes whose pruned copy was merged
+        self.global_masks: dict[str, torch.Tensor] = {}  # fixed masks awaiting re-solve/hand-down
+        self.round_log: list[dict] = []
+
+    def summary(self) -> None:
+        log.info(
+            "%s, layer-wise: calibration %s, resolve %s%s, %d layers in %d rounds",
+            self.rule,
+            self.config.calibration,
+            self.config.resolve,
+            " (pipelined)" if self.config.resolve_pipelined and self.config.resolve else "",
+            len(self.remaining),
+            self.rounds,
+        )
+
+    # ----------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.assignments, self.steps, self.sent = {}, {}, []
+        if server_round > self.rounds:
+            return []
+        step = self.plan[server_round - 1]
+        connected = set(grid.get_node_ids())
+        if self.owned is None:  # sample once: every node's layers for the whole run
+            self.owned = self.assign_layers(sorted(connected))
+        nodes = [n for n in self.owned if n in connected and n not in self.dropped]
+        if not nodes:
+            raise RuntimeError(f"no node that started the run is left for round {server_round}")
+        self._cover(step.prune, nodes)
+        down = self._global_payload(step.advance)
+        messages = []
+        for node in nodes:
+            prune = tuple(layer for layer in step.prune if layer in self.owned[node])
+            resolve = tuple(
+                layer for layer in step.resolve if node in self.pruned_by.get(layer, [])
+            )
+            mine = step.for_node(prune, resolve)
+            content = RecordDict(
+                {
+                    SPEC_KEY: request_record(self.config, list(prune)),
+                    STEP_KEY: ConfigRecord(mine.as_dict()),
+                }
+            )
+            # Deflating an ArrayRecord would pin a memoryview in it: count the configs only.
+            sent = sum(len(record.deflate()) for record in content.values()) + len(down)
+            if resolve:
+                names = [n for layer in resolve for n in prunable_weights(self.model, layer)]
+                masks = encode(None, {n: self.global_masks[n] for n in names})
+                content[MASKS_KEY] = bytes_record(masks, MASKS_KEY)
+                sent += len(masks)
+            if down:
+                content[GLOBAL_KEY] = bytes_record(down, GLOBAL_KEY)
+            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + sent
+            self.assignments[node], self.steps[node] = list(prune), mine
+            messages.append(
+                Message(
+                    content, message_type=MESSAGE_TYPE, dst_node_id=node, group_id=str(server_round)
+                )
+            )
+        self.accounting.assignments[server_round] = dict(self.assignments)
+        log.info(
+            "round %d/%d: prune %s, re-solve %s, hand down %s, %d nodes",
+            server_round,
+            self.rounds,
+            list(step.prune),
+            list(step.resolve),
+            list(step.advance),
+            len(messages),
+        )
+        self.sent = messages
+        return messages
+
+    def _cover(self, layers: Iterable[int], nodes: list[int]) -> None:
+        """Give every layer of the group whose owners all dropped out to a live node."""
+        for layer in layers:
+            if not any(layer in self.owned[n] for n in nodes):
+                load = {n: sum(1 for i in self.owned[n] if i in layers) for n in nodes}
+                heir = min(nodes, key=lambda n: (load[n], self._name(n)))
+                self.owned[heir] = sorted([*self.owned[heir], layer])
+                log.warning("layer %d: its nodes dropped out; node %d prunes it", layer, heir)
+
+    def _global_payload(self, layers: Iterable[int]) -> bytes:
+        """The merged matrices of ``layers`` (their masks then leave the server's memory)."""
+        names = [n for layer in layers for n in prunable_weights(self.model, layer)]
+        if not names:
+            return b""
+        params = dict(self.model.named_parameters())
+        masks = {n: self.global_masks.pop(n) for n in names}
+        values = {n: params[n].data for n in names} if self.pruner.updates_weights else None
+        return encode(values, masks)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.steps:
+            return None, None
+        start = time.perf_counter()
+        step = self.plan[server_round - 1]
+        dense = {
+            name: linear.weight.data
+            for layer in step.prune
+            for name, linear in prunable_weights(self.model, layer).items()
+        }
+        merger = MatrixMerger(self.rule, dense, self.pattern, self.generator)
+        sums: dict[str, torch.Tensor] = {}  # re-solved values, summed in float64
+        counts: dict[str, int] = {}
+        answered: list[int] = []
+        for reply in replies:
+            node = self._sender(reply)
+            try:
+                tensors, masks, values = self._accept_round(reply, node, answered)
+            except (PayloadError, RejectedReply) as error:
+                self.accounting.reject(
+                    server_round, node, self.assignments.get(node, []), str(error)
+                )
+                continue
+            merger.add(tensors, masks)
+            for name, kept in values.items():
+                total = sums.setdefault(name, torch.zeros(kept.numel(), dtype=torch.float64))
+                total += kept.double()
+                counts[name] = counts.get(name, 0) + 1
+            for layer in self.steps[node].prune:
+                self.pruned_by.setdefault(layer, []).append(node)
+            answered.append(node)
+            del tensors, masks, values  # streaming: one client's matrices at a time
+        failed = set(self.steps) - set(answered)
+        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
+        for node in sorted(failed - rejected_now):
+            self.accounting.reject(server_round, node, self.assignments[node], "no reply in time")
+        if failed:
+            self.dropped |= failed
+            log.warning("nodes %s left out of the later rounds", sorted(failed))
+        self._merge_pruned(server_round, step, merger)
+        self._merge_resolved(step, sums, counts)
+        self.remaining = [layer for layer in self.remaining if not self._final(layer, server_round)]
+        metrics = {
+            "clients": len(answered),
+            "rejected": len(failed),
+            "layers-pruned": len(step.prune),
+            "layers-resolved": len(step.resolve),
+            "layers-pending": len(self.remaining),
+            "bytes-up": sum(self.accounting.bytes_up.values()),
+            "aggregation-seconds": round(time.perf_counter() - start, 3),
+        }
+        self.round_log.append({"round": server_round, **step.as_dict(), **metrics})
+        return None, MetricRecord(metrics)
+
+    def _final(self, layer: int, server_round: int) -> bool:
+        """Whether ``layer`` holds its final values after ``server_round``."""
+        done = self.plan[:server_round]
+        if self.config.resolve:
+            return any(layer in s.resolve for s in done)
+        return any(layer in s.prune for s in done)
+
+    def _accept_round(self, reply: Message, node: int, answered: list[int]):
+        """Decode and validate one reply (pruned layers and re-solved values) completely."""
+        if reply.has_error():
+            raise RejectedReply(f"client error: {reply.error.reason}")
+        if node not in self.steps:
+            raise RejectedReply("reply from a node that was not asked this round")
+        if node in answered:
+            raise RejectedReply("duplicate reply")
+        tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
+        expected = {
+            name: int(self.global_masks[name].sum())
+            for layer in self.steps[node].resolve
+            for name in prunable_weights(self.model, layer)
+        }
+        resolved = reply_bytes(reply, RESOLVED_KEY)
+        limit = int(self.config.max_payload_mb * 2**20)
+        values = decode_values(resolved, expected, max_bytes=limit)
+        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
+        self.accounting.bytes_up[node] += len(resolved)
+        if "metrics" in reply.content.metric_records:
+            self.accounting.add_metrics(node, dict(reply.content.metric_records["metrics"]))
+        if self.reply_dir is not None and self.config.calibration == "local" and masks:
+            self._store(node, data)  # local: the pruned layers form the node's standalone model
+        return tensors, masks, values
+
+    def _merge_pruned(self, server_round: int, step: RoundStep, merger: MatrixMerger) -> None:
+        """l0 aggregation + expansion of the round's pruned group: the masks are now fixed."""
+        missing = [layer for layer in step.prune if not self.pruned_by.get(layer)]
+        if missing:
+            reasons = sorted({r["reason"] for r in self.accounting.rejected})
+            raise RuntimeError(
+                f"round {server_round}: no valid reply pruned layers {missing}, so the layers "
+                f"after them cannot be calibrated; rejected: {'; '.join(reasons) or 'none'}"
+            )
+        for layer in step.prune:
+            for name, linear in prunable_weights(self.model, layer).items():
+                merged, keep = merger.finish(name)
+                linear.weight.data.copy_(merged)
+                if self.config.resolve or self.config.calibration == "global":
+                    self.global_masks[name] = keep
+
+    def _merge_resolved(self, step: RoundStep, sums: dict, counts: dict) -> None:
+        """Each kept entry: the mean of the clients' re-solved values under the global mask."""
+        for layer in step.resolve:
+            for name, linear in prunable_weights(self.model, layer).items():
+                keep = self.global_masks[name]
+                if name not in sums:
+                    log.warning("%s: no valid re-solve reply; it keeps its l0-merged values", name)
+                else:
+                    mean = (sums.pop(name) / counts[name]).to(linear.weight.dtype)
+                    linear.weight.data.zero_()
+                    linear.weight.data[keep] = mean
+                if self.config.calibration == "local":
+                    del self.global_masks[name]  # nothing is handed down in local calibration
+
+    def costs(self) -> dict:
+        """The ``layerwise`` section of the report: the plan and what each round did."""
+        return {
+            "calibration": self.config.calibration,
+            "resolve": self.config.resolve,
+            "resolve-pipelined": self.config.resolve_pipelined,
+            "layers-per-round": self.config.layers_per_round,
+            "rounds": self.rounds,
+            "dropped": sorted(self.dropped),
+            "per_round": self.round_log,
+        }
