@@ -1,0 +1,357 @@
+"""Layer-wise FedSpaLLM: the masked re-solve, global calibration and layers-per-round.
+
+Runs the real ClientApp and ``Strategy.start`` through the in-process Grid and compares with
+what can be computed by hand: re-solving under one's own mask gives one's own weights,
+identical shards give identical re-solves, one client equals standalone SparseGPT, and
+``layers-per-round`` with local calibration changes nothing but the rounds.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from flwr.app import ArrayRecord, Message
+
+from client_app.app import app as client_app
+from client_app.running_inputs import state_dir
+from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
+from fedspallm_strategy.layerwise import RESOLVED_KEY, LayerwiseFedSpaLLM
+from fedspallm_strategy.payload import PayloadError
+from fedspallm_strategy.round_plan import plan_rounds
+from fedspallm_strategy.strategy import FedSpaLLM, bytes_record, reply_bytes
+from fedspallm_strategy.values_payload import decode_values, encode_values
+from llm_pruning.data import calibration_segments
+from llm_pruning.engine import prune_model
+from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.pruners import HessianStats, SparsityPattern, get_pruner, sparsegpt_prune
+from server_app.federation import run_federation
+from server_app.inprocess import InProcessGrid
+
+TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
+
+
+def make_config(tmp_path, **overrides) -> RunConfig:
+    return RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), **overrides})
+
+
+def run(tmp_path, node_configs, reply_filter=None, run_id=1, **overrides):
+    config = make_config(tmp_path, **overrides)
+    model, _ = load_model(config.model)
+    grid = InProcessGrid(client_app, node_configs, {}, reply_filter=reply_filter, run_id=run_id)
+    budgets = {n: c.get("layer-budget") for n, c in node_configs.items()}
+    kind = LayerwiseFedSpaLLM if config.layerwise else FedSpaLLM
+    strategy = kind(model, config, node_budgets=budgets, rule=config.strategy)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds)
+    return strategy, grid
+
+
+def partitions(count: int, **extra) -> dict[int, dict]:
+    return {
+        n: {"partition-id": n - 1, "num-partitions": count, **extra} for n in range(1, count + 1)
+    }
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {name: p.data for name, p in model.named_parameters()}
+
+
+def prunable_names(model) -> list[str]:
+    return [n for layer in range(num_layers(model)) for n in prunable_weights(model, layer)]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("pattern", [SparsityPattern(0.6), SparsityPattern(0.5, 2, 4)])
+def test_resolving_under_its_own_mask_gives_back_sparsegpts_weights(pattern):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator)
+    stats = HessianStats(64)
+    stats.add(torch.randn(300, 64, generator=generator) @ torch.randn(64, 64, generator=generator))
+    pruned, keep = sparsegpt_prune(weight, stats, pattern, block_size=32)
+    resolved, same = sparsegpt_prune(weight, stats, pattern, block_size=32, keep_mask=keep)
+    assert torch.equal(same, keep)
+    torch.testing.assert_close(resolved, pruned, rtol=1e-5, atol=1e-6)
+
+
+def test_a_given_mask_is_kept_exactly_and_compensated_for():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(32, 64, generator=generator)
+    # Correlated inputs, as activations are: that is what compensation exploits.
+    mixing = torch.randn(64, 64, generator=generator)
+    inputs = torch.randn(400, 64, generator=generator) @ mixing
+    stats = HessianStats(64)
+    stats.add(inputs)
+    keep = torch.rand(32, 64, generator=generator) > 0.5  # any mask, not SparseGPT's own
+    resolved, returned = sparsegpt_prune(weight, stats, SparsityPattern(0.5), keep_mask=keep)
+    assert torch.equal(returned, keep)
+    assert torch.all(resolved[~keep] == 0)
+    # Compensating beats zeroing the same entries: lower reconstruction error on the inputs.
+    plain = weight * keep
+
+    def error(w):
+        return float(((weight - w) @ inputs.T).square().sum())
+
+    assert error(resolved) < 0.9 * error(plain)
+
+
+def test_a_mask_of_the_wrong_shape_is_refused():
+    stats = HessianStats(8)
+    stats.add(torch.randn(20, 8))
+    with pytest.raises(ValueError, match="keep_mask"):
+        sparsegpt_prune(torch.randn(4, 8), stats, SparsityPattern(0.5), keep_mask=torch.ones(8, 4))
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize(
+    ("calibration", "resolve", "per_round", "pipelined", "rounds"),
+    [
+        ("local", True, 0, True, 2),  # one-shot + one re-solve round
+        ("local", False, 2, True, 3),  # 5 layers in groups of 2
+        ("local", True, 2, True, 6),
+        ("global", False, 0, True, 5),  # 0 means 1 with global calibration
+        ("global", True, 1, True, 6),  # G + 1
+        ("global", True, 1, False, 10),  # 2G
+        ("global", True, 2, True, 4),
+    ],
+)
+def test_every_layer_is_pruned_once_resolved_once_and_handed_down_after(
+    calibration, resolve, per_round, pipelined, rounds
+):
+    steps = plan_rounds(
+        5, calibration=calibration, resolve=resolve, layers_per_round=per_round, pipelined=pipelined
+    )
+    assert len(steps) == rounds
+    pruned = [layer for step in steps for layer in step.prune]
+    assert sorted(pruned) == list(range(5))
+    resolved = [layer for step in steps for layer in step.resolve]
+    assert sorted(resolved) == (list(range(5)) if resolve else [])
+    for r, step in enumerate(steps):
+        earlier = steps[:r]
+        for layer in step.resolve:  # its mask was fixed by an earlier round
+            assert any(layer in s.prune for s in earlier)
+        for layer in step.advance:  # handed down only once final
+            assert any(layer in s.resolve for s in earlier) or (
+                not resolve and any(layer in s.prune for s in earlier)
+            )
+        if step.start > 0:  # continues from inputs an earlier round kept
+            assert steps[r - 1].keep_from == step.start
+    assert steps[-1].keep_from is None  # the last round removes the node's inputs
+
+
+# --------------------------------------------------------------------------- federations
+
+
+def test_layers_per_round_with_local_calibration_is_bit_identical_to_one_round(tmp_path):
+    nodes = {
+        1: {"partition-id": 0, "num-partitions": 3, "layer-budget": 2},
+        2: {"partition-id": 1, "num-partitions": 3, "layer-budget": 3},
+        3: {"partition-id": 2, "num-partitions": 3, "layer-budget": 4},
+    }
+    one_shot, _ = run(tmp_path, nodes)
+    grouped, grid = run(tmp_path, nodes, run_id=2, **{"layers-per-round": 1})
+    assert grouped.rounds == 4
+    assert grouped.owned == one_shot.accounting.assignments[1]  # the same sampled layers
+    expected, found = params(one_shot.model), params(grouped.model)
+    assert all(torch.equal(expected[n], found[n]) for n in expected)
+    # Each round asked each node for its layers of that round's group only.
+    for message in grid.sent:
+        layers = message.content.config_records["spec"]["layers"]
+        assert len(layers) <= 1
+    # The nodes removed their running inputs after the last round.
+    for config in nodes.values():
+        assert not state_dir(NodeConfig.from_mapping(config), 2, "layerwise").exists()
+
+
+def record_resolved(store: dict):
+    def keep(node: int, reply: Message) -> Message:
+        if not reply.has_error() and RESOLVED_KEY in reply.content.array_records:
+            values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY))
+            store.setdefault(node, {}).update(values)  # every round's re-solved matrices
+        return reply
+
+    return keep
+
+
+@pytest.mark.parametrize("calibration", ["local", "global"])
+def test_identical_shards_resolve_to_identical_values_and_the_mean_is_each(tmp_path, calibration):
+    nodes = {}
+    for node in (1, 2):  # two organisations holding the same text
+        text = tmp_path / f"copy-{node}.txt"
+        text.write_text(calibration_text(), encoding="utf-8")
+        nodes[node] = {"data-path": str(text)}
+    resolved: dict[int, dict] = {}
+    strategy, _ = run(
+        tmp_path,
+        nodes,
+        reply_filter=record_resolved(resolved),
+        resolve=True,
+        calibration=calibration,
+        **{"layers-per-round": 2 if calibration == "global" else 0},
+    )
+    assert set(resolved) == {1, 2}
+    first, second = resolved[1], resolved[2]
+    assert first.keys() == second.keys() == {f"values/{n}" for n in prunable_names(strategy.model)}
+    model = params(strategy.model)
+    for key, kept in first.items():
+        assert torch.equal(kept, second[key])  # same shard, same merged mask: same re-solve
+        weight = model[key.removeprefix("values/")]
+        assert torch.equal(weight[weight != 0], kept[kept != 0])  # and the mean is that
+
+
+def calibration_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics)[:12])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"resolve": True},
+        {"calibration": "global"},
+        {"calibration": "global", "resolve": True},
+        {"calibration": "global", "resolve": True, "resolve-pipelined": False},
+    ],
+)
+def test_one_client_with_resolve_or_global_calibration_equals_standalone_sparsegpt(
+    tmp_path, overrides
+):
+    strategy, _ = run(tmp_path, partitions(1), **overrides)
+    config = strategy.config
+    model, tokenizer = load_model(config.model)
+    segments = calibration_segments(
+        config.calib_data,
+        tokenizer,
+        seqlen=config.seqlen,
+        num_segments=config.calib_samples,
+        seed=config.seed,
+        partition=config.partition,
+        partition_id=0,
+        num_partitions=1,
+    )
+    prune_model(model, segments, get_pruner("sparsegpt"), config.sparsity_pattern, progress=False)
+    expected, found = params(model), params(strategy.model)
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_global_calibration_with_resolve_gives_the_exact_sparsity_and_a_report(tmp_path):
+    config = make_config(
+        tmp_path, resolve=True, calibration="global", **{"layers-per-round": 2, "sparsity": 0.6}
+    )
+    run_dir = run_federation(InProcessGrid.simulation(client_app, 2, {}), config, run_id=31)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["layerwise"]["rounds"] == 3  # 2 groups, pipelined: G + 1
+    model, _ = load_model(str(run_dir / "model"))
+    for name in prunable_names(model):
+        weight = params(model)[name]
+        assert int((weight == 0).sum()) == int(np.ceil(0.6 * weight.numel() - 1e-9)), name
+    assert report["rejected"] == []
+    assert "global" in report["perplexity"]
+
+
+def test_a_resolve_reply_that_does_not_match_the_sent_mask_is_rejected(tmp_path):
+    def drop_one_value(node: int, reply: Message) -> Message:
+        if node != 2 or reply.has_error():
+            return reply
+        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY))
+        if not values:
+            return reply  # the prune round: nothing re-solved yet
+        values = {key.removeprefix("values/"): tensor for key, tensor in values.items()}
+        name = sorted(values)[0]
+        values[name] = values[name][:-1]  # one value short of what the mask keeps
+        reply.content[RESOLVED_KEY] = bytes_record(encode_values(values), RESOLVED_KEY)
+        return reply
+
+    strategy, _ = run(tmp_path, partitions(3), reply_filter=drop_one_value, resolve=True)
+    rejected = strategy.accounting.rejected
+    assert [(r["node"], r["round"]) for r in rejected] == [(2, 2)]
+    assert "values, but the mask sent keeps" in rejected[0]["reason"]
+    assert not strategy.remaining  # the others' re-solves were merged
+
+
+def test_values_payload_rejects_what_the_masks_do_not_imply():
+    values = {"a": torch.arange(5, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16)}
+    data = encode_values(values)
+    decoded = decode_values(data, {"a": 5, "b": 3})
+    assert all(torch.equal(decoded[n], values[n]) for n in values)
+    for expected, match in (
+        ({"a": 5}, "not sent"),
+        ({"a": 5, "b": 3, "c": 1}, "lacks values"),
+        ({"a": 4, "b": 3}, "the mask sent keeps 4"),
+    ):
+        with pytest.raises(PayloadError, match=match):
+            decode_values(data, expected)
+    with pytest.raises(PayloadError, match="exceeds the limit"):
+        decode_values(data, {"a": 5, "b": 3}, max_bytes=10)
+    with pytest.raises(PayloadError, match="implies|imply"):
+        decode_values(data[:-2], {"a": 5, "b": 3})
+    with pytest.raises(PayloadError):
+        decode_values(b"\x00" * 12, {"a": 5})
+
+
+def test_a_node_lost_mid_run_is_left_out_and_the_run_completes(tmp_path):
+    def lose_node_3_in_round_2(node: int, reply: Message):
+        if node == 3 and reply.metadata.group_id == "2":
+            return None
+        return reply
+
+    strategy, grid = run(
+        tmp_path, partitions(3), reply_filter=lose_node_3_in_round_2, calibration="global"
+    )
+    assert strategy.dropped == {3}
+    later = [m.metadata.dst_node_id for m in grid.sent if int(m.metadata.group_id) > 2]
+    assert later and 3 not in later
+    assert not strategy.remaining
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"resolve": True, "pruner": "wanda"}, "resolve=true .* pruner 'wanda'"),
+        ({"resolve": True, "pruner": "magnitude"}, "resolve=true .* pruner 'magnitude'"),
+        ({"calibration": "everywhere"}, "calibration must be one of local, global"),
+        ({"layers-per-round": -1}, "layers-per-round must be at least 0"),
+        ({"resolve": True, "resume-from": "/tmp/x"}, "resume-from: runs with resolve"),
+        ({"resolve": "maybe"}, "resolve must be true or false"),
+    ],
+)
+def test_bad_combinations_fail_before_any_work_naming_the_keys(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping({**TINY, **overrides})
+
+
+def test_budgets_that_cannot_cover_the_model_in_one_pass_fail_before_any_work(tmp_path):
+    config = make_config(tmp_path, resolve=True)
+    nodes = partitions(2, **{"layer-budget": 1})
+    calls = []
+
+    def count(node: int, reply: Message):
+        calls.append(reply.metadata.message_type)
+        return reply
+
+    grid = InProcessGrid(client_app, nodes, {}, reply_filter=count)
+    with pytest.raises(ConfigError, match="cover 2 of 4 layers"):
+        run_federation(grid, config, run_id=41)
+    assert all(kind == "query" for kind in calls)  # no node pruned anything
+
+
+def test_resolve_does_not_apply_to_strategies_that_merge_nothing():
+    for strategy in ("standalone", "centralized", "exact"):
+        config = RunConfig.from_mapping({**TINY, "strategy": strategy, "resolve": True})
+        assert not config.layerwise
+
+
+def test_the_layerwise_model_loads_with_transformers(tmp_path):
+    config = make_config(tmp_path, resolve=True, **{"layers-per-round": 2})
+    run_dir = run_federation(InProcessGrid.simulation(client_app, 2, {}), config, run_id=43)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "model")
+    assert sum(int((p == 0).sum()) for n, p in model.named_parameters() if "proj" in n) > 0
