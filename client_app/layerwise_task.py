@@ -101,13 +101,16 @@ def run_round(
     end = min(step.end, num_layers(model))
     pruned_masks: dict[str, torch.Tensor] = {}
     resolved: dict[str, torch.Tensor] = {}
+    column_weights: dict[str, torch.Tensor] = {}  # diag H per re-solved matrix
     for index in range(step.start, end):
         if index == step.keep_from and index > 0:
             save_activations(folder, calibrator.hidden, index)
         if index in step.resolve:
             layer_masks = {name: fixed[name] for name in prunable_weights(model, index)}
-            calibrator.prune_layer(index, pruner, pattern, keep_masks=layer_masks)
+            stats = calibrator.statistics(index, pruner)
+            calibrator.prune_layer(index, pruner, pattern, stats, keep_masks=layer_masks)
             resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
+            column_weights.update({name: stats[name].xtx.diagonal() for name in layer_masks})
             log.info("layer %d re-solved under the global mask", index)
         elif index in step.prune:
             pruned_masks.update(calibrator.prune_layer(index, pruner, pattern))
@@ -119,7 +122,8 @@ def run_round(
     elif step.keep_from == end and end > 0:
         save_activations(folder, calibrator.hidden, end)
     payload = encode_pruned(model, pruned_masks, config)
-    resolved_payload = encode_values(resolved)
+    weighted = config.resolve_weighting == "hessian-diagonal"
+    resolved_payload = encode_values(resolved, column_weights if weighted else None)
     metrics = {
         "num-examples": int(calibrator.hidden.shape[0]),
         "layers": len(step.prune),

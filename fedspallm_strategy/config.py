@@ -20,6 +20,7 @@ STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "e
 # Strategies that merge the clients' pruned layers: resolve, calibration and layers-per-round
 # apply to them (the others prune once, alone, or centrally: the keys do not apply there).
 LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
+RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -60,6 +61,7 @@ class RunConfig:
     calibration: str = "local"  # local (the paper's) | global (clients advance on merged layers)
     layers_per_round: int = 0  # decoder layers per round (0: all; global calibration: 1)
     resolve_pipelined: bool = True  # global + resolve: re-solve a group while pruning the next
+    resolve_weighting: str = "uniform"  # uniform | hessian-diagonal: how re-solves are averaged
 
     @property
     def layerwise(self) -> bool:
@@ -129,6 +131,7 @@ class RunConfig:
                 f"secure-clipping-range must be in (0, 2**60), got {self.secure_clipping_range}"
             )
         _one_of("calibration", self.calibration, CALIBRATIONS)
+        _one_of("resolve-weighting", self.resolve_weighting, RESOLVE_WEIGHTINGS)
         _at_least("layers-per-round", self.layers_per_round, 0)
         if self.resolve and self.strategy in LAYERWISE_STRATEGIES:
             pruner = PRUNERS[self.pruner]

@@ -36,7 +36,7 @@ from fedspallm_strategy.strategy import (
     reply_bytes,
     request_record,
 )
-from fedspallm_strategy.values_payload import decode_values
+from fedspallm_strategy.values_payload import Expected, decode_values
 from llm_pruning.models import num_layers, prunable_weights
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,46 @@ STEP_KEY = "step"  # ConfigRecord: this node's part of the round (RoundStep.as_d
 MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-solve
 GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
 RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
+
+
+class ResolveAverage:
+    """Streams the clients' re-solved values of a round into per-entry means.
+
+    Uniform: the plain mean over the clients that re-solved the matrix. With column weights
+    (each client's ``diag H``), entry (r, j) is ``Σ_i h_ij w_i,rj / Σ_i h_ij``: the diagonal
+    of the pooled-Hessian solution ``(Σ H_i)^-1 Σ H_i ŵ_i``, which is what centralized
+    pruning would give if each ŵ_i solved its client's least squares exactly. Entries whose
+    column no client's input reached fall back to the plain mean.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], names) -> None:
+        # The input column of every kept entry, in the row-major order values travel in.
+        self.columns = {n: masks[n].nonzero(as_tuple=True)[1] for n in names or []}
+        self.plain: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.weighted: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def add(self, values: dict[str, torch.Tensor], column_weights: dict[str, torch.Tensor]):
+        for name, kept in values.items():
+            kept = kept.double()
+            self.plain[name] = self.plain.get(name, 0) + kept
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if name in column_weights:
+                weight = column_weights[name].double()[self.columns[name]]
+                self.weighted[name] = self.weighted.get(name, 0) + weight * kept
+                self.weights[name] = self.weights.get(name, 0) + weight
+
+    def finish(self, name: str) -> torch.Tensor | None:
+        """The merged kept values of ``name`` (float64), or None if nobody re-solved it."""
+        if name not in self.plain:
+            return None
+        mean = self.plain.pop(name) / self.counts.pop(name)
+        if name in self.weighted:
+            weights = self.weights.pop(name)
+            weighted = self.weighted.pop(name) / weights.clamp_min(torch.finfo(torch.float64).tiny)
+            mean = torch.where(weights > 0, weighted, mean)
+        return mean
 
 
 class LayerwiseFedSpaLLM(FedSpaLLM):
@@ -173,8 +213,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             for name, linear in prunable_weights(self.model, layer).items()
         }
         merger = MatrixMerger(self.rule, dense, self.pattern, self.generator)
-        sums: dict[str, torch.Tensor] = {}  # re-solved values, summed in float64
-        counts: dict[str, int] = {}
+        average = ResolveAverage(self.global_masks, step.resolve and self._resolve_names(step))
         answered: list[int] = []
         for reply in replies:
             node = self._sender(reply)
@@ -186,10 +225,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
                 )
                 continue
             merger.add(tensors, masks)
-            for name, kept in values.items():
-                total = sums.setdefault(name, torch.zeros(kept.numel(), dtype=torch.float64))
-                total += kept.double()
-                counts[name] = counts.get(name, 0) + 1
+            average.add(*values)
             for layer in self.steps[node].prune:
                 self.pruned_by.setdefault(layer, []).append(node)
             answered.append(node)
@@ -202,7 +238,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             self.dropped |= failed
             log.warning("nodes %s left out of the later rounds", sorted(failed))
         self._merge_pruned(server_round, step, merger)
-        self._merge_resolved(step, sums, counts)
+        self._merge_resolved(step, average)
         self.remaining = [layer for layer in self.remaining if not self._final(layer, server_round)]
         metrics = {
             "clients": len(answered),
@@ -232,10 +268,13 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         if node in answered:
             raise RejectedReply("duplicate reply")
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
+        weighted = self.config.resolve_weighting == "hessian-diagonal"
         expected = {
-            name: int(self.global_masks[name].sum())
+            name: Expected(
+                int(self.global_masks[name].sum()), linear.in_features if weighted else None
+            )
             for layer in self.steps[node].resolve
-            for name in prunable_weights(self.model, layer)
+            for name, linear in prunable_weights(self.model, layer).items()
         }
         resolved = reply_bytes(reply, RESOLVED_KEY)
         limit = int(self.config.max_payload_mb * 2**20)
@@ -264,19 +303,22 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
                 if self.config.resolve or self.config.calibration == "global":
                     self.global_masks[name] = keep
 
-    def _merge_resolved(self, step: RoundStep, sums: dict, counts: dict) -> None:
-        """Each kept entry: the mean of the clients' re-solved values under the global mask."""
+    def _merge_resolved(self, step: RoundStep, average: ResolveAverage) -> None:
+        """Each kept entry: the (weighted) mean of the clients' re-solved values."""
         for layer in step.resolve:
             for name, linear in prunable_weights(self.model, layer).items():
                 keep = self.global_masks[name]
-                if name not in sums:
+                mean = average.finish(name)
+                if mean is None:
                     log.warning("%s: no valid re-solve reply; it keeps its l0-merged values", name)
                 else:
-                    mean = (sums.pop(name) / counts[name]).to(linear.weight.dtype)
                     linear.weight.data.zero_()
-                    linear.weight.data[keep] = mean
+                    linear.weight.data[keep] = mean.to(linear.weight.dtype)
                 if self.config.calibration == "local":
                     del self.global_masks[name]  # nothing is handed down in local calibration
+
+    def _resolve_names(self, step: RoundStep) -> list[str]:
+        return [n for layer in step.resolve for n in prunable_weights(self.model, layer)]
 
     def costs(self) -> dict:
         """The ``layerwise`` section of the report: the plan and what each round did."""

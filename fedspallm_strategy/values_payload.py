@@ -4,7 +4,9 @@ In the masked re-solve round the server has fixed each matrix's global keep-mask
 down; a client re-solves its kept weights under that mask and sends back only the values, so
 no mask bits go up. For each matrix ``name`` the payload holds ``values/<name>``: the kept
 values ``W[mask]`` (row-major order, 1-D, float32/float16/bfloat16). ``__metadata__`` holds
-``format``, ``version`` and ``matrices`` (JSON: name -> ``count`` and ``dtype``).
+``format``, ``version`` and ``matrices`` (JSON: name -> ``count``, ``dtype`` and, when the
+server weighs the clients per column, ``columns``: then ``column-weights/<name>`` holds the
+client's ``diag H``, one float32 per input column).
 
 The server trusts nothing: :func:`decode_values` compares the declared names and counts with
 the masks it sent *before* it reads any tensor, and then checks the tensors themselves.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import safetensors.torch
 import torch
@@ -31,10 +34,25 @@ from fedspallm_strategy.payload import (
 
 FORMAT = "fedspallm-resolved-values"
 VERSION = "1"
+WEIGHTS_PREFIX = "column-weights/"
 
 
-def encode_values(values: Mapping[str, Tensor]) -> bytes:
-    """Serialise re-solved kept values (name -> 1-D tensor of ``mask.sum()`` entries)."""
+@dataclass(frozen=True)
+class Expected:
+    """What the server's mask for one matrix implies a re-solve reply holds."""
+
+    count: int  # kept entries: values sent
+    columns: int | None = None  # input columns, when per-column weights are asked for
+
+
+def encode_values(
+    values: Mapping[str, Tensor], column_weights: Mapping[str, Tensor] | None = None
+) -> bytes:
+    """Serialise re-solved kept values (name -> 1-D tensor of ``mask.sum()`` entries).
+
+    ``column_weights`` (name -> ``(in,)`` float32, the client's ``diag H``) lets the server
+    weigh each client's value of column j by how much input energy it saw there.
+    """
     entries, matrices = {}, {}
     for name, tensor in values.items():
         if tensor.dim() != 1 or tensor.dtype not in _DTYPE_NAMES:
@@ -43,6 +61,10 @@ def encode_values(values: Mapping[str, Tensor]) -> bytes:
             raise ValueError(f"{name}: re-solved values are not all finite")
         entries[VALUES_PREFIX + name] = tensor.detach().cpu().contiguous()
         matrices[name] = {"count": int(tensor.numel()), "dtype": _DTYPE_NAMES[tensor.dtype]}
+        if column_weights is not None:
+            weights = column_weights[name].detach().to("cpu", torch.float32).contiguous()
+            entries[WEIGHTS_PREFIX + name] = weights
+            matrices[name]["columns"] = int(weights.numel())
     metadata = {"format": FORMAT, "version": VERSION, "matrices": json.dumps(matrices)}
     return safetensors.torch.save(entries, metadata=metadata)
 
@@ -72,11 +94,17 @@ def _check_declared(metadata: Mapping[str, str], expected: Mapping[str, int]) ->
         raise PayloadError(f"re-solve reply has values for matrices it was not sent: {unexpected}")
     dtypes = {}
     for name, entry in matrices.items():
-        if not isinstance(entry, dict) or set(entry) != {"count", "dtype"}:
-            raise PayloadError(f"{name}: metadata entry must hold exactly 'count' and 'dtype'")
-        if entry["count"] != expected[name]:
+        keys = {"count", "dtype"} | ({"columns"} if expected[name].columns is not None else set())
+        if not isinstance(entry, dict) or set(entry) != keys:
+            raise PayloadError(f"{name}: metadata entry must hold exactly {sorted(keys)}")
+        if entry["count"] != expected[name].count:
             raise PayloadError(
-                f"{name}: {entry['count']!r} values, but the mask sent keeps {expected[name]}"
+                f"{name}: {entry['count']!r} values, but the mask sent keeps {expected[name].count}"
+            )
+        if entry.get("columns") != expected[name].columns:
+            raise PayloadError(
+                f"{name}: {entry['columns']!r} column weights, the matrix has "
+                f"{expected[name].columns} columns"
             )
         if entry["dtype"] not in _DTYPES:
             raise PayloadError(f"{name}: value dtype {entry['dtype']!r} is not a float dtype")
@@ -85,8 +113,8 @@ def _check_declared(metadata: Mapping[str, str], expected: Mapping[str, int]) ->
 
 
 def _decode_unchecked(
-    data: bytes, expected: Mapping[str, int], max_bytes: int | None
-) -> dict[str, Tensor]:
+    data: bytes, expected: Mapping[str, Expected], max_bytes: int | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError(f"values payload must be bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
@@ -94,7 +122,10 @@ def _decode_unchecked(
     data = bytes(data)
     dtypes = _check_declared(_read_metadata(data), expected)
     # The size the declared counts imply, checked before any tensor is materialised.
-    needed = sum(expected[n] * _DTYPES[d].itemsize for n, d in dtypes.items())
+    needed = sum(
+        expected[n].count * _DTYPES[d].itemsize + 4 * (expected[n].columns or 0)
+        for n, d in dtypes.items()
+    )
     header = 8 + int.from_bytes(data[:8], "little")
     if len(data) - header != needed:
         raise PayloadError(
@@ -102,25 +133,42 @@ def _decode_unchecked(
             f"the masks sent imply {needed}"
         )
     loaded = safetensors.torch.load(data)
-    if set(loaded) != {VALUES_PREFIX + name for name in expected}:
+    declared = {VALUES_PREFIX + name for name in expected}
+    declared |= {WEIGHTS_PREFIX + n for n, e in expected.items() if e.columns is not None}
+    if set(loaded) != declared:
         raise PayloadError(f"values payload holds other tensors than declared: {sorted(loaded)}")
-    values = {}
+    values, weights = {}, {}
     for name, dtype in dtypes.items():
-        tensor = loaded[VALUES_PREFIX + name]
-        if tensor.dim() != 1 or tensor.numel() != expected[name] or tensor.dtype != _DTYPES[dtype]:
-            raise PayloadError(
-                f"{name}: values tensor is {tensor.dim()}-D {tensor.dtype} of {tensor.numel()}, "
-                f"declared 1-D {dtype} of {expected[name]}"
+        values[name] = _checked(
+            name, "values", loaded[VALUES_PREFIX + name], _DTYPES[dtype], expected[name].count
+        )
+        if expected[name].columns is not None:
+            weights[name] = _checked(
+                name,
+                "column weights",
+                loaded[WEIGHTS_PREFIX + name],
+                torch.float32,
+                expected[name].columns,
             )
-        if not bool(torch.isfinite(tensor).all()):
-            raise PayloadError(f"{name}: re-solved values are not all finite")
-        values[name] = tensor
-    return values
+            if bool((weights[name] < 0).any()):
+                raise PayloadError(f"{name}: column weights (diag H) must not be negative")
+    return values, weights
+
+
+def _checked(name: str, what: str, tensor: Tensor, dtype: torch.dtype, count: int) -> Tensor:
+    if tensor.dim() != 1 or tensor.numel() != count or tensor.dtype != dtype:
+        raise PayloadError(
+            f"{name}: {what} tensor is {tensor.dim()}-D {tensor.dtype} of {tensor.numel()}, "
+            f"declared 1-D {dtype} of {count}"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise PayloadError(f"{name}: {what} are not all finite")
+    return tensor
 
 
 def decode_values(
-    data: bytes, expected: Mapping[str, int], *, max_bytes: int | None = None
-) -> dict[str, Tensor]:
+    data: bytes, expected: Mapping[str, Expected], *, max_bytes: int | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Parse a re-solve reply against the masks the server sent.
 
     Parameters
@@ -128,14 +176,16 @@ def decode_values(
     data
         The payload bytes.
     expected
-        Name -> number of entries the sent mask keeps, for every matrix the reply must hold.
+        Name -> what the sent mask implies (kept count, and the column count when per-column
+        weights are asked for), for every matrix the reply must hold.
     max_bytes
         Reject longer payloads before parsing anything.
 
     Returns
     -------
-    dict[str, Tensor]
-        Name -> 1-D kept values, in the mask's row-major order.
+    tuple[dict[str, Tensor], dict[str, Tensor]]
+        Name -> 1-D kept values in the mask's row-major order; name -> column weights
+        (empty when none were asked for).
 
     Raises
     ------

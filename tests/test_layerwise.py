@@ -18,11 +18,11 @@ from flwr.app import ArrayRecord, Message
 from client_app.app import app as client_app
 from client_app.running_inputs import state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.layerwise import RESOLVED_KEY, LayerwiseFedSpaLLM
+from fedspallm_strategy.layerwise import RESOLVED_KEY, LayerwiseFedSpaLLM, ResolveAverage
 from fedspallm_strategy.payload import PayloadError
 from fedspallm_strategy.round_plan import plan_rounds
 from fedspallm_strategy.strategy import FedSpaLLM, bytes_record, reply_bytes
-from fedspallm_strategy.values_payload import decode_values, encode_values
+from fedspallm_strategy.values_payload import Expected, decode_values, encode_values
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.models import load_model, num_layers, prunable_weights
@@ -217,6 +217,7 @@ def calibration_text() -> str:
         {"calibration": "global"},
         {"calibration": "global", "resolve": True},
         {"calibration": "global", "resolve": True, "resolve-pipelined": False},
+        {"resolve": True, "resolve-weighting": "hessian-diagonal"},
     ],
 )
 def test_one_client_with_resolve_or_global_calibration_equals_standalone_sparsegpt(
@@ -279,21 +280,46 @@ def test_a_resolve_reply_that_does_not_match_the_sent_mask_is_rejected(tmp_path)
 def test_values_payload_rejects_what_the_masks_do_not_imply():
     values = {"a": torch.arange(5, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16)}
     data = encode_values(values)
-    decoded = decode_values(data, {"a": 5, "b": 3})
-    assert all(torch.equal(decoded[n], values[n]) for n in values)
+    both = {"a": Expected(5), "b": Expected(3)}
+    decoded, weights = decode_values(data, both)
+    assert all(torch.equal(decoded[n], values[n]) for n in values) and weights == {}
     for expected, match in (
-        ({"a": 5}, "not sent"),
-        ({"a": 5, "b": 3, "c": 1}, "lacks values"),
-        ({"a": 4, "b": 3}, "the mask sent keeps 4"),
+        ({"a": Expected(5)}, "not sent"),
+        ({**both, "c": Expected(1)}, "lacks values"),
+        ({"a": Expected(4), "b": Expected(3)}, "the mask sent keeps 4"),
+        ({"a": Expected(5, 7), "b": Expected(3, 2)}, "must hold exactly"),
     ):
         with pytest.raises(PayloadError, match=match):
             decode_values(data, expected)
     with pytest.raises(PayloadError, match="exceeds the limit"):
-        decode_values(data, {"a": 5, "b": 3}, max_bytes=10)
-    with pytest.raises(PayloadError, match="implies|imply"):
-        decode_values(data[:-2], {"a": 5, "b": 3})
+        decode_values(data, both, max_bytes=10)
+    with pytest.raises(PayloadError, match="imply"):
+        decode_values(data[:-2], both)
     with pytest.raises(PayloadError):
-        decode_values(b"\x00" * 12, {"a": 5})
+        decode_values(b"\x00" * 12, {"a": Expected(5)})
+
+
+def test_column_weights_travel_checked_and_weigh_the_mean_per_column():
+    keep = torch.tensor([[True, False, True], [False, True, True]])  # kept columns 0, 2, 1, 2
+    weighted = {"w": Expected(4, 3)}
+    first = encode_values(
+        {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, {"w": torch.tensor([1.0, 0.0, 3.0])}
+    )
+    second = encode_values(
+        {"w": torch.tensor([5.0, 6.0, 7.0, 8.0])}, {"w": torch.tensor([3.0, 0.0, 1.0])}
+    )
+    average = ResolveAverage({"w": keep}, ["w"])
+    for data in (first, second):
+        average.add(*decode_values(data, weighted))
+    # Column 0: (1*1 + 3*5) / 4; column 2: (3*2 + 1*6) / 4 and (3*4 + 1*8) / 4; column 1 was
+    # seen by nobody (weights 0): the plain mean (3 + 7) / 2.
+    expected = torch.tensor([4.0, 3.0, 5.0, 5.0], dtype=torch.float64)
+    assert torch.equal(average.finish("w"), expected)
+    negative = encode_values({"w": torch.ones(4)}, {"w": torch.tensor([1.0, -1.0, 1.0])})
+    with pytest.raises(PayloadError, match="must not be negative"):
+        decode_values(negative, weighted)
+    with pytest.raises(PayloadError, match="column weights"):
+        decode_values(first, {"w": Expected(4, 5)})
 
 
 def test_a_node_lost_mid_run_is_left_out_and_the_run_completes(tmp_path):
@@ -320,6 +346,7 @@ def test_a_node_lost_mid_run_is_left_out_and_the_run_completes(tmp_path):
         ({"layers-per-round": -1}, "layers-per-round must be at least 0"),
         ({"resolve": True, "resume-from": "/tmp/x"}, "resume-from: runs with resolve"),
         ({"resolve": "maybe"}, "resolve must be true or false"),
+        ({"resolve-weighting": "votes"}, "resolve-weighting must be one of uniform"),
     ],
 )
 def test_bad_combinations_fail_before_any_work_naming_the_keys(overrides, match):
