@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -27,6 +28,7 @@ from flwr.app import Message
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
+from llm_pruning.pruners import get_pruner
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 from server_app.report import Evaluator
@@ -113,6 +115,12 @@ def run_column(
         ("fedprllm", every_layer, {}),
         ("fedspallm-sampled", sampled, {}),
     ][: 3 if args.skip_sampled else 4]
+    if get_pruner(pruner).updates_weights:  # the layer-wise rows (re-solve needs SparseGPT)
+        plans += [
+            (name, sampled if "sampled" in name else every_layer, LAYERWISE_ROWS[name])
+            for name in args.layerwise_rows.split(",")
+            if name
+        ]
     for name, nodes, extra in plans:
         if name in rows:
             continue  # --resume: this row of the column is finished
@@ -124,13 +132,25 @@ def run_column(
 
             evaluators[key] = MemoEvaluator(config, load_model(config.model)[1])
         start = time.perf_counter()
+        # Layer-wise rounds keep state on the clients per run id: no memo, a fresh id each.
+        client = client_app if config.layerwise else memo
         run_dir = run_federation(
-            InProcessGrid(memo, nodes, {}), config, run_id=0, evaluator=evaluators[key]
+            InProcessGrid(client, nodes, {}),
+            config,
+            run_id=next(RUN_IDS),
+            evaluator=evaluators[key],
         )
         report = json.loads((run_dir / "report.json").read_text())
         seconds = time.perf_counter() - start
         perplexity = report["perplexity"]
         rows[name] = perplexity["global"]
+        communication = report["communication"]
+        rows[f"{name}-cost"] = {
+            "bytes-up-per-client": communication["total_up"] / len(nodes),
+            "bytes-down-per-client": communication["total_down"] / len(nodes),
+            "rounds": report.get("layerwise", {}).get("rounds", config.num_rounds),
+            "seconds": round(seconds, 1),
+        }
         if name == "fedspallm":
             rows["dense"] = perplexity["dense"]
             rows["centralized"] = perplexity["centralized"]
@@ -143,7 +163,22 @@ def run_column(
     return rows
 
 
-ROW_ORDER = ["dense", "centralized", "fedspallm", "fedspallm-sampled", "standalone-mean"]
+# Layer-wise FedSpaLLM rows (layerwise.py): run-config overrides of each.
+LAYERWISE_ROWS = {
+    "fedspallm-resolve": {"resolve": True},
+    "fedspallm-global": {"calibration": "global"},
+    "fedspallm-global-resolve": {"calibration": "global", "resolve": True},
+    "fedspallm-sampled-global-resolve": {"calibration": "global", "resolve": True},
+}
+RUN_IDS = itertools.count(2000)
+ROW_ORDER = [
+    "dense",
+    "centralized",
+    "fedspallm",
+    *LAYERWISE_ROWS,
+    "fedspallm-sampled",
+    "standalone-mean",
+]
 TAIL_ROWS = ["fedavg", "fedprllm"]
 
 
@@ -159,7 +194,9 @@ def ordered_columns(results: dict) -> list[str]:
 
 def ordered_rows(results: dict) -> list[str]:
     """Dense and the federated results first, each client's standalone model, the baselines."""
-    present = {n for rows in results.values() for n in rows if "bytes" not in n}
+    present = {
+        n for rows in results.values() for n in rows if "bytes" not in n and "-cost" not in n
+    }
     clients = sorted(n for n in present if n.startswith("standalone-") and n not in ROW_ORDER)
     return [n for n in [*ROW_ORDER, *clients, *TAIL_ROWS] if n in present]
 
@@ -178,6 +215,26 @@ def markdown(results: dict, first_eval: str) -> str:
             f"{results[c][name][first_eval]:.1f}" if name in results[c] else "–" for c in columns
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cost per row: rounds, MB up / down per client, wall seconds (in-process, 2 CPU cores)",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name in names:
+        if not any(f"{name}-cost" in results[c] for c in columns):
+            continue
+        cells = []
+        for column in columns:
+            cost = results[column].get(f"{name}-cost")
+            cells.append(
+                "–"
+                if cost is None
+                else f"{cost['rounds']} / {cost['bytes-up-per-client'] / 1e6:.0f} / "
+                f"{cost['bytes-down-per-client'] / 1e6:.1f} / {cost['seconds']:.0f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -192,10 +249,25 @@ def plot(results: dict, first_eval: str, path: Path) -> None:
     for pruner in sorted({c.split(" ")[0] for c in columns}):
         mine = [c for c in columns if c.startswith(pruner)]
         x = [float(c.split(" ")[1]) for c in mine]
-        for name in ("centralized", "fedspallm", "standalone-mean", "fedprllm", "fedavg"):
+        for name in (
+            "centralized",
+            "fedspallm",
+            "fedspallm-resolve",
+            "fedspallm-global-resolve",
+            "standalone-mean",
+            "fedprllm",
+            "fedavg",
+        ):
+            points = [
+                (v, results[c][name][first_eval])
+                for v, c in zip(x, mine, strict=True)
+                if name in results[c]
+            ]
+            if not points:
+                continue
             axis.plot(
-                x,
-                [results[c][name][first_eval] for c in mine],
+                [v for v, _ in points],
+                [p for _, p in points],
                 marker="o",
                 label=f"{pruner} {name}",
             )
@@ -225,6 +297,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--skip-sampled", action="store_true", help="leave out the unequal-budget row (faster)"
+    )
+    parser.add_argument(
+        "--layerwise-rows",
+        default=",".join(LAYERWISE_ROWS),
+        help=f"comma-separated, of {', '.join(LAYERWISE_ROWS)} (SparseGPT columns only)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="keep the columns already in --out's JSON"

@@ -98,7 +98,8 @@ def run_round(
             )
         apply_global_layers(model, global_layers, step.advance, pruner)
     fixed = given_masks(model, masks, list(step.resolve))
-    end = min(step.end, num_layers(model))
+    total = num_layers(model)
+    end = min(step.end, total)
     pruned_masks: dict[str, torch.Tensor] = {}
     resolved: dict[str, torch.Tensor] = {}
     column_weights: dict[str, torch.Tensor] = {}  # diag H per re-solved matrix
@@ -111,10 +112,10 @@ def run_round(
             calibrator.prune_layer(index, pruner, pattern, stats, keep_masks=layer_masks)
             resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
             column_weights.update({name: stats[name].xtx.diagonal() for name in layer_masks})
-            log.info("layer %d re-solved under the global mask", index)
+            log.info("layer %d/%d re-solved under the global mask", index + 1, total)
         elif index in step.prune:
             pruned_masks.update(calibrator.prune_layer(index, pruner, pattern))
-            log.info("layer %d pruned (%s, %s)", index, pruner.name, pattern)
+            log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         if index + 1 < end or step.keep_from == end:
             calibrator.advance(index)
     if step.keep_from is None:

@@ -85,6 +85,22 @@ def test_flwr_run_tiny_llama(flower_home, tmp_path):
     assert "layer 4/4 pruned" in log  # the clients' progress reaches the stream
 
 
+def test_flwr_run_global_calibration_with_resolve(flower_home, tmp_path):
+    output_dir = tmp_path / "runs"
+    overrides = (
+        f"model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 output-dir='{output_dir}' "
+        "resolve=true calibration='global' layers-per-round=2"
+    )
+    run_id, status, log = flwr_run(flwr_env(flower_home, tmp_path), overrides, supernodes=2)
+    assert status == "finished:completed", log[-3000:]
+    (folder,) = output_dir.glob(f"*-fedspallm-{run_id}")
+    report = json.loads((folder / "report.json").read_text())
+    assert report["layerwise"]["rounds"] == 3  # 2 groups of 2 layers, pipelined: G + 1
+    assert report["rejected"] == []
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    assert "layer 4/4 re-solved under the global mask" in log
+
+
 def test_bad_run_config_fails_the_run_before_any_work(flower_home, tmp_path):
     env = flwr_env(flower_home, tmp_path)
     _, status, log = flwr_run(env, f"sparsity=1.5 output-dir='{tmp_path}'")
