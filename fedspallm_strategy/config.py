@@ -17,8 +17,8 @@ from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
-# Strategies that merge the clients' pruned layers: resolve, calibration and layers-per-round
-# apply to them (the others prune once, alone, or centrally: the keys do not apply there).
+# Strategies that merge the clients' pruned layers: calibration and layers-per-round apply to
+# them (the others prune once, alone, or centrally: the keys do not apply there).
 LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -57,18 +57,24 @@ class RunConfig:
     max_stats_mb: float = 1024.0  # exact: most statistics one client may upload in a run (MiB)
     secure_aggregation: bool = False  # exact: Flower's SecAgg+, the server sees sums only
     secure_clipping_range: float = 16777216.0  # exact + SecAgg+: bound on per-token mean x²
-    resolve: bool = False  # re-solve the kept weights under the merged mask (one more round)
+    resolve: bool = True  # fedspallm: re-solve kept weights under the merged mask (+1 round)
     calibration: str = "local"  # local (the paper's) | global (clients advance on merged layers)
     layers_per_round: int = 0  # decoder layers per round (0: all; global calibration: 1)
     resolve_pipelined: bool = True  # global + resolve: re-solve a group while pruning the next
     resolve_weighting: str = "uniform"  # uniform | hessian-diagonal: how re-solves are averaged
 
     @property
+    def resolves(self) -> bool:
+        """Whether the run re-solves under the merged mask: ``resolve`` is FedSpaLLM's (the
+        baselines ``fedavg`` and ``fedprllm`` run as published, whatever it says)."""
+        return self.resolve and self.strategy == "fedspallm"
+
+    @property
     def layerwise(self) -> bool:
         """Whether the run goes through layer-wise rounds (``layerwise.py``) rather than the
         paper's one-shot round. Only strategies that merge pruned layers have them."""
         return self.strategy in LAYERWISE_STRATEGIES and (
-            self.resolve or self.calibration == "global" or self.layers_per_round > 0
+            self.resolves or self.calibration == "global" or self.layers_per_round > 0
         )
 
     @property
@@ -133,14 +139,12 @@ class RunConfig:
         _one_of("calibration", self.calibration, CALIBRATIONS)
         _one_of("resolve-weighting", self.resolve_weighting, RESOLVE_WEIGHTINGS)
         _at_least("layers-per-round", self.layers_per_round, 0)
-        if self.resolve and self.strategy in LAYERWISE_STRATEGIES:
-            pruner = PRUNERS[self.pruner]
-            if not pruner.updates_weights:
-                raise ConfigError(
-                    f"resolve=true re-solves the kept weights under the merged mask, but pruner "
-                    f"{self.pruner!r} keeps the dense values, so there is nothing to re-solve: "
-                    f"set resolve=false, or pruner='sparsegpt'"
-                )
+        if self.resolves and not PRUNERS[self.pruner].updates_weights:
+            raise ConfigError(
+                f"resolve=true (the default) re-solves the kept weights under the merged mask, "
+                f"but pruner {self.pruner!r} keeps the dense values, so there is nothing to "
+                f"re-solve: set resolve=false, or pruner='sparsegpt'"
+            )
         if self.layerwise and self.resume_from:
             raise ConfigError(
                 "resume-from: runs with resolve, calibration='global' or layers-per-round > 0 "

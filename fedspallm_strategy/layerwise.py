@@ -100,7 +100,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         self.plan = plan_rounds(
             num_layers(model),
             calibration=config.calibration,
-            resolve=config.resolve,
+            resolve=config.resolves,
             layers_per_round=config.layers_per_round,
             pipelined=config.resolve_pipelined,
         )
@@ -117,8 +117,8 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             "%s, layer-wise: calibration %s, resolve %s%s, %d layers in %d rounds",
             self.rule,
             self.config.calibration,
-            self.config.resolve,
-            " (pipelined)" if self.config.resolve_pipelined and self.config.resolve else "",
+            self.config.resolves,
+            " (pipelined)" if self.config.resolve_pipelined and self.config.resolves else "",
             len(self.remaining),
             self.rounds,
         )
@@ -255,7 +255,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
     def _final(self, layer: int, server_round: int) -> bool:
         """Whether ``layer`` holds its final values after ``server_round``."""
         done = self.plan[:server_round]
-        if self.config.resolve:
+        if self.config.resolves:
             return any(layer in s.resolve for s in done)
         return any(layer in s.prune for s in done)
 
@@ -291,16 +291,17 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         """l0 aggregation + expansion of the round's pruned group: the masks are now fixed."""
         missing = [layer for layer in step.prune if not self.pruned_by.get(layer)]
         if missing:
-            reasons = sorted({r["reason"] for r in self.accounting.rejected})
+            reasons = sorted({f"node {r['node']}: {r['reason']}" for r in self.accounting.rejected})
             raise RuntimeError(
-                f"round {server_round}: no valid reply pruned layers {missing}, so the layers "
-                f"after them cannot be calibrated; rejected: {'; '.join(reasons) or 'none'}"
+                f"layers {missing} were not pruned by any valid client in round {server_round}, "
+                f"and the later rounds cannot go on without them; rejected replies: "
+                f"{'; '.join(reasons) or 'none'}"
             )
         for layer in step.prune:
             for name, linear in prunable_weights(self.model, layer).items():
                 merged, keep = merger.finish(name)
                 linear.weight.data.copy_(merged)
-                if self.config.resolve or self.config.calibration == "global":
+                if self.config.resolves or self.config.calibration == "global":
                     self.global_masks[name] = keep
 
     def _merge_resolved(self, step: RoundStep, average: ResolveAverage) -> None:
@@ -324,7 +325,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         """The ``layerwise`` section of the report: the plan and what each round did."""
         return {
             "calibration": self.config.calibration,
-            "resolve": self.config.resolve,
+            "resolve": self.config.resolves,
             "resolve-pipelined": self.config.resolve_pipelined,
             "layers-per-round": self.config.layers_per_round,
             "rounds": self.rounds,

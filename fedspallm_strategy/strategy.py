@@ -39,6 +39,9 @@ PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors b
 # The run-config keys a client needs to prune; everything else stays on the server.
 CLIENT_KEYS = (
     "model",
+    "strategy",
+    "resolve",
+    "resolve-weighting",
     "pruner",
     "sparsity",
     "pattern",

@@ -34,7 +34,9 @@ from test_deployment import (  # tests/ is on sys.path under pytest
 
 from fedspallm_strategy.expansion import num_to_prune
 
-BASE_CONFIG = "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2"
+# The paper's one-shot rounds (resolve=false): a lost node's layers go to the others next
+# round, and the server checkpoints every round. Layer-wise runs keep no checkpoint yet.
+BASE_CONFIG = "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 resolve=false"
 UNAVAILABLE = "client error: Error: Node Unavailable"  # Flower's reply for an offline node
 
 

@@ -30,7 +30,13 @@ from llm_pruning.pruners import HessianStats, SparsityPattern, get_pruner, spars
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
-TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
+TINY = {
+    "model": "tiny-llama",
+    "seqlen": 64,
+    "calib-samples": 4,
+    "eval-windows": 2,
+    "resolve": False,
+}
 
 
 def make_config(tmp_path, **overrides) -> RunConfig:
@@ -224,6 +230,7 @@ def test_one_client_with_resolve_or_global_calibration_equals_standalone_sparseg
     tmp_path, overrides
 ):
     strategy, _ = run(tmp_path, partitions(1), **overrides)
+    assert strategy.accounting.rejected == []
     config = strategy.config
     model, tokenizer = load_model(config.model)
     segments = calibration_segments(

@@ -19,7 +19,13 @@ from llm_pruning.models import load_model, prunable_weights
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
-TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
+TINY = {
+    "model": "tiny-llama",
+    "seqlen": 64,
+    "calib-samples": 4,
+    "eval-windows": 2,
+    "resolve": False,
+}
 
 
 def make_config(tmp_path, **overrides) -> RunConfig:
