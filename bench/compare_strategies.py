@@ -100,6 +100,7 @@ def run_column(
         "eval-windows": args.eval_windows,
         "output-dir": str(out),
         "seed": args.seed,
+        "resolve": False,  # the paper's rows; the layer-wise rows turn it on
     }
     num_layers = {"tiny-llama": 4, "tiny-opt": 4}.get(args.model, 30)
     every_layer = {i + 1: {"data-path": str(novel)} for i, novel in enumerate(novels)}
@@ -166,7 +167,7 @@ def run_column(
 # Layer-wise FedSpaLLM rows (layerwise.py): run-config overrides of each.
 LAYERWISE_ROWS = {
     "fedspallm-resolve": {"resolve": True},
-    "fedspallm-global": {"calibration": "global"},
+    "fedspallm-global": {"calibration": "global", "resolve": False},
     "fedspallm-global-resolve": {"calibration": "global", "resolve": True},
     "fedspallm-sampled-global-resolve": {"calibration": "global", "resolve": True},
 }

@@ -62,11 +62,16 @@ def client_texts(data: Path, clients: int, folder: Path) -> list[Path]:
 # Rows of a cell: run-config overrides of each strategy compared (fedspallm also gives the
 # dense, centralized and standalone numbers).
 ROWS = {
-    "fedspallm": {"strategy": "fedspallm", "compare-centralized": True},
+    "fedspallm": {"strategy": "fedspallm", "resolve": False, "compare-centralized": True},
     "exact": {"strategy": "exact"},
     "resolve": {"strategy": "fedspallm", "resolve": True},
-    "global": {"strategy": "fedspallm", "calibration": "global"},
+    "global": {"strategy": "fedspallm", "calibration": "global", "resolve": False},
     "global-resolve": {"strategy": "fedspallm", "calibration": "global", "resolve": True},
+    "resolve-hessian": {
+        "strategy": "fedspallm",
+        "resolve": True,
+        "resolve-weighting": "hessian-diagonal",
+    },
     "global-resolve-unpipelined": {
         "strategy": "fedspallm",
         "calibration": "global",

@@ -122,6 +122,11 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             len(self.remaining),
             self.rounds,
         )
+        if self.config.calibration == "global":
+            log.info(
+                "calibration='global': the clients prune on the federation's merged layers, so "
+                "their replies are no standalone models; run strategy 'standalone' to compare"
+            )
 
     # ----------------------------------------------------------------- train
     def configure_train(
