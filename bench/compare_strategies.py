@@ -83,9 +83,17 @@ def pattern_and_sparsity(column: str) -> tuple[str, float]:
 
 
 def run_column(
-    args, pruner: str, column: str, memo: MemoClient, evaluators: dict, out: Path, rows: dict
+    args,
+    pruner: str,
+    column: str,
+    memo: MemoClient,
+    evaluators: dict,
+    out: Path,
+    rows: dict,
+    on_row=lambda rows: None,
 ) -> dict:
-    """Run every strategy whose row ``rows`` (a column finished earlier, or ``{}``) lacks."""
+    """Run every strategy whose row ``rows`` (a column finished earlier, or ``{}``) lacks;
+    ``on_row(rows)`` after each, so a long column keeps what it finished."""
     pattern, sparsity = pattern_and_sparsity(column)
     novels = sorted(p for p in args.data.glob("*.txt") if p.name != "persuasion.txt")
     eval_data = ",".join(str(p) for p in [args.data / "persuasion.txt", *args.extra_eval])
@@ -161,6 +169,7 @@ def run_column(
             rows["bytes-up-per-client"] = report["communication"]["total_up"] / len(nodes)
             rows["dense-fp16-bytes"] = report["communication"]["dense_fp16_bytes_all_layers"]
         logging.info("%s %s %s: %s (%.0fs)", pruner, column, name, rows[name], seconds)
+        on_row(rows)
     return rows
 
 
@@ -320,10 +329,12 @@ def main() -> None:
             for column in args.sparsities.split(","):
                 key = f"{pruner} {column}"
                 done = results.get(key, {})
-                rows = run_column(args, pruner, column, memo, evaluators, Path(scratch), done)
-                if rows != done:
-                    results[key] = rows
-                    save(results, args, first_eval)  # a long sweep keeps what it finished
+
+                def keep(rows, key=key):  # a long sweep keeps every row it finished
+                    results[key] = dict(rows)
+                    save(results, args, first_eval)
+
+                run_column(args, pruner, column, memo, evaluators, Path(scratch), done, keep)
                 memo.replies.clear()  # replies of another pruning spec are never reused
     save(results, args, first_eval)
     print(markdown(results, first_eval).replace(first_eval, "persuasion.txt"))
