@@ -284,8 +284,8 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         resolved = reply_bytes(reply, RESOLVED_KEY)
         limit = int(self.config.max_payload_mb * 2**20)
         values = decode_values(resolved, expected, max_bytes=limit)
-        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
-        self.accounting.bytes_up[node] += len(resolved)
+        up = len(data) + len(resolved)
+        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + up
         if "metrics" in reply.content.metric_records:
             self.accounting.add_metrics(node, dict(reply.content.metric_records["metrics"]))
         if self.reply_dir is not None and self.config.calibration == "local" and masks:
