@@ -21,6 +21,7 @@ STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "e
 # them (the others prune once, alone, or centrally: the keys do not apply there).
 LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -62,6 +63,9 @@ class RunConfig:
     layers_per_round: int = 0  # decoder layers per round (0: all; global calibration: 1)
     resolve_pipelined: bool = True  # global + resolve: re-solve a group while pruning the next
     resolve_weighting: str = "uniform"  # uniform | hessian-diagonal: how re-solves are averaged
+    aggregation: str = "mean"  # mean (the paper's l0 mean) | trimmed-mean | median, per entry
+    trim_fraction: float = 0.25  # trimmed-mean: share of the keepers cut at each end
+    max_relative_change: float = 1.0  # reject kept values further than this from the dense ones
 
     @property
     def resolves(self) -> bool:
@@ -138,6 +142,24 @@ class RunConfig:
             )
         _one_of("calibration", self.calibration, CALIBRATIONS)
         _one_of("resolve-weighting", self.resolve_weighting, RESOLVE_WEIGHTINGS)
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if not self.max_relative_change > 0:
+            raise ConfigError(
+                f"max-relative-change must be positive, got {self.max_relative_change}"
+            )
+        if self.aggregation != "mean" and self.strategy != "fedspallm":
+            raise ConfigError(
+                f"aggregation={self.aggregation!r} is a rule of strategy fedspallm (its mean over "
+                f"the clients that kept each entry); strategy {self.strategy!r} has no such mean: "
+                f"set aggregation='mean'"
+            )
+        if self.aggregation != "mean" and self.resolve_weighting != "uniform" and self.resolves:
+            raise ConfigError(
+                f"resolve-weighting={self.resolve_weighting!r} is a weighted mean; with "
+                f"aggregation={self.aggregation!r} set resolve-weighting='uniform'"
+            )
         _at_least("layers-per-round", self.layers_per_round, 0)
         if self.resolves and not PRUNERS[self.pruner].updates_weights:
             raise ConfigError(
