@@ -17,10 +17,11 @@ from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY
 from fedspallm_strategy.layerwise import GLOBAL_KEY, MASKS_KEY, RESOLVED_KEY, STEP_KEY
 from fedspallm_strategy.logs import share_flower_handlers
+from fedspallm_strategy.replies import PAYLOAD_KEY, bytes_record
 from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.secure_encoding import secure_vectors
 from fedspallm_strategy.secure_exact import request_from_fitins
-from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, bytes_record, request_from_record
+from fedspallm_strategy.strategy import SPEC_KEY, request_from_record
 
 app = ClientApp()
 
@@ -38,7 +39,12 @@ def secure_exact_mod(msg: Message, context: Context, call_next) -> Message:
 
 @app.query()
 def resources(msg: Message, context: Context) -> Message:
-    """Tell the server what this node can do, before it draws the layer assignment."""
+    """Tell the server what this node can do, before it draws the layer assignment.
+
+    A bad node config (a bad value, or an unknown key such as ``layer_budget`` for
+    ``layer-budget``) raises here, naming it: Flower sends the server an error reply with
+    the message, and the server leaves this node out of the run.
+    """
     node = NodeConfig.from_mapping(context.node_config)
     record = ConfigRecord(
         {key: value for key, value in node.as_dict().items() if value is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,20 @@ class Accounting:
                 totals[key] = value
             elif isinstance(value, int | float):
                 totals[key] = round(totals.get(key, 0) + value, 3)
+
+    def rejected_in(self, server_round: int) -> set[int]:
+        return {r["node"] for r in self.rejected if r["round"] == server_round}
+
+    def reject_silent(
+        self, server_round: int, assignments: Mapping[int, list[int]], answered: Container[int]
+    ) -> list[int]:
+        """Record every node asked in ``server_round`` that neither answered nor was rejected
+        (the grid's timeout passed); returns them."""
+        rejected = self.rejected_in(server_round)
+        silent = sorted(n for n in assignments if n not in answered and n not in rejected)
+        for node in silent:
+            self.reject(server_round, node, assignments[node], "no reply in time")
+        return silent
 
     def reject(self, server_round: int, node: int, layers: list[int], reason: str) -> None:
         log.warning(

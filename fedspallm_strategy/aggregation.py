@@ -146,6 +146,98 @@ class L0Accumulator:
             )
 
 
+ROBUST_RULES = ("trimmed-mean", "median")
+
+
+def robust_centre(values: Tensor, rule: str, trim_fraction: float = 0.25) -> Tensor:
+    """Per entry, a robust centre of the clients' values; NaN marks a client without one.
+
+    Parameters
+    ----------
+    values
+        ``(K, ...)``: one row per client, NaN where that client did not keep the entry.
+    rule
+        ``median`` (the mean of the two middle values for an even count) or
+        ``trimmed-mean``: with ``c`` values, ``t = min(ceil(trim_fraction * c), (c - 1) // 2)``
+        are cut at each end, so three keepers already drop one at each end and one value
+        always remains.
+
+    Returns
+    -------
+    Tensor
+        float64, shape ``values.shape[1:]``; 0 where no client has a value.
+
+    A client's influence on an entry is then bounded by the spread of the others: with ``t``
+    cut at each end, up to ``t`` arbitrary values cannot move the centre outside the range of
+    the honest ones.
+    """
+    _check_rule(rule)
+    present = ~torch.isnan(values)
+    count = present.sum(dim=0)  # c per entry
+    ordered = torch.sort(values, dim=0).values  # NaN sorts last
+    if rule == "median":
+        low, high = (
+            (count - 1).div(2, rounding_mode="floor"),
+            count.div(2, rounding_mode="floor") + 1,
+        )
+    else:
+        cut = torch.minimum(
+            torch.ceil(trim_fraction * count).to(count.dtype),
+            (count - 1).div(2, rounding_mode="floor"),
+        ).clamp_min(0)
+        low, high = cut, count - cut
+    rank = torch.arange(values.shape[0], device=values.device).reshape(
+        -1, *[1] * (values.dim() - 1)
+    )
+    inside = (rank >= low) & (rank < high) & (rank < count)
+    total = torch.where(inside, ordered.double(), 0.0).sum(dim=0)
+    return total / inside.sum(dim=0).clamp_min(1)
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in ROBUST_RULES:
+        raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(ROBUST_RULES)}")
+
+
+class RobustAccumulator(L0Accumulator):
+    """An :class:`L0Accumulator` whose :meth:`finish` is a robust centre (median or trimmed
+    mean) over the clients that kept each entry, not their mean.
+
+    A robust centre needs every value, so this keeps each client's matrix (in its own dtype,
+    NaN where pruned): ``K * d`` values for the round's matrices instead of ``d``.
+    """
+
+    def __init__(self, shape: Sequence[int], rule: str, trim_fraction: float = 0.25) -> None:
+        super().__init__(shape)
+        if rule not in ROBUST_RULES:
+            raise ValueError(
+                f"unknown robust rule {rule!r}; choose one of {', '.join(ROBUST_RULES)}"
+            )
+        self.rule, self.trim_fraction = rule, trim_fraction
+        self._values: list[Tensor] = []
+
+    def add(self, weight: Tensor, keep_mask: Tensor) -> None:
+        super().add(weight, keep_mask)
+        kept = torch.where(keep_mask, weight.to(self.device), float("nan"))
+        self._values.append(kept)
+
+    def finish(self) -> Tensor:
+        if not self._values:
+            raise ValueError("RobustAccumulator.finish() called before any client was added")
+        centre = robust_centre(torch.stack(self._values), self.rule, self.trim_fraction)
+        return centre.to(self._weight_dtype)
+
+
+def make_accumulator(
+    shape: Sequence[int], aggregation: str = "mean", trim_fraction: float = 0.25
+) -> L0Accumulator:
+    """The accumulator of run config ``aggregation``: ``mean`` (the paper's l0 mean, streamed)
+    or a robust rule."""
+    if aggregation == "mean":
+        return L0Accumulator(shape)
+    return RobustAccumulator(shape, aggregation, trim_fraction)
+
+
 def l0_aggregate(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
     """l0-norm aggregate of same-shape client matrices.
 

@@ -36,21 +36,16 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.payload import PayloadError, encode
+from fedspallm_strategy.payload import encode
+from fedspallm_strategy.replies import PAYLOAD_KEY, reply_bytes, reply_metrics, screen
 from fedspallm_strategy.secure_encoding import masked_bytes, vector_lengths
 from fedspallm_strategy.stats_payload import (
     decode_statistics,
     kind_of,
+    statistics_limit,
     statistics_nbytes,
-    validate_statistics,
 )
-from fedspallm_strategy.strategy import (
-    SPEC_KEY,
-    RejectedReply,
-    ServerEvaluated,
-    reply_payload,
-    request_record,
-)
+from fedspallm_strategy.strategy import SPEC_KEY, ServerEvaluated, reject_reply, request_record
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
@@ -327,8 +322,8 @@ class Exact(ServerEvaluated):
             node = reply.metadata.src_node_id
             try:
                 entries = self._accept(reply, node, accepted, expected)
-            except (PayloadError, RejectedReply) as error:
-                self.accounting.reject(server_round, node, layers, str(error))
+            except Exception as error:
+                reject_reply(self.accounting, server_round, node, layers, error)
                 continue
             for name, (stats, _covers) in entries.items():
                 if name in sums:
@@ -337,9 +332,7 @@ class Exact(ServerEvaluated):
                     sums[name] = stats
             accepted.append(node)
             del entries  # streaming: one client's statistics at a time
-        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
-        for node in sorted(set(self.assignments) - set(accepted) - rejected_now):
-            self.accounting.reject(server_round, node, layers, "no reply in time")
+        self.accounting.reject_silent(server_round, self.assignments, accepted)
         return None, self._finish_round(server_round, layers, sums, accepted, start)
 
     def _finish_round(
@@ -397,18 +390,20 @@ class Exact(ServerEvaluated):
 
     def _accept(self, reply: Message, node: int, accepted: list[int], expected) -> dict:
         """Decode and validate one reply completely before anything is summed."""
-        if reply.has_error():
-            raise RejectedReply(f"client error: {reply.error.reason}")
-        if node not in self.assignments:
-            raise RejectedReply("reply from a node that was not asked this round")
-        if node in accepted:
-            raise RejectedReply("duplicate reply")
-        data = reply_payload(reply)
-        kind, entries = decode_statistics(data, max_bytes=int(self.config.max_payload_mb * MIB))
-        validate_statistics(kind, entries, expected_kind=self.plan.kind, expected=expected)
+        screen(reply, node, self.assignments, accepted)
+        limit = min(
+            statistics_limit(self.plan.kind, expected), int(self.config.max_payload_mb * MIB)
+        )
+        data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
+        kind, entries = decode_statistics(
+            data,
+            max_bytes=limit,
+            expected_kind=self.plan.kind,
+            expected=expected,
+            tokens=self.config.calib_samples * self.config.seqlen,
+        )
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
-        if "metrics" in reply.content.metric_records:
-            self.accounting.add_metrics(node, dict(reply.content.metric_records["metrics"]))
+        self.accounting.add_metrics(node, reply_metrics(reply))
         return entries
 
     @torch.no_grad()

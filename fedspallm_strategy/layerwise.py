@@ -25,18 +25,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedspallm_strategy.aggregation import robust_centre
 from fedspallm_strategy.merging import MatrixMerger
-from fedspallm_strategy.payload import PayloadError, encode
+from fedspallm_strategy.payload import encode
+from fedspallm_strategy.plausibility import check_kept_values
+from fedspallm_strategy.replies import bytes_record, reply_bytes, reply_metrics, screen
 from fedspallm_strategy.round_plan import RoundStep, plan_rounds
-from fedspallm_strategy.strategy import (
-    SPEC_KEY,
-    FedSpaLLM,
-    RejectedReply,
-    bytes_record,
-    reply_bytes,
-    request_record,
-)
-from fedspallm_strategy.values_payload import Expected, decode_values
+from fedspallm_strategy.strategy import SPEC_KEY, FedSpaLLM, reject_reply, request_record
+from fedspallm_strategy.values_payload import Expected, decode_values, values_limit
 from llm_pruning.models import num_layers, prunable_weights
 
 log = logging.getLogger(__name__)
@@ -55,19 +51,30 @@ class ResolveAverage:
     (each client's ``diag H``), entry (r, j) is ``Σ_i h_ij w_i,rj / Σ_i h_ij``: the diagonal
     of the pooled-Hessian solution ``(Σ H_i)^-1 Σ H_i ŵ_i``, which is what centralized
     pruning would give if each ŵ_i solved its client's least squares exactly. Entries whose
-    column no client's input reached fall back to the plain mean.
+    column no client's input reached fall back to the plain mean. With ``aggregation`` =
+    ``trimmed-mean`` or ``median`` each entry is that robust centre of the clients' values.
     """
 
-    def __init__(self, masks: dict[str, torch.Tensor], names) -> None:
+    def __init__(
+        self,
+        masks: dict[str, torch.Tensor],
+        names,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.25,
+    ) -> None:
         # The input column of every kept entry, in the row-major order values travel in.
         self.columns = {n: masks[n].nonzero(as_tuple=True)[1] for n in names or []}
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.plain: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.weighted: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
+        self.every: dict[str, list[torch.Tensor]] = {}  # robust rules: each client's values
 
     def add(self, values: dict[str, torch.Tensor], column_weights: dict[str, torch.Tensor]):
         for name, kept in values.items():
+            if self.aggregation != "mean":
+                self.every.setdefault(name, []).append(kept)
             kept = kept.double()
             self.plain[name] = self.plain.get(name, 0) + kept
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -80,6 +87,10 @@ class ResolveAverage:
         """The merged kept values of ``name`` (float64), or None if nobody re-solved it."""
         if name not in self.plain:
             return None
+        if name in self.every:
+            self.plain.pop(name), self.counts.pop(name)
+            stacked = torch.stack(self.every.pop(name))
+            return robust_centre(stacked, self.aggregation, self.trim_fraction)
         mean = self.plain.pop(name) / self.counts.pop(name)
         if name in self.weighted:
             weights = self.weights.pop(name)
@@ -110,6 +121,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         self.steps: dict[int, RoundStep] = {}  # this round: node -> its part
         self.pruned_by: dict[int, list[int]] = {}  # layer -> nodes whose pruned copy was merged
         self.global_masks: dict[str, torch.Tensor] = {}  # fixed masks awaiting re-solve/hand-down
+        self.dense_kept: dict[str, torch.Tensor] = {}  # dense values under them, until re-solved
         self.round_log: list[dict] = []
 
     def summary(self) -> None:
@@ -217,17 +229,28 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             for layer in step.prune
             for name, linear in prunable_weights(self.model, layer).items()
         }
-        merger = MatrixMerger(self.rule, dense, self.pattern, self.generator)
-        average = ResolveAverage(self.global_masks, step.resolve and self._resolve_names(step))
+        merger = MatrixMerger(
+            self.rule,
+            dense,
+            self.pattern,
+            self.generator,
+            aggregation=self.config.aggregation,
+            trim_fraction=self.config.trim_fraction,
+        )
+        average = ResolveAverage(
+            self.global_masks,
+            step.resolve and self._resolve_names(step),
+            self.config.aggregation,
+            self.config.trim_fraction,
+        )
         answered: list[int] = []
         for reply in replies:
             node = self._sender(reply)
             try:
                 tensors, masks, values = self._accept_round(reply, node, answered)
-            except (PayloadError, RejectedReply) as error:
-                self.accounting.reject(
-                    server_round, node, self.assignments.get(node, []), str(error)
-                )
+            except Exception as error:
+                layers = self.assignments.get(node, [])
+                reject_reply(self.accounting, server_round, node, layers, error)
                 continue
             merger.add(tensors, masks)
             average.add(*values)
@@ -236,9 +259,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             answered.append(node)
             del tensors, masks, values  # streaming: one client's matrices at a time
         failed = set(self.steps) - set(answered)
-        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == server_round}
-        for node in sorted(failed - rejected_now):
-            self.accounting.reject(server_round, node, self.assignments[node], "no reply in time")
+        self.accounting.reject_silent(server_round, self.assignments, answered)
         if failed:
             self.dropped |= failed
             log.warning("nodes %s left out of the later rounds", sorted(failed))
@@ -266,12 +287,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
 
     def _accept_round(self, reply: Message, node: int, answered: list[int]):
         """Decode and validate one reply (pruned layers and re-solved values) completely."""
-        if reply.has_error():
-            raise RejectedReply(f"client error: {reply.error.reason}")
-        if node not in self.steps:
-            raise RejectedReply("reply from a node that was not asked this round")
-        if node in answered:
-            raise RejectedReply("duplicate reply")
+        screen(reply, node, self.steps, answered)
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         weighted = self.config.resolve_weighting == "hessian-diagonal"
         expected = {
@@ -281,13 +297,14 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             for layer in self.steps[node].resolve
             for name, linear in prunable_weights(self.model, layer).items()
         }
-        resolved = reply_bytes(reply, RESOLVED_KEY)
-        limit = int(self.config.max_payload_mb * 2**20)
+        limit = min(values_limit(expected), int(self.config.max_payload_mb * 2**20))
+        resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=limit)
         values = decode_values(resolved, expected, max_bytes=limit)
+        for name, kept in values[0].items():
+            check_kept_values(name, kept, self.dense_kept[name], self.change_bound)
         up = len(data) + len(resolved)
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + up
-        if "metrics" in reply.content.metric_records:
-            self.accounting.add_metrics(node, dict(reply.content.metric_records["metrics"]))
+        self.accounting.add_metrics(node, reply_metrics(reply))
         if self.reply_dir is not None and self.config.calibration == "local" and masks:
             self._store(node, data)  # local: the pruned layers form the node's standalone model
         return tensors, masks, values
@@ -305,6 +322,8 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         for layer in step.prune:
             for name, linear in prunable_weights(self.model, layer).items():
                 merged, keep = merger.finish(name)
+                if self.config.resolves:  # re-solved values are bounded against these
+                    self.dense_kept[name] = linear.weight.data[keep].clone()
                 linear.weight.data.copy_(merged)
                 if self.config.resolves or self.config.calibration == "global":
                     self.global_masks[name] = keep
@@ -315,6 +334,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             for name, linear in prunable_weights(self.model, layer).items():
                 keep = self.global_masks[name]
                 mean = average.finish(name)
+                del self.dense_kept[name]
                 if mean is None:
                     log.warning("%s: no valid re-solve reply; it keeps its l0-merged values", name)
                 else:

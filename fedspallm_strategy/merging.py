@@ -8,6 +8,10 @@ dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the c
   re-pruning to the target: the naive baseline.
 - ``fedprllm`` (Guo et al. 2025): masks only; keep the entries with the fewest prune votes,
   ties at random, at their dense values.
+
+With ``aggregation`` = ``trimmed-mean`` or ``median`` (beyond the paper), ``fedspallm`` takes a
+robust centre over the clients that kept each entry instead of their mean; it holds every
+client's matrix until the merge (``RobustAccumulator``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.aggregation import L0Accumulator
+from fedspallm_strategy.aggregation import L0Accumulator, make_accumulator
 from fedspallm_strategy.expansion import expand_mask, expand_mask_nm
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
@@ -33,10 +37,16 @@ class MatrixMerger:
         dense: Mapping[str, Tensor],
         pattern: SparsityPattern,
         generator: torch.Generator,
+        *,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.25,
     ):
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+        if aggregation != "mean" and rule != "fedspallm":
+            raise ValueError(f"aggregation {aggregation!r} applies to rule fedspallm, not {rule!r}")
         self.rule, self.dense, self.pattern, self.generator = rule, dense, pattern, generator
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.accumulators: dict[str, L0Accumulator] = {}
 
     def add(self, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
@@ -45,7 +55,9 @@ class MatrixMerger:
         for name, keep in masks.items():
             weight = tensors[name] if tensors else self.dense[name]
             if name not in self.accumulators:
-                self.accumulators[name] = L0Accumulator(keep.shape)
+                self.accumulators[name] = make_accumulator(
+                    keep.shape, self.aggregation, self.trim_fraction
+                )
             self.accumulators[name].add(weight.to(self.dense[name].dtype), keep)
 
     def finish(self, name: str) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,10 @@ tensor: 0.5625x dense fp16 at 50 % sparsity, 1/16 for a mask-only payload.
 
 Payloads come from other organisations, so :func:`decode` trusts nothing: every
 malformation raises :class:`PayloadError` naming the problem, and parsing uses
-``safetensors`` only (no pickle).
+``safetensors`` only (no pickle). Given what the assignment implies (:class:`MatrixSpec`:
+shape, pattern, value dtype), it also refuses a payload whose size, metadata or tensor
+layout disagrees *before* any tensor is materialised, and then one whose masks do not prune
+exactly the count the pattern demands.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor
+
+from llm_pruning.pruners import SparsityPattern, num_to_prune
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,13 @@ VALUES_PREFIX = "values/"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _METADATA_KEYS = {"format", "version", "values", "matrices"}
+_SAFETENSORS_CODES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16"}
+_SAFETENSORS_CODES[torch.bfloat16] = "BF16"
+_CODE_SIZES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
+# Room for the JSON header beyond the tensor data: a fixed part plus a generous share per
+# matrix (its names appear three times, with shapes and offsets).
+HEADER_ALLOWANCE = 4096
+HEADER_ALLOWANCE_PER_MATRIX = 1024
 
 
 T = TypeVar("T")
@@ -49,6 +62,45 @@ T = TypeVar("T")
 
 class PayloadError(ValueError):
     """A payload is malformed, inconsistent, too large, or not what the server expects."""
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """What the server's assignment implies one matrix of a reply holds, known before the
+    reply is read: its shape, the pattern it was pruned to, and the dtype of its kept values
+    (``None``: the pruner keeps the dense values, so the payload is mask-only)."""
+
+    shape: tuple[int, int]
+    pattern: SparsityPattern
+    dtype: torch.dtype | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def kept(self) -> int:
+        """Entries the pattern keeps: every pruner prunes exactly this many of the others."""
+        if self.pattern.is_nm:
+            return self.numel // self.pattern.m * self.pattern.n
+        return self.numel - num_to_prune(self.numel, self.pattern.sparsity)
+
+    @property
+    def mask_bytes(self) -> int:
+        return (self.numel + 7) // 8
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes of this matrix in a payload (values, if any, plus the packed mask)."""
+        values = 0 if self.dtype is None else self.kept * self.dtype.itemsize
+        return values + self.mask_bytes
+
+
+def payload_limit(expected: Mapping[str, MatrixSpec]) -> int:
+    """The most bytes a valid payload of ``expected`` can take: its exact tensor data plus a
+    generous header allowance."""
+    data = sum(spec.nbytes for spec in expected.values())
+    return data + 8 + HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MATRIX * len(expected)
 
 
 # --------------------------------------------------------------------------- encode
@@ -125,6 +177,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _read_metadata(data: bytes) -> dict[str, str]:
     """Parse the safetensors header ourselves: ``safetensors.torch.load`` drops metadata."""
+    return _read_header(data)[1]["__metadata__"]
+
+
+def _read_header(data: bytes) -> tuple[int, dict]:
+    """``(header length, header)`` of a safetensors buffer, ``__metadata__`` checked to be
+    a str -> str object."""
     if len(data) < 8:
         raise PayloadError(f"payload of {len(data)} bytes is too short for a safetensors header")
     header_len = int.from_bytes(data[:8], "little")
@@ -143,7 +201,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         raise PayloadError("payload has no __metadata__")
     if not all(isinstance(value, str) for value in metadata.values()):
         raise PayloadError("__metadata__ values must be strings")
-    return metadata
+    return header_len, header
 
 
 def _parse_shape(name: str, shape: object) -> tuple[int, ...]:
@@ -249,27 +307,125 @@ def parse_guarded(parse: Callable[[], T], what: str) -> T:
         raise
 
 
+def _check_declared(
+    has_values: bool, specs: Mapping[str, tuple], expected: Mapping[str, MatrixSpec]
+) -> None:
+    """The metadata against the assignment: names, shapes, and values iff the pruner sends
+    them."""
+    want_values = any(spec.dtype is not None for spec in expected.values())
+    if not expected:  # a node with no layer in this round's group: an empty payload either way
+        want_values = has_values
+    if has_values and not want_values:
+        raise PayloadError("payload carries values, but this run's pruner keeps the dense ones")
+    if want_values and not has_values:
+        raise PayloadError("payload is mask-only, but this run's pruner updates the weights")
+    if missing := sorted(set(expected) - set(specs)):
+        raise PayloadError(f"payload lacks matrices {missing}")
+    if unexpected := sorted(set(specs) - set(expected)):
+        raise PayloadError(f"payload has unexpected matrices {unexpected}")
+    for name, (shape, dtype) in specs.items():
+        spec = expected[name]
+        if shape != tuple(spec.shape) or dtype != spec.dtype:
+            raise PayloadError(
+                f"{name}: declared {shape} {dtype}, expected {tuple(spec.shape)} {spec.dtype}"
+            )
+
+
+def _check_layout(
+    header: Mapping, header_len: int, size: int, expected: Mapping[str, MatrixSpec]
+) -> None:
+    """Every tensor entry of the safetensors header is the dtype and shape the assignment
+    implies, and the entries tile the data exactly: checked before safetensors reads it."""
+    layout = {}
+    for name, spec in expected.items():
+        layout[MASK_PREFIX + name] = ("U8", [spec.mask_bytes])
+        if spec.dtype is not None:
+            layout[VALUES_PREFIX + name] = (_SAFETENSORS_CODES[spec.dtype], [spec.kept])
+    entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    if set(entries) != set(layout):
+        raise PayloadError(
+            f"header tensors {sorted(entries)[:4]}... differ from the matrices of the assignment"
+        )
+    spans = []
+    for key, (code, shape) in layout.items():
+        entry = entries[key]
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise PayloadError(f"{key}: malformed header entry")
+        if entry["dtype"] != code or entry["shape"] != shape:
+            raise PayloadError(
+                f"{key}: header says {entry['dtype']} {entry['shape']}, expected {code} {shape}"
+            )
+        offsets = entry["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets)):
+            raise PayloadError(f"{key}: malformed data_offsets {offsets!r}")
+        width = math.prod(shape) * _CODE_SIZES[code]
+        if offsets[1] - offsets[0] != width:
+            raise PayloadError(f"{key}: data_offsets {offsets} do not span {width} bytes")
+        spans.append(tuple(offsets))
+    spans.sort()
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            raise PayloadError("header data_offsets overlap or leave gaps")
+        position = end
+    if position != size - 8 - header_len:
+        raise PayloadError(
+            f"tensor data is {size - 8 - header_len} bytes, the assignment implies {position}"
+        )
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_pattern(name: str, mask: Tensor, spec: MatrixSpec) -> None:
+    """The mask prunes exactly what the pattern demands: the exact count, and for N:M, N kept
+    in every group of M consecutive inputs of a row."""
+    kept = int(mask.sum())
+    if kept != spec.kept:
+        raise PayloadError(
+            f"{name}: mask keeps {kept} of {spec.numel} entries; {spec.pattern} keeps {spec.kept}"
+        )
+    if spec.pattern.is_nm:
+        rows, cols = mask.shape
+        groups = mask.reshape(rows, cols // spec.pattern.m, spec.pattern.m).sum(dim=-1)
+        if bool((groups != spec.pattern.n).any()):
+            raise PayloadError(f"{name}: mask breaks the {spec.pattern} pattern")
+
+
 def _decode_unchecked(
-    data: bytes, max_bytes: int | None
+    data: bytes, max_bytes: int | None, expected: Mapping[str, MatrixSpec] | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    if expected is not None:
+        limit = payload_limit(expected)
+        max_bytes = limit if max_bytes is None else min(max_bytes, limit)
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     data = bytes(data)
-    has_values, specs = _parse_matrices(_read_metadata(data))
+    header_len, header = _read_header(data)
+    has_values, specs = _parse_matrices(header["__metadata__"])
+    if expected is not None:
+        _check_declared(has_values, specs, expected)
+        _check_layout(header, header_len, len(data), expected)
     loaded = _load_tensors(data, specs, has_values)
     tensors: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
     for name, (shape, dtype) in specs.items():
         masks[name] = _unpack_mask(name, loaded[MASK_PREFIX + name], shape)
+        if expected is not None:
+            _check_pattern(name, masks[name], expected[name])
         if has_values:
             tensors[name] = _dense_from(name, loaded[VALUES_PREFIX + name], masks[name], dtype)
     return tensors, masks
 
 
 def decode(
-    data: bytes, *, max_bytes: int | None = None
+    data: bytes,
+    *,
+    max_bytes: int | None = None,
+    expected: Mapping[str, MatrixSpec] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Parse and validate a payload made by :func:`encode`.
 
@@ -279,6 +435,10 @@ def decode(
         The payload bytes.
     max_bytes
         Reject payloads longer than this before parsing anything.
+    expected
+        Name -> :class:`MatrixSpec` of every matrix the payload must hold, and nothing else
+        (the server's view of a reply). Its size limit, metadata and tensor layout are then
+        checked before any tensor is read, and every mask's count and pattern after.
 
     Returns
     -------
@@ -292,7 +452,7 @@ def decode(
         For anything malformed; no other exception escapes from parsing (except
         ``MemoryError`` and non-``Exception`` signals such as ``KeyboardInterrupt``).
     """
-    return parse_guarded(lambda: _decode_unchecked(data, max_bytes), "payload")
+    return parse_guarded(lambda: _decode_unchecked(data, max_bytes, expected), "payload")
 
 
 # --------------------------------------------------------------------------- validate

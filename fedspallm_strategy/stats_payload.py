@@ -15,7 +15,10 @@ weight name the statistics stand for, the key first).
 
 Payloads come from other organisations, so :func:`decode_statistics` trusts nothing: anything
 malformed raises :class:`~fedspallm_strategy.payload.PayloadError`, and parsing uses
-``safetensors`` only (no pickle).
+``safetensors`` only (no pickle). Given the round's groups, it compares the declared kind,
+groups, inputs and token count with them before any tensor is read, and then checks that the
+sums could come from data at all: sums of squares are not negative, and a Hessian obeys
+Cauchy-Schwarz, ``|H_ij| <= sqrt(H_ii H_jj)``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.payload import PayloadError, _read_metadata, _unique_keys, parse_guarded
+from fedspallm_strategy.payload import (
+    HEADER_ALLOWANCE,
+    HEADER_ALLOWANCE_PER_MATRIX,
+    PayloadError,
+    _read_metadata,
+    _unique_keys,
+    parse_guarded,
+)
 from llm_pruning.pruners import ColumnNormStats, HessianStats, Stats
 
 FORMAT = "fedspallm-statistics"
@@ -37,8 +47,13 @@ KINDS: dict[str, type] = {"hessian": HessianStats, "column-norms": ColumnNormSta
 _METADATA_KEYS = {"format", "version", "kind", "matrices"}
 _ENTRY_KEYS = {"inputs", "count", "covers"}
 
+# Float32 sums of squares obey Cauchy-Schwarz up to their rounding; this is far above it.
+_CAUCHY_SCHWARZ_SLACK = 1e-3
+
 # Weight name -> (statistics, every weight name they stand for), the key first.
 SharedStats = Mapping[str, tuple[Stats, Sequence[str]]]
+# Group key -> (inputs, covers): what a round's reply must hold.
+ExpectedGroups = Mapping[str, tuple[int, Sequence[str]]]
 
 
 def kind_of(stats_class: type) -> str:
@@ -56,6 +71,12 @@ def statistics_nbytes(kind: str, inputs: int) -> int:
     if kind == "column-norms":
         return inputs * 4
     raise ValueError(f"unknown statistics kind {kind!r}; choose one of {sorted(KINDS)}")
+
+
+def statistics_limit(kind: str, expected: ExpectedGroups) -> int:
+    """The most bytes a valid statistics reply for ``expected`` can take."""
+    data = sum(statistics_nbytes(kind, inputs) for inputs, _covers in expected.values())
+    return data + 8 + HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MATRIX * len(expected)
 
 
 def same_statistics(first: Stats, second: Stats) -> bool:
@@ -218,33 +239,100 @@ def _stats_from(name: str, kind: str, sums: Tensor, entry: Mapping) -> Stats:
     return stats
 
 
-def _decode_unchecked(data: bytes, max_bytes: int | None) -> tuple[str, dict]:
+def _check_declared(
+    kind: str,
+    declared: Mapping[str, Mapping],
+    expected_kind: str,
+    expected: ExpectedGroups,
+    tokens: int | None,
+) -> None:
+    """What a reply declares (kind, groups, inputs, covers, token counts) against the round."""
+    if kind != expected_kind:
+        raise PayloadError(f"statistics of kind {kind!r}; this run needs {expected_kind!r}")
+    if missing := sorted(set(expected) - set(declared)):
+        raise PayloadError(f"payload lacks statistics for {missing}")
+    if unexpected := sorted(set(declared) - set(expected)):
+        raise PayloadError(f"payload has statistics for unexpected matrices {unexpected}")
+    for name, (inputs, covers) in expected.items():
+        entry = declared[name]
+        if entry["inputs"] != inputs or tuple(entry["covers"]) != tuple(covers):
+            raise PayloadError(
+                f"{name}: statistics of {entry['inputs']} inputs covering "
+                f"{list(entry['covers'])}; expected {inputs} inputs covering {list(covers)}"
+            )
+    counts = {entry["count"] for entry in declared.values()}
+    if len(counts) > 1:  # every Linear of a round sees the same token rows
+        raise PayloadError(f"token counts differ between matrices: {sorted(counts)}")
+    if tokens is not None and counts != {tokens}:
+        raise PayloadError(
+            f"statistics over {sorted(counts)} tokens; calib-samples x seqlen is {tokens}"
+        )
+
+
+def _check_cauchy_schwarz(name: str, stats: Stats) -> None:
+    """A sum of outer products x xᵀ has ``|H_ij| <= sqrt(H_ii H_jj)``; one that breaks it
+    came from no data."""
+    if not isinstance(stats, HessianStats):
+        return
+    xtx = stats.xtx.double()
+    root = xtx.diagonal().clamp_min(0).sqrt()
+    bound = torch.outer(root, root) * (1 + _CAUCHY_SCHWARZ_SLACK) + 1e-30
+    if bool((xtx.abs() > bound).any()):
+        raise PayloadError(f"{name}: |H_ij| > sqrt(H_ii H_jj): no data has these statistics")
+
+
+def _decode_unchecked(
+    data: bytes,
+    max_bytes: int | None,
+    expected: tuple[str, ExpectedGroups, int | None] | None,
+) -> tuple[str, dict]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     data = bytes(data)
     kind, matrices = _parse_metadata(_read_metadata(data))
+    if expected is not None:
+        _check_declared(kind, matrices, *expected)
+        needed = sum(statistics_nbytes(kind, entry["inputs"]) for entry in matrices.values())
+        if len(data) - 8 - int.from_bytes(data[:8], "little") != needed:
+            raise PayloadError(f"statistics payload does not carry the {needed} bytes declared")
     try:
         loaded = safetensors.torch.load(data)
     except Exception as exc:  # SafetensorError and friends: offsets or shapes that lie
         raise PayloadError(f"invalid safetensors data: {exc}") from exc
-    expected = {STATS_PREFIX + name for name in matrices}
-    if set(loaded) != expected:
+    declared = {STATS_PREFIX + name for name in matrices}
+    if set(loaded) != declared:
         raise PayloadError(
-            f"payload tensors {sorted(loaded)} do not match its metadata {sorted(expected)}"
+            f"payload tensors {sorted(loaded)} do not match its metadata {sorted(declared)}"
         )
     entries = {
         name: (_stats_from(name, kind, loaded[STATS_PREFIX + name], entry), tuple(entry["covers"]))
         for name, entry in matrices.items()
     }
+    for name, (stats, _covers) in entries.items():
+        _check_cauchy_schwarz(name, stats)
     return kind, entries
 
 
 def decode_statistics(
-    data: bytes, *, max_bytes: int | None = None
+    data: bytes,
+    *,
+    max_bytes: int | None = None,
+    expected_kind: str | None = None,
+    expected: ExpectedGroups | None = None,
+    tokens: int | None = None,
 ) -> tuple[str, dict[str, tuple[Stats, tuple[str, ...]]]]:
     """Parse and validate a payload made by :func:`encode_statistics`.
+
+    Parameters
+    ----------
+    max_bytes
+        Reject longer payloads before parsing anything.
+    expected_kind, expected, tokens
+        The round's statistics kind, its groups (key -> ``(inputs, covers)``, every one and
+        nothing else) and the token rows each client sums (``None``: any, equal across
+        groups). Given, they are checked against the header before any tensor is read.
 
     Returns
     -------
@@ -254,25 +342,22 @@ def decode_statistics(
     Raises
     ------
     PayloadError
-        For anything malformed; no other exception escapes from parsing (except
-        ``MemoryError`` and signals).
+        For anything malformed or not what the round asked for; no other exception escapes
+        from parsing (except ``MemoryError`` and signals).
     """
-    return parse_guarded(lambda: _decode_unchecked(data, max_bytes), "statistics")
+    checks = None if expected is None else (expected_kind, expected, tokens)
+    return parse_guarded(lambda: _decode_unchecked(data, max_bytes, checks), "statistics")
 
 
 def validate_statistics(
     kind: str,
-    entries: Mapping[str, tuple[Stats, Sequence[str]]],
+    entries: SharedStats,
     *,
     expected_kind: str,
-    expected: Mapping[str, tuple[int, Sequence[str]]],
+    expected: ExpectedGroups,
 ) -> None:
-    """Check decoded statistics against what the server asked for.
-
-    Parameters
-    ----------
-    expected
-        Group key -> ``(inputs, covers)`` for every group of the round, and nothing else.
+    """Check decoded statistics against what the server asked for (as :func:`decode_statistics`
+    does with ``expected``).
 
     Raises
     ------
@@ -280,19 +365,8 @@ def validate_statistics(
         On another kind, a missing or unexpected group, other inputs or covers, or counts
         that differ between groups (every Linear of a round sees the same token rows).
     """
-    if kind != expected_kind:
-        raise PayloadError(f"statistics of kind {kind!r}; this run needs {expected_kind!r}")
-    if missing := sorted(set(expected) - set(entries)):
-        raise PayloadError(f"payload lacks statistics for {missing}")
-    if unexpected := sorted(set(entries) - set(expected)):
-        raise PayloadError(f"payload has statistics for unexpected matrices {unexpected}")
-    for name, (inputs, covers) in expected.items():
-        stats, got = entries[name]
-        if stats.num_inputs != inputs or tuple(got) != tuple(covers):
-            raise PayloadError(
-                f"{name}: statistics of {stats.num_inputs} inputs covering {list(got)}; "
-                f"expected {inputs} inputs covering {list(covers)}"
-            )
-    counts = {stats.count for stats, _ in entries.values()}
-    if len(counts) > 1:
-        raise PayloadError(f"token counts differ between matrices: {sorted(counts)}")
+    declared = {
+        name: {"inputs": stats.num_inputs, "covers": covers, "count": stats.count}
+        for name, (stats, covers) in entries.items()
+    }
+    _check_declared(kind, declared, expected_kind, expected, None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,7 +27,15 @@ from fedspallm_strategy import checkpoint
 from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.merging import MatrixMerger
-from fedspallm_strategy.payload import PayloadError, decode, validate_layer
+from fedspallm_strategy.payload import MatrixSpec, PayloadError, decode, payload_limit
+from fedspallm_strategy.plausibility import change_bound, check_kept_values
+from fedspallm_strategy.replies import (
+    PAYLOAD_KEY,
+    RejectedReply,
+    reply_bytes,
+    reply_metrics,
+    screen,
+)
 from fedspallm_strategy.sampling import layer_budget, sample_layers
 from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.pruners import get_pruner
@@ -35,7 +43,6 @@ from llm_pruning.pruners import get_pruner
 log = logging.getLogger(__name__)
 
 SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
-PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
 # The run-config keys a client needs to prune; everything else stays on the server.
 CLIENT_KEYS = (
     "model",
@@ -68,31 +75,15 @@ def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
     return RunConfig.from_mapping(values), layers
 
 
-class RejectedReply(Exception):
-    """A reply the server will not aggregate; the reason goes to the log and the report."""
-
-
-def bytes_record(data: bytes, key: str = PAYLOAD_KEY) -> ArrayRecord:
-    """``data`` as one 1-D uint8 array named ``key`` (1-D: Flower chunks it)."""
-    return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
-
-
-def reply_bytes(reply: Message, key: str) -> bytes:
-    """The bytes a reply carries under ``key``: exactly one 1-D uint8 array in that record."""
-    if key not in reply.content.array_records:
-        raise RejectedReply(f"reply has no '{key}' ArrayRecord")
-    arrays = reply.content.array_records[key]
-    if list(arrays.keys()) != [key]:
-        raise RejectedReply(f"{key} record must hold exactly one array '{key}'")
-    array = arrays[key]
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise RejectedReply(f"{key} must be a 1-D uint8 array, got {array.dtype} {array.shape}")
-    return array.numpy().tobytes()
-
-
-def reply_payload(reply: Message) -> bytes:
-    """The payload bytes of a reply: exactly one 1-D uint8 array under ``PAYLOAD_KEY``."""
-    return reply_bytes(reply, PAYLOAD_KEY)
+def reject_reply(
+    accounting: Accounting, server_round: int, node: int, layers: list[int], error: Exception
+) -> None:
+    """Record a reply that will not be aggregated. An error other than the two expected ones
+    is a reply nobody foresaw: still only that reply's problem, logged with its traceback."""
+    if not isinstance(error, PayloadError | RejectedReply):
+        log.error("round %d: unforeseen reply of node %d", server_round, node, exc_info=error)
+        error = RejectedReply(f"unreadable reply: {type(error).__name__}: {error}")
+    accounting.reject(server_round, node, layers, str(error))
 
 
 class ServerEvaluated(Strategy):
@@ -152,6 +143,7 @@ class FedSpaLLM(ServerEvaluated):
         self.completed_rounds = 0  # before this process started, when resuming
         self.pattern = config.sparsity_pattern
         self.pruner = get_pruner(config.pruner)
+        self.change_bound = change_bound(self.pattern, config.max_relative_change)
         self.rng = np.random.default_rng(config.seed)  # layer sampling
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
@@ -247,6 +239,8 @@ class FedSpaLLM(ServerEvaluated):
             dense,
             self.pattern,
             self.generator,
+            aggregation=self.config.aggregation,
+            trim_fraction=self.config.trim_fraction,
         )
         delivered: dict[int, set[int]] = {}
         for reply in replies:
@@ -254,8 +248,8 @@ class FedSpaLLM(ServerEvaluated):
             layers = self.assignments.get(node, [])
             try:
                 tensors, masks = self._accept(reply, node, delivered)
-            except (PayloadError, RejectedReply) as error:
-                self.accounting.reject(this_round, node, layers, str(error))
+            except Exception as error:
+                reject_reply(self.accounting, this_round, node, layers, error)
                 continue
             if self.rule != "standalone":
                 merger.add(tensors, masks)
@@ -270,9 +264,7 @@ class FedSpaLLM(ServerEvaluated):
         answered = {n for nodes in delivered.values() for n in nodes}
         failed = set(self.assignments) - answered
         self.failed_names = {self._name(n) for n in failed}
-        rejected_now = {r["node"] for r in self.accounting.rejected if r["round"] == this_round}
-        for node in sorted(failed - rejected_now):
-            self.accounting.reject(this_round, node, self.assignments[node], "no reply in time")
+        self.accounting.reject_silent(this_round, self.assignments, answered)
         missing = sorted(set().union(*self.assignments.values()) - set(delivered))
         if missing:
             log.warning(
@@ -280,7 +272,7 @@ class FedSpaLLM(ServerEvaluated):
             )
         metrics = {
             "clients": len(answered),
-            "rejected": sum(1 for r in self.accounting.rejected if r["round"] == this_round),
+            "rejected": len(self.accounting.rejected_in(this_round)),
             "layers-done": len(delivered),
             "layers-pending": len(self.remaining),
             "bytes-up": sum(self.accounting.bytes_up.values()),
@@ -307,30 +299,41 @@ class FedSpaLLM(ServerEvaluated):
         self, reply: Message, node: int, delivered: Mapping[int, set[int]]
     ) -> tuple[dict, dict]:
         """Decode and validate one reply completely before anything is aggregated."""
-        if reply.has_error():
-            raise RejectedReply(f"client error: {reply.error.reason}")
-        if node not in self.assignments:
-            raise RejectedReply("reply from a node that was not asked this round")
-        if any(node in nodes for nodes in delivered.values()):
-            raise RejectedReply("duplicate reply")
+        answered = {n for nodes in delivered.values() for n in nodes}
+        screen(reply, node, self.assignments, answered)
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
-        if "metrics" in reply.content.metric_records:
-            self.accounting.client_metrics[node] = dict(reply.content.metric_records["metrics"])
+        self.accounting.client_metrics[node] = reply_metrics(reply)
         if self.reply_dir is not None:
             self._store(node, data)
         return tensors, masks
 
-    def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
-        """The reply's pruned matrices, checked to be exactly those of ``layers``."""
-        data = reply_payload(reply)
-        tensors, masks = decode(data, max_bytes=int(self.config.max_payload_mb * 2**20))
-        expected = {
-            name: tuple(linear.weight.shape)
+    def matrix_specs(self, layers: Iterable[int]) -> dict[str, MatrixSpec]:
+        """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and
+        value dtype, known before it is read."""
+        wire = self.config.payload_dtype
+        return {
+            name: MatrixSpec(
+                tuple(linear.weight.shape),
+                self.pattern,
+                None
+                if not self.pruner.updates_weights
+                else (linear.weight.dtype if wire == "auto" else getattr(torch, wire)),
+            )
             for layer in layers
             for name, linear in prunable_weights(self.model, layer).items()
         }
-        validate_layer(tensors, masks, expected, require_values=self.pruner.updates_weights)
+
+    def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
+        """The reply's pruned matrices, checked to be exactly those of ``layers``."""
+        expected = self.matrix_specs(layers)
+        limit = min(payload_limit(expected), int(self.config.max_payload_mb * 2**20))
+        data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
+        tensors, masks = decode(data, max_bytes=limit, expected=expected)
+        weights = dict(self.model.named_parameters())  # still dense: merged after the round
+        for name, tensor in tensors.items():
+            keep = masks[name]
+            check_kept_values(name, tensor[keep], weights[name].data[keep], self.change_bound)
         return tensors, masks, data
 
     def _store(self, node: int, data: bytes) -> None:
@@ -383,27 +386,28 @@ class FedSpaLLM(ServerEvaluated):
         }
 
     def restore(self, folder: Path) -> None:
-        """Continue from a checkpoint: finished layers, pending ones, generators, accounting."""
-        state, matrices = checkpoint.load(folder)
-        changed = sorted(
-            key
-            for key in set(state["config"]) | set(self._resumable_config())
-            if state["config"].get(key) != self._resumable_config().get(key)
+        """Continue from a checkpoint: finished layers, pending ones, generators, accounting.
+
+        The checkpoint is checked whole first (``checkpoint.read``: the same config, and
+        matrices the run could have written); a bad one raises ``ConfigError``
+        ("resume-from: ...") and leaves this strategy and its model as they were.
+        """
+        saved = checkpoint.read(
+            folder,
+            model=self.model,
+            pattern=self.pattern,
+            config=self._resumable_config(),
+            complete=self.rule != "standalone",  # standalone merges, so checkpoints, nothing
         )
-        if changed:
-            raise ValueError(
-                f"resume-from: the run config differs from the checkpoint's in {changed}"
-            )
         parameters = dict(self.model.named_parameters())
-        for name, matrix in matrices.items():
+        for name, matrix in saved.matrices.items():
             parameters[name].data.copy_(matrix)
-        self.remaining = state["remaining"]
-        self.failed_names = set(state["failed_names"])
-        self.rng = checkpoint.restore_numpy_rng(state["rng"])
-        checkpoint.restore_torch_rng(self.generator, state["generator"])
-        self.accounting = Accounting.from_json(state["accounting"])
-        self.reply_files = {int(n): [Path(p) for p in ps] for n, ps in state["reply_files"].items()}
-        self.completed_rounds = state["completed_round"]
+        self.remaining = saved.remaining
+        self.failed_names = saved.failed_names
+        self.rng, self.generator = saved.rng, saved.generator
+        self.accounting = saved.accounting
+        self.reply_files = saved.reply_files
+        self.completed_rounds = saved.completed_round
         log.info(
             "resumed after round %d: %d layers pending", self.completed_rounds, len(self.remaining)
         )

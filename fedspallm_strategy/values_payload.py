@@ -25,6 +25,8 @@ from torch import Tensor
 from fedspallm_strategy.payload import (
     _DTYPE_NAMES,
     _DTYPES,
+    HEADER_ALLOWANCE,
+    HEADER_ALLOWANCE_PER_MATRIX,
     VALUES_PREFIX,
     PayloadError,
     _read_metadata,
@@ -43,6 +45,12 @@ class Expected:
 
     count: int  # kept entries: values sent
     columns: int | None = None  # input columns, when per-column weights are asked for
+
+
+def values_limit(expected: Mapping[str, Expected]) -> int:
+    """The most bytes a valid re-solve reply for ``expected`` can take (float32 values)."""
+    data = sum(4 * (e.count + (e.columns or 0)) for e in expected.values())
+    return data + 8 + HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MATRIX * len(expected)
 
 
 def encode_values(

@@ -20,8 +20,9 @@ from client_app.running_inputs import state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.layerwise import RESOLVED_KEY, LayerwiseFedSpaLLM, ResolveAverage
 from fedspallm_strategy.payload import PayloadError
+from fedspallm_strategy.replies import bytes_record, reply_bytes
 from fedspallm_strategy.round_plan import plan_rounds
-from fedspallm_strategy.strategy import FedSpaLLM, bytes_record, reply_bytes
+from fedspallm_strategy.strategy import FedSpaLLM
 from fedspallm_strategy.values_payload import Expected, decode_values, encode_values
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
@@ -177,7 +178,7 @@ def test_layers_per_round_with_local_calibration_is_bit_identical_to_one_round(t
 def record_resolved(store: dict):
     def keep(node: int, reply: Message) -> Message:
         if not reply.has_error() and RESOLVED_KEY in reply.content.array_records:
-            values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY))
+            values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
             store.setdefault(node, {}).update(values)  # every round's re-solved matrices
         return reply
 
@@ -268,7 +269,7 @@ def test_a_resolve_reply_that_does_not_match_the_sent_mask_is_rejected(tmp_path)
     def drop_one_value(node: int, reply: Message) -> Message:
         if node != 2 or reply.has_error():
             return reply
-        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY))
+        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
         if not values:
             return reply  # the prune round: nothing re-solved yet
         values = {key.removeprefix("values/"): tensor for key, tensor in values.items()}
