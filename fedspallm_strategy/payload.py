@@ -343,9 +343,8 @@ def _check_layout(
             layout[VALUES_PREFIX + name] = (_SAFETENSORS_CODES[spec.dtype], [spec.kept])
     entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
     if set(entries) != set(layout):
-        raise PayloadError(
-            f"header tensors {sorted(entries)[:4]}... differ from the matrices of the assignment"
-        )
+        differ = sorted(set(entries) ^ set(layout))
+        raise PayloadError(f"header tensors differ from the assignment's in {differ[:4]}")
     spans = []
     for key, (code, shape) in layout.items():
         entry = entries[key]
