@@ -390,3 +390,47 @@ def test_the_layerwise_model_loads_with_transformers(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "model")
     assert sum(int((p == 0).sum()) for n, p in model.named_parameters() if "proj" in n) > 0
+
+
+def _scale_resolved(node_to_poison: int, factor: float):
+    """A reply filter that multiplies node ``node_to_poison``'s re-solved values."""
+
+    def poison(node: int, reply: Message) -> Message:
+        if node != node_to_poison or reply.has_error():
+            return reply
+        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
+        if not values:
+            return reply  # the prune round: nothing re-solved yet
+        values = {key.removeprefix("values/"): t * factor for key, t in values.items()}
+        reply.content[RESOLVED_KEY] = bytes_record(encode_values(values), RESOLVED_KEY)
+        return reply
+
+    return poison
+
+
+def test_resolved_values_far_from_the_dense_weights_are_rejected(tmp_path):
+    strategy, _ = run(
+        tmp_path, partitions(3), reply_filter=_scale_resolved(2, 1000.0), resolve=True
+    )
+    rejected = strategy.accounting.rejected
+    assert [(r["node"], r["round"]) for r in rejected] == [(2, 2)]
+    assert "differ from the dense weights" in rejected[0]["reason"]
+    assert not strategy.remaining
+
+
+def test_robust_resolve_average_ignores_one_outlier_of_three():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    honest = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.5, 2.5, 3.5, 4.5])]
+    poisoned = torch.tensor([1e6, -1e6, 1e6, 0.0])
+    for rule, expected in (
+        ("median", [1.5, 2.0, 3.5, 4.0]),
+        ("trimmed-mean", [1.5, 2.0, 3.5, 4.0]),
+    ):
+        average = ResolveAverage({"w": keep}, ["w"], rule)
+        for values in (*honest, poisoned):
+            average.add({"w": values}, {})
+        assert average.finish("w").tolist() == expected, rule
+    mean = ResolveAverage({"w": keep}, ["w"])
+    for values in (*honest, poisoned):
+        mean.add({"w": values}, {})
+    assert mean.finish("w")[0] > 1e5  # the paper's mean follows the poisoner
