@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -221,7 +222,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", type=Path, default=None, help="default: a copy of Austen")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="novels/ and persuasion.txt (default: Austen)"
+    )
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -232,8 +235,9 @@ def main() -> None:
     logging.getLogger("fedspallm_strategy").setLevel(logging.ERROR)
     _set_task_identity(1)
     info = machine()
-    args.data = args.data or _austen_split(args.out / "poisoning-data")
-    results = [measure(args, 3, 1, "by-document"), measure(args, 7, 2, "iid")]
+    with tempfile.TemporaryDirectory() as scratch:
+        args.data = args.data or _austen_split(Path(scratch))
+        results = [measure(args, 3, 1, "by-document"), measure(args, 7, 2, "iid")]
     table = markdown(results)
     write_results(args.out / "poisoning.json", info=info, args=args, results=results)
     (args.out / "poisoning.md").write_text(table)
