@@ -112,7 +112,13 @@ class Federation:
         }
 
     def start(
-        self, name: str, args: list[str], *, cwd: Path | None = None, home: Path | None = None
+        self,
+        name: str,
+        args: list[str],
+        *,
+        cwd: Path | None = None,
+        home: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen:
         """Start ``args`` in its own session, logging to ``<root>/<name>.log``.
 
@@ -125,7 +131,7 @@ class Federation:
         process = subprocess.Popen(
             args,
             cwd=cwd or home.parent,
-            env=self.env(home),
+            env={**self.env(home), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -272,9 +278,11 @@ def run_status(federation: Federation, connection: str, run_id: str) -> str:
     return runs[run_id]["status"]
 
 
-def run_and_check(federation: Federation, connection: str, output_dir: Path, nodes: int):
+def run_and_check(
+    federation: Federation, connection: str, output_dir: Path, nodes: int, extra: str = ""
+):
     """``flwr run . <connection>``; returns (run id, run folder, report) of a completed run."""
-    overrides = f"{RUN_CONFIG} output-dir='{output_dir}' min-clients={nodes}"
+    overrides = f"{RUN_CONFIG} output-dir='{output_dir}' min-clients={nodes} {extra}".strip()
     result = federation.flwr(
         "run", ".", connection, "--stream", "--run-config", overrides, timeout=420
     )
@@ -425,6 +433,101 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     # Each node converted the model into its own cache-dir (safetensors on its own disk).
     for cache in caches[:3]:
         assert list((cache / "models" / "tiny-llama").glob("*.safetensors")), cache
+
+
+HOSTILE_NODE = ROOT / "tests" / "hostile_node"  # sitecustomize.py: patches the ClientApp
+ATTACKS = {  # FEDSPALLM_HOSTILE -> what the server's reason says
+    "lying-array": "not a valid .npy array",
+    "scale:1e30": "differ from the dense weights",
+    "scale:1000": "differ from the dense weights",
+    "sign-flip": "differ from the dense weights",
+    "keep-all": "this reply may hold",
+}
+
+
+def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation, tmp_path):
+    """Two honest SuperNodes and five hostile ones, each running a modified ClientApp (one
+    attack each). The run completes; the report names each hostile node and its reason; the
+    saved model is exactly the two honest nodes' merge, finite, at exactly 50 %."""
+    import torch
+
+    from fedspallm_strategy.config import RunConfig
+    from fedspallm_strategy.strategy import FedSpaLLM
+    from llm_pruning.models import load_model, prunable_weights
+    from server_app.inprocess import _set_task_identity
+
+    attacks = list(ATTACKS)
+    superlink_port, *runtime_ports = free_ports(3 + len(attacks))
+    texts = write_private_texts(tmp_path, 2 + len(attacks))
+    federation.start(
+        "superlink",
+        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(superlink_port)],
+    )
+    federation.wait_healthy("superlink", f"http://127.0.0.1:{superlink_port}/health")
+    for index, text in enumerate(texts):
+        attack = attacks[index - 2] if index >= 2 else None
+        hostile = {"PYTHONPATH": str(HOSTILE_NODE), "FEDSPALLM_HOSTILE": attack} if attack else {}
+        cache = tmp_path / f"org-{index + 1}" / "model-cache"
+        federation.start(
+            f"supernode-{index + 1}",
+            supernode_args(
+                superlink_port,
+                runtime_ports[index],
+                f"data-path='{text}' cache-dir='{cache}'",
+                ["--insecure"],
+            ),
+            env=hostile,
+        )
+    node_ids = [
+        int(federation.wait_for(f"supernode-{i + 1}", r"SuperNode ID: (\d+)").group(1))
+        for i in range(len(texts))
+    ]
+    connection = federation.connect("loopback", superlink_port)
+
+    _, run_dir, report = run_and_check(
+        federation, connection, tmp_path / "runs", nodes=len(texts), extra="resolve=false"
+    )
+
+    reasons = {r["node"]: r["reason"] for r in report["rejected"]}
+    assert sorted(reasons) == sorted(node_ids[2:]), report["rejected"]
+    for node, attack in zip(node_ids[2:], attacks, strict=True):
+        assert ATTACKS[attack] in reasons[node], (attack, reasons[node])
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-9)
+
+    # The saved model is the merge of the two honest replies alone.
+    _set_task_identity(1)
+    saved, _ = load_model(str(run_dir / "model"))
+    expected, _ = load_model("tiny-llama")
+    config = RunConfig.from_mapping({"model": "tiny-llama", "seqlen": 64, "resolve": False})
+    strategy = FedSpaLLM(expected, config)
+    honest = {
+        node: sorted((run_dir / "replies").glob(f"node-{node}-part-*")) for node in node_ids[:2]
+    }
+    strategy.assignments = {node: list(range(NUM_LAYERS)) for node in honest}
+    strategy.aggregate_train(
+        1, [_stored_reply(node, paths[0].read_bytes()) for node, paths in honest.items()]
+    )
+    saved_params, expected_params = (
+        dict(saved.named_parameters()),
+        dict(expected.named_parameters()),
+    )
+    for layer in range(NUM_LAYERS):
+        for name in prunable_weights(saved, layer):
+            weight = saved_params[name].data
+            assert bool(torch.isfinite(weight).all()), name
+            assert torch.equal(weight, expected_params[name].data), name
+
+
+def _stored_reply(node: int, data: bytes):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from fedspallm_strategy.replies import PAYLOAD_KEY
+
+    request = Message(RecordDict(), message_type="train", dst_node_id=node, group_id="1")
+    request.metadata.__dict__["_message_id"] = f"stored-{node}"
+    record = ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(data, dtype=np.uint8))})
+    return Message(RecordDict({PAYLOAD_KEY: record}), reply_to=request)
 
 
 def test_tls_federation_with_supernode_authentication(federation, tmp_path):
