@@ -11,6 +11,7 @@ ALLOWED = {
     "fedspallm_strategy/exact.py",
     "fedspallm_strategy/secure_exact.py",
     "fedspallm_strategy/layerwise.py",
+    "fedspallm_strategy/replies.py",
 }
 
 
@@ -44,6 +45,7 @@ def test_public_api_imports_without_flower():
         "from fedspallm_strategy.merging import MatrixMerger\n"
         "from fedspallm_strategy.round_plan import plan_rounds\n"
         "from fedspallm_strategy.values_payload import decode_values\n"
+        "from fedspallm_strategy.plausibility import check_kept_values\n"
         "import llm_pruning.engine, llm_pruning.evaluate\n"
         "assert 'flwr' not in sys.modules, 'flwr was imported'\n"
     )
