@@ -348,3 +348,39 @@ def test_mean_aggregation_is_bit_identical_to_before(honest, model, dense):
 def test_encode_refuses_what_a_client_should_never_send():
     with pytest.raises(ValueError, match="finite"):
         encode({"w": torch.tensor([[float("inf"), 1.0]])}, {"w": torch.tensor([[True, False]])})
+
+
+def test_an_oversized_reply_is_rejected_before_it_is_parsed(honest, model, dense):
+    """32 MiB of valid-looking bytes: refused on the Array's declared size, unread."""
+    config = config_of()
+    big = payload_content(b"\0" * (32 * 2**20))
+    contents = {1: payload_content(honest["sparsegpt"][1]), 2: big}
+    strategy, _ = aggregate(model, dense, config, contents)
+    (rejection,) = strategy.accounting.rejected
+    assert rejection["node"] == 2 and "this reply may hold" in rejection["reason"]
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_robust_aggregation_runs_end_to_end_with_sampling_and_resolve(aggregation, tmp_path):
+    """Few keepers per entry (layer-fraction 0.5 over 3 nodes) and the re-solve round: the run
+    completes at exactly the target sparsity, with the rule in the report's config."""
+    import json
+
+    from client_app.app import app as client_app
+    from server_app.federation import run_federation
+    from server_app.inprocess import InProcessGrid
+
+    config = RunConfig.from_mapping(
+        {
+            **BASE,
+            "resolve": True,
+            "aggregation": aggregation,
+            "layer-fraction": 0.5,
+            "eval-windows": 1,
+            "output-dir": str(tmp_path),
+        }
+    )
+    run_dir = run_federation(InProcessGrid.simulation(client_app, 3, {}), config, run_id=5)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["rejected"] == [] and report["config"]["aggregation"] == aggregation
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-9)
