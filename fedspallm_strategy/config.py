@@ -7,6 +7,7 @@ and what it accepts.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -119,6 +120,8 @@ class RunConfig:
         _at_least("seqlen", self.seqlen, 2)
         _at_least("eval-windows", self.eval_windows, 0)
         _at_least("min-clients", self.min_clients, 1)
+        if not 0 <= self.seed < 2**63:  # what numpy's default_rng and torch's manual_seed take
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be positive, got {self.round_timeout}")
         if self.max_payload_mb <= 0:
@@ -217,16 +220,28 @@ def _coerce(key: str, value: object, annotation: str) -> object:
             return value.lower() == "true"
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not _finite(value)  # int() of inf or NaN raises rather than compares
+            or int(value) != value
+        ):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if annotation == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        # TOML has inf and nan: an infinite timeout or limit would only fail (or hang) late.
+        if not _finite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {value!r}")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    return isinstance(value, int) or math.isfinite(value)  # math.isfinite(10**400) overflows
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,19 @@ class NodeConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> NodeConfig:
+        """Build from a node's ``node_config``; validates everything.
+
+        Flower adds only ``partition-id`` and ``num-partitions`` (simulation) to what the
+        operator passed with ``--node-config``; both are fields here. So an unknown key is a
+        typo (``layer_budget``) that would silently be lost: it fails, naming the key.
+        """
+        known = {f.name.replace("_", "-") for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown node-config key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
         config = cls(
             partition_id=_coerce("partition-id", values.get("partition-id", 0), "int"),
             num_partitions=_coerce("num-partitions", values.get("num-partitions", 1), "int"),

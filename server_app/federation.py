@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +21,15 @@ from fedspallm_strategy.layerwise import LayerwiseFedSpaLLM
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.secure_exact import SecureExact
 from fedspallm_strategy.strategy import Centralized, FedSpaLLM
-from llm_pruning.data import BUILTIN_CORPORA
+from llm_pruning.data import BUILTIN_CORPORA, load_documents
 from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
+from server_app.nodes import HealthyNodes
 from server_app.report import Evaluator, apply_payload, save_run, standalone_perplexities
 
 log = logging.getLogger(__name__)
 
 NODE_WAIT_SECONDS = 600
+QUERY_TIMEOUT_SECONDS = 120
 
 
 def run_federation(
@@ -49,23 +52,33 @@ def run_federation(
         raise ConfigError("resume-from: the centralized strategy has no rounds to resume")
     if config.resume_from and config.strategy == "exact":
         raise ConfigError("resume-from: the exact strategy keeps no checkpoint to resume from")
+    check_device_available(config.device)
+    if config.resume_from:  # the run goes on in the resumed folder
+        check_writable("resume-from", run_dir)
+    else:
+        check_writable("output-dir", config.output_path())
+    check_local_text(config)
     with clock("load"):
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_run_model(config.model)
         check_against_model(config, model)
         evaluate = evaluator or Evaluator(config, tokenizer)
-    nodes = wait_for_nodes(grid, config.min_clients)
+    connected = wait_for_nodes(grid, config.min_clients)
+    node_configs, excluded = query_resources(grid, connected)
+    # From here on the run sees only the nodes that reported valid resources.
+    grid, nodes = HealthyNodes(grid, node_configs), sorted(node_configs)
     if config.secure_aggregation and len(nodes) < 2:
         raise ConfigError(
             f"secure-aggregation needs at least 2 nodes (the sum over one client is its "
-            f"statistics); {len(nodes)} connected. Set min-clients=2 or more to wait for them"
+            f"statistics); {len(nodes)} connected and reported valid resources. Set "
+            "min-clients=2 or more to wait for them"
         )
-    node_configs = query_resources(grid, nodes)
     check_calibration_text(config, tokenizer, node_configs)
     budgets = {node: nc.layer_budget for node, nc in node_configs.items()}
     check_rounds(config, model, nodes, budgets)
     report: dict = {
         "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
         "config": config.as_dict(),
+        "excluded-nodes": {str(node): reason for node, reason in excluded.items()},
     }
     with clock("dense-eval"):
         perplexities = {"dense": evaluate(model, "dense")}
@@ -152,6 +165,102 @@ def _pooled(config: RunConfig, tokenizer, node_configs: dict[int, NodeConfig]):
     return segments
 
 
+def check_device_available(device: str) -> None:
+    """The server evaluates on ``device``: one this machine lacks would fail only after every
+    client pruned. (Nodes check their own device: they may have a GPU the server lacks.)"""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index or 0) >= count:
+            raise ConfigError(
+                f"device {device!r} is not available on the server: it has {count} CUDA "
+                "device(s); set device='cpu' (nodes may still set their own in node config)"
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "device 'mps' is not available on the server; set device='cpu' (nodes may still "
+            "set their own in node config)"
+        )
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """Create ``folder`` (and its parents) and write a probe file in it: a run folder that
+    cannot be written would fail only at the first checkpoint, after every client pruned."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot create or write the folder {folder} ({error})") from error
+
+
+def is_local_text(source: str) -> bool:
+    """Whether ``load_documents`` reads ``source`` from disk (rather than a built-in corpus
+    or the hub): an existing path, a ``.txt``/``.jsonl`` name, or one that starts like a path."""
+    if source in BUILTIN_CORPORA:
+        return False
+    path = Path(source).expanduser()
+    return path.exists() or path.suffix in (".txt", ".jsonl") or source.startswith((".", "/", "~"))
+
+
+def check_local_text(config: RunConfig) -> None:
+    """Local ``calib-data`` and ``eval-data`` exist and hold UTF-8, non-empty text.
+
+    The server reads both itself (calib-data to check the shards, eval-data to evaluate), so
+    a typo in either fails here, not on every node. Text that only the nodes hold goes in
+    their node config ``data-path``.
+    """
+    sources = [("calib-data", config.calib_data, "train")]
+    sources += [("eval-data", source, "eval") for source in config.eval_data]
+    for key, source, split in sources:
+        if not is_local_text(source):
+            continue
+        try:
+            load_documents(source, split=split)
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{key}: {_not_utf8(Path(source).expanduser())} is not UTF-8 text ({error})"
+            ) from error
+        except FileNotFoundError as error:
+            hint = "; text only the nodes hold goes in their node config data-path"
+            raise ConfigError(f"{key}: {error}{hint if key == 'calib-data' else ''}") from error
+        except (OSError, ValueError) as error:  # empty, malformed .jsonl, unreadable
+            raise ConfigError(f"{key}: {error}") from error
+
+
+def _not_utf8(path: Path) -> Path:
+    """The file of a text source that does not decode (the decode error names none)."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    for file in files:
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return file
+    return path
+
+
+def load_run_model(spec: str):
+    """``load_model``, any failure a ConfigError naming the key ``model``: a directory without
+    a config, a garbled weights file or an unsupported family all fail before any node is
+    contacted."""
+    try:
+        return load_model(spec)
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers and safetensors raise anything
+        message = str(error)
+        if not message.startswith("model:"):
+            message = f"model: could not load {spec!r}: {type(error).__name__}: {message}"
+        raise ConfigError(message) from error
+    except BaseException as error:
+        # A Rust panic inside safetensors (a garbled weights file) derives from BaseException.
+        if type(error).__name__ != "PanicException":
+            raise
+        raise ConfigError(
+            f"model: could not load {spec!r}: safetensors panicked: {error}"
+        ) from error
+
+
 def check_against_model(config: RunConfig, model: PreTrainedModel) -> None:
     """Checks that need the model, still before any node is contacted."""
     context = max_context(model)
@@ -220,24 +329,53 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
-def query_resources(grid: Grid, nodes: list[int]) -> dict[int, NodeConfig]:
-    """Ask every node what it holds and can do (its node config) before sampling layers."""
+def query_resources(grid: Grid, nodes: list[int]) -> tuple[dict[int, NodeConfig], dict[int, str]]:
+    """Ask every node what it holds and can do (its node config) before sampling layers.
+
+    Returns the node configs of the nodes that reported valid resources, and why each other
+    node is left out of the run (an error reply, e.g. an unknown node-config key; a bad or
+    missing record; no reply): guessing its resources would only send it work it fails.
+    Raises RuntimeError, with every reason, when no node reported valid resources.
+    """
     messages = [
         Message(RecordDict(), message_type="query", dst_node_id=node, group_id="resources")
         for node in nodes
     ]
-    configs = {node: NodeConfig() for node in nodes}
-    for reply in grid.send_and_receive(messages, timeout=120):
-        node = reply.metadata.src_node_id
-        if reply.has_error() or "resources" not in reply.content.config_records:
-            log.warning("node %d did not report its resources; using layer-fraction", node)
-            continue
+    replies = list(grid.send_and_receive(messages, timeout=QUERY_TIMEOUT_SECONDS))
+    # An error the SuperLink makes itself (e.g. "Node Unavailable") comes from its own node
+    # id: attribute it to the node the query went to.
+    sent_to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+    configs: dict[int, NodeConfig] = {}
+    excluded: dict[int, str] = {}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if node not in nodes or node in configs or node in excluded:
+            continue  # not asked, or a second reply: the first one counts
         try:
-            configs[node] = NodeConfig.from_mapping(dict(reply.content.config_records["resources"]))
+            configs[node] = _reported_resources(reply)
         except ConfigError as error:
-            log.warning("node %d reported bad resources (%s); using layer-fraction", node, error)
+            excluded[node] = str(error)
+    for node in nodes:
+        if node not in configs and node not in excluded:
+            excluded[node] = f"no reply to the resources query within {QUERY_TIMEOUT_SECONDS} s"
+    for node, reason in sorted(excluded.items()):
+        log.warning("node %d is left out of the run: %s", node, reason)
+    if not configs:
+        reasons = "; ".join(f"node {node}: {reason}" for node, reason in sorted(excluded.items()))
+        raise RuntimeError(f"every node failed the resources query, so none can work: {reasons}")
     log.info("node layer budgets: %s", {n: c.layer_budget for n, c in configs.items()})
-    return configs
+    return configs, excluded
+
+
+def _reported_resources(reply: Message) -> NodeConfig:
+    if reply.has_error():
+        raise ConfigError(f"its resources query failed: {reply.error.reason}")
+    if "resources" not in reply.content.config_records:
+        raise ConfigError("its reply to the resources query holds no 'resources' record")
+    try:
+        return NodeConfig.from_mapping(dict(reply.content.config_records["resources"]))
+    except ConfigError as error:
+        raise ConfigError(f"it reported bad resources: {error}") from error
 
 
 def _record_clients(report: dict, strategy: FedSpaLLM, budgets, model) -> None:

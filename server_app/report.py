@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.payload import decode
 from llm_pruning.data import eval_tokens
 from llm_pruning.evaluate import perplexity, sparsity_report
@@ -32,13 +32,17 @@ class Evaluator:
     tokens: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        # Tokenized once, up front: a text too short for one window fails before any pruning.
-        self.tokens = {
-            source: eval_tokens(source, self.tokenizer) for source in self.config.eval_data
-        }
+        # Tokenized once, up front: a text that is missing, unreadable or too short for one
+        # window fails before any pruning, naming the key.
+        self.tokens = {}
+        for source in self.config.eval_data:
+            try:
+                self.tokens[source] = eval_tokens(source, self.tokenizer)
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"eval-data '{source}': {error}") from error
         for source, tokens in self.tokens.items():
             if tokens.numel() < self.config.seqlen:
-                raise ValueError(
+                raise ConfigError(
                     f"eval-data '{source}' has {tokens.numel()} tokens, fewer than one "
                     f"window of seqlen={self.config.seqlen}"
                 )

@@ -1,5 +1,7 @@
 """Run-config and node-config validation: every bad value fails naming its key."""
 
+import math
+
 import pytest
 
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
@@ -60,6 +62,12 @@ def test_values_are_coerced():
         ("device", "gpu", "device"),
         ("round-timeout", 0, "round-timeout"),
         ("max-payload-mb", -1, "max-payload-mb"),
+        ("max-payload-mb", math.inf, "max-payload-mb must be a finite number"),
+        ("round-timeout", -math.inf, "round-timeout must be a finite number"),
+        ("sparsity", math.nan, "sparsity must be a finite number"),
+        ("seqlen", math.inf, "seqlen must be an integer"),
+        ("seed", -1, r"seed must be in \[0, 2\*\*63\)"),
+        ("seed", 2**63, r"seed must be in \[0, 2\*\*63\)"),
         ("compare-centralized", "maybe", "compare-centralized"),
         ("model", "  ", "model"),
         ("eval-data", " , ", "eval-data"),
@@ -69,6 +77,15 @@ def test_values_are_coerced():
 def test_bad_value_names_its_key(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment):
         RunConfig.from_mapping({key: value})
+
+
+def test_seed_takes_what_numpy_and_torch_take():
+    import numpy as np
+    import torch
+
+    largest = RunConfig.from_mapping({"seed": 2**63 - 1}).seed
+    np.random.default_rng(largest)
+    torch.Generator().manual_seed(largest)
 
 
 def test_nm_pattern_with_incompatible_sparsity():
@@ -87,3 +104,8 @@ def test_node_config():
         NodeConfig.from_mapping({"layer-budget": 0})
     with pytest.raises(ConfigError, match="device"):
         NodeConfig.from_mapping({"device": "tpu"})
+    # A typo would be lost silently: it fails, naming it and the keys a node config takes.
+    with pytest.raises(
+        ConfigError, match="unknown node-config key.s. layer_budget; known keys: .*layer-budget"
+    ):
+        NodeConfig.from_mapping({"partition-id": 0, "num-partitions": 2, "layer_budget": 1})

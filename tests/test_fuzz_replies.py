@@ -7,6 +7,8 @@ is aggregated like any other. Nothing else — no exception, no partial update.
 
 import json
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +19,13 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.payload import PayloadError, decode, encode, validate_layer
+from fedspallm_strategy.plausibility import change_bound, relative_change
 from fedspallm_strategy.strategy import PAYLOAD_KEY, FedSpaLLM
 from llm_pruning.models import load_model, prunable_weights
 from server_app.inprocess import _set_task_identity
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # shared with the bench
+from attacks import mutate  # noqa: E402
 
 CONFIG = RunConfig.from_mapping({"model": "tiny-llama", "seqlen": 64, "calib-samples": 2})
 LAYERS = [0, 1, 2, 3]
@@ -52,26 +58,6 @@ def _aggregate(datas: dict[int, bytes]) -> tuple[FedSpaLLM, dict[str, torch.Tens
     return strategy, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _mutate(data: bytes, rng: random.Random) -> bytes:
-    kind = rng.choice(["truncate", "flip", "random", "splice", "header"])
-    raw = bytearray(data)
-    if kind == "truncate":
-        return bytes(raw[: rng.randrange(len(raw))])
-    if kind == "flip":
-        for _ in range(rng.randint(1, 8)):
-            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
-        return bytes(raw)
-    if kind == "random":
-        return rng.randbytes(rng.randint(0, 256))
-    if kind == "splice":
-        cut = rng.randrange(len(raw))
-        return bytes(raw[:cut] + rng.randbytes(rng.randint(1, 64)) + raw[cut:])
-    header_end = 8 + int.from_bytes(raw[:8], "little")
-    position = rng.randrange(8, min(header_end, len(raw)))
-    raw[position] = rng.choice(b'{}[]":,0123456789abcdef')
-    return bytes(raw)
-
-
 def _valid(data: bytes, model) -> bool:
     try:
         tensors, masks = decode(data)
@@ -83,7 +69,11 @@ def _valid(data: bytes, model) -> bool:
         validate_layer(tensors, masks, expected, require_values=True)
     except PayloadError:
         return False
-    return True
+    weights = dict(model.named_parameters())
+    bound = change_bound(CONFIG.sparsity_pattern, CONFIG.max_relative_change)
+    return all(  # and close enough to the dense weights (plausibility.py)
+        relative_change(tensors[n][m], weights[n].data[m]) <= bound for n, m in masks.items()
+    )
 
 
 def test_mutated_replies_are_rejected_or_aggregated(payloads):
@@ -92,7 +82,7 @@ def test_mutated_replies_are_rejected_or_aggregated(payloads):
     reference_model, _ = load_model(CONFIG.model)
     outcomes = {"rejected": 0, "aggregated": 0}
     for _ in range(40):
-        mutated = _mutate(payloads[2], rng)
+        mutated = mutate(payloads[2], rng)
         strategy, merged = _aggregate({1: payloads[1], 2: mutated})
         assert strategy.remaining == []  # node 1 alone still finishes every layer
         if _valid(mutated, reference_model):
