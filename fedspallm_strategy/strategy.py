@@ -75,6 +75,23 @@ def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
     return RunConfig.from_mapping(values), layers
 
 
+def matrix_specs(model, layers: Iterable[int], config: RunConfig) -> dict[str, MatrixSpec]:
+    """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and value
+    dtype (the model's, or ``payload-dtype``; none for mask-only pruners), known before it is
+    read."""
+    updates = get_pruner(config.pruner).updates_weights
+    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
+    return {
+        name: MatrixSpec(
+            tuple(linear.weight.shape),
+            config.sparsity_pattern,
+            (wire or linear.weight.dtype) if updates else None,
+        )
+        for layer in layers
+        for name, linear in prunable_weights(model, layer).items()
+    }
+
+
 def reject_reply(
     accounting: Accounting, server_round: int, node: int, layers: list[int], error: Exception
 ) -> None:
@@ -308,25 +325,9 @@ class FedSpaLLM(ServerEvaluated):
             self._store(node, data)
         return tensors, masks
 
-    def matrix_specs(self, layers: Iterable[int]) -> dict[str, MatrixSpec]:
-        """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and
-        value dtype, known before it is read."""
-        wire = self.config.payload_dtype
-        return {
-            name: MatrixSpec(
-                tuple(linear.weight.shape),
-                self.pattern,
-                None
-                if not self.pruner.updates_weights
-                else (linear.weight.dtype if wire == "auto" else getattr(torch, wire)),
-            )
-            for layer in layers
-            for name, linear in prunable_weights(self.model, layer).items()
-        }
-
     def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
         """The reply's pruned matrices, checked to be exactly those of ``layers``."""
-        expected = self.matrix_specs(layers)
+        expected = matrix_specs(self.model, layers, self.config)
         limit = min(payload_limit(expected), int(self.config.max_payload_mb * 2**20))
         data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
         tensors, masks = decode(data, max_bytes=limit, expected=expected)

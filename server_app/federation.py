@@ -18,9 +18,10 @@ from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.exact import Exact, plan_exact
 from fedspallm_strategy.layerwise import LayerwiseFedSpaLLM
+from fedspallm_strategy.payload import payload_limit
 from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.secure_exact import SecureExact
-from fedspallm_strategy.strategy import Centralized, FedSpaLLM
+from fedspallm_strategy.strategy import Centralized, FedSpaLLM, matrix_specs
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
 from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
 from server_app.nodes import HealthyNodes
@@ -310,12 +311,33 @@ def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> N
             "run with resolve, calibration='global' or layers-per-round samples every layer "
             "once for the whole run: raise layer-fraction or the nodes' layer-budget"
         )
+    largest_budget = max(
+        layer_budget(total_layers, config.layer_fraction, budgets.get(node)) for node in nodes
+    )
+    check_payload_cap(config, model, largest_budget)
     needed = math.ceil(total_layers / per_round)
     if needed > config.num_rounds:
         raise ConfigError(
             f"the nodes' layer budgets cover {per_round} of {total_layers} layers per round, so "
             f"num-rounds must be at least {needed} (got {config.num_rounds}); "
             "or raise layer-fraction"
+        )
+
+
+def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) -> None:
+    """Refuse a run whose largest reply would exceed ``max-payload-mb`` before any work: the
+    server would reject it only after the client pruned. A node prunes at most ``budget``
+    layers of a round's group (``layers-per-round``; all layers in the one-shot round)."""
+    total = num_layers(model)
+    group = config.layers_per_round or (1 if config.calibration == "global" else total)
+    layers = min(budget, group, total) if config.layerwise else min(budget, total)
+    per_layer = max(payload_limit(matrix_specs(model, [i], config)) for i in range(total))
+    largest = per_layer * layers
+    if largest > config.max_payload_mb * 2**20:
+        raise ConfigError(
+            f"max-payload-mb={config.max_payload_mb:g}: a node's reply of {layers} layer(s) would "
+            f"be up to {largest / 2**20:.1f} MiB ({per_layer / 2**20:.2f} MiB per layer); raise "
+            f"max-payload-mb, or set layers-per-round (a reply then carries one group of layers)"
         )
 
 

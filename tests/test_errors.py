@@ -71,6 +71,8 @@ def _cases(gpt2_dir, short_text, bad):
         "strategy": ({"strategy": "fedsgd"}, "strategy must be one of"),
         "pruner": ({"pruner": "obs"}, "pruner must be one of"),
         "infinite-payload": ({"max-payload-mb": math.inf}, "max-payload-mb must be a finite"),
+        # tiny-llama's 4 layers are about 0.33 MiB of float32 kept values and masks
+        "payload-over-cap": ({"max-payload-mb": 0.1}, "max-payload-mb=0.1: a node's reply of 4"),
         "infinite-timeout": ({"round-timeout": -math.inf}, "round-timeout must be a finite"),
         "negative-seed": ({"seed": -1}, r"seed must be in \[0, 2\*\*63\)"),
         "huge-seed": ({"seed": 2**63}, r"seed must be in \[0, 2\*\*63\)"),
@@ -141,6 +143,7 @@ def _cases(gpt2_dir, short_text, bad):
         "malformed-eval-data",
         "offline-hub",
         "few-documents",
+        "payload-over-cap",
     ],
 )
 def test_bad_input_fails_before_any_client_work(
