@@ -319,10 +319,7 @@ def _check_declared(
         raise PayloadError("payload carries values, but this run's pruner keeps the dense ones")
     if want_values and not has_values:
         raise PayloadError("payload is mask-only, but this run's pruner updates the weights")
-    if missing := sorted(set(expected) - set(specs)):
-        raise PayloadError(f"payload lacks matrices {missing}")
-    if unexpected := sorted(set(specs) - set(expected)):
-        raise PayloadError(f"payload has unexpected matrices {unexpected}")
+    check_names("matrices", specs, expected)
     for name, (shape, dtype) in specs.items():
         spec = expected[name]
         if shape != tuple(spec.shape) or dtype != spec.dtype:
@@ -457,13 +454,18 @@ def decode(
 # --------------------------------------------------------------------------- validate
 
 
+def check_names(what: str, found: Mapping, expected: Mapping) -> None:
+    """``found`` names exactly the ``expected`` matrices: none missing, none extra."""
+    if missing := sorted(set(expected) - set(found)):
+        raise PayloadError(f"payload lacks {what} for matrices {missing}")
+    if unexpected := sorted(set(found) - set(expected)):
+        raise PayloadError(f"payload has {what} for unexpected matrices {unexpected}")
+
+
 def _check_names_and_shapes(
     kind: str, found: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]
 ) -> None:
-    if missing := sorted(set(expected) - set(found)):
-        raise PayloadError(f"payload lacks {kind} for matrices {missing}")
-    if unexpected := sorted(set(found) - set(expected)):
-        raise PayloadError(f"payload has {kind} for unexpected matrices {unexpected}")
+    check_names(kind, found, expected)
     for name, shape in expected.items():
         if tuple(found[name].shape) != tuple(shape):
             raise PayloadError(

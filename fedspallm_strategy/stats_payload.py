@@ -36,6 +36,7 @@ from fedspallm_strategy.payload import (
     PayloadError,
     _read_metadata,
     _unique_keys,
+    check_names,
     parse_guarded,
 )
 from llm_pruning.pruners import ColumnNormStats, HessianStats, Stats
@@ -249,10 +250,7 @@ def _check_declared(
     """What a reply declares (kind, groups, inputs, covers, token counts) against the round."""
     if kind != expected_kind:
         raise PayloadError(f"statistics of kind {kind!r}; this run needs {expected_kind!r}")
-    if missing := sorted(set(expected) - set(declared)):
-        raise PayloadError(f"payload lacks statistics for {missing}")
-    if unexpected := sorted(set(declared) - set(expected)):
-        raise PayloadError(f"payload has statistics for unexpected matrices {unexpected}")
+    check_names("statistics", declared, expected)
     for name, (inputs, covers) in expected.items():
         entry = declared[name]
         if entry["inputs"] != inputs or tuple(entry["covers"]) != tuple(covers):
