@@ -78,12 +78,14 @@ def adaptive(data: bytes, dense: dict, bound: float, how: str, seed: int) -> byt
     return forge(poisoned, masks)
 
 
-def attack_content(name: str, data: bytes, model, dense: dict, bound: float, seed: int):
-    if name == "lying-array":
-        return lying_records(data)["pickled-object"]
-    if name in ("amplify", "noise", "shrink"):
-        return payload_content(adaptive(data, dense, bound, name, seed))
-    return payload_content(semantic_attacks(data, model, nm=False)[name])
+def attack_contents(data: bytes, model, dense: dict, bound: float, seed: int) -> dict:
+    """Every attack of ``ATTACKS``, built once from one poisoner's honest payload."""
+    forged = semantic_attacks(data, model, nm=False)
+    contents = {name: payload_content(forged[name]) for name in ATTACKS if name in forged}
+    contents["lying-array"] = lying_records(data)["pickled-object"]
+    for how in ("amplify", "noise", "shrink"):
+        contents[how] = payload_content(adaptive(data, dense, bound, how, seed))
+    return contents
 
 
 class Federation:
@@ -107,16 +109,24 @@ class Federation:
         self.dense = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.layers = list(range(num_layers(self.model)))
         start = time.perf_counter()
-        self.honest = {
-            node: prune_layers(
-                self.config, NodeConfig(partition_id=node - 1, num_partitions=clients), self.layers
-            ).payload
-            for node in range(1, clients + 1)
-        }
+        self.honest = {node: self._honest(args, node, clients) for node in range(1, clients + 1)}
         self.prune_seconds = round(time.perf_counter() - start, 1)
         self.evaluator = Evaluator(self.config, tokenizer)
         self.scores: dict[str, float] = {}
         self.names = [n for layer in self.layers for n in prunable_weights(self.model, layer)]
+
+    def _honest(self, args, node: int, clients: int) -> bytes:
+        """Node ``node``'s real pruned payload, kept in ``--cache`` for a rerun."""
+        config = self.config  # (its calib-data is a scratch copy: not part of the key)
+        settings = (config.model, config.partition, config.calib_samples, config.seqlen)
+        settings += (config.seed, config.pruner, config.pattern, config.sparsity, node, clients)
+        key = hashlib.sha1(repr(settings).encode()).hexdigest()[:16]
+        path = args.cache / f"{key}.safetensors"
+        if not path.exists():
+            shard = NodeConfig(partition_id=node - 1, num_partitions=clients)
+            args.cache.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(prune_layers(self.config, shard, self.layers).payload)
+        return path.read_bytes()
 
     def merge(self, contents: dict, aggregation: str) -> tuple[list[int], dict]:
         """(rejected nodes, merged prunable matrices) of one round over ``contents``."""
@@ -156,6 +166,10 @@ def measure(args, clients: int, poisoners: int, partition: str) -> dict:
     hostile = list(range(clients - poisoners + 1, clients + 1))
     honest = {n: payload_content(d) for n, d in fed.honest.items() if n not in hostile}
     every_honest = {n: payload_content(d) for n, d in fed.honest.items()}
+    forged = {
+        node: attack_contents(fed.honest[node], fed.model, fed.dense, bound, seed=node)
+        for node in hostile
+    }
     rows: dict[str, dict] = {}
     for rule in RULES:
         _, honest_only = fed.merge(honest, rule)
@@ -173,9 +187,7 @@ def measure(args, clients: int, poisoners: int, partition: str) -> dict:
         for attack in ATTACKS:
             contents = dict(honest)
             for node in hostile:
-                contents[node] = attack_content(
-                    attack, fed.honest[node], fed.model, fed.dense, bound, seed=node
-                )
+                contents[node] = forged[node][attack]
             rejected, merged = fed.merge(contents, rule)
             rows.setdefault(attack, {})[rule] = {
                 "rejected": rejected == hostile,
@@ -230,6 +242,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "fedspallm" / "poisoning",
+        help="honest payloads, reused by a rerun with the same settings",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedspallm_strategy").setLevel(logging.ERROR)
