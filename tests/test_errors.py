@@ -150,6 +150,9 @@ def test_bad_input_fails_before_any_client_work(
     case, gpt2_dir, short_text, bad_paths, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable at import: without this it still tries the network
+    # (and its retries take most of a minute on a machine without one).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     overrides, message = _cases(gpt2_dir, short_text, bad_paths)[case]
     grid = InProcessGrid.simulation(client_app, 2, {})
     with pytest.raises(ConfigError, match=message):

@@ -154,6 +154,9 @@ def test_gguf_files_with_the_same_name_get_separate_conversions(
 def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
     # huggingface_hub reads HF_HUB_OFFLINE at import time: set the constant too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable at import: without this it still tries the network
+    # (and its retries take most of a minute on a machine without one).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="someone/does-not-exist") as error:
         load_model("someone/does-not-exist")
