@@ -171,28 +171,33 @@ def measure(args, clients: int, poisoners: int, partition: str) -> dict:
         for node in hostile
     }
     rows: dict[str, dict] = {}
+    honest_only = {}
     for rule in RULES:
-        _, honest_only = fed.merge(honest, rule)
+        _, honest_only[rule] = fed.merge(honest, rule)
         _, dropped = fed.merge(dict(list(honest.items())[1:]), rule)
         _, all_honest = fed.merge(every_honest, rule)
-        rows.setdefault("honest only", {})[rule] = {"perplexity": fed.perplexity(honest_only)}
+        rows.setdefault("honest only", {})[rule] = {"perplexity": fed.perplexity(honest_only[rule])}
         rows.setdefault("all honest", {})[rule] = {
             "perplexity": fed.perplexity(all_honest),
-            "change": fed.change(all_honest, honest_only),
+            "change": fed.change(all_honest, honest_only[rule]),
         }
         rows.setdefault("drop one honest", {})[rule] = {
             "perplexity": fed.perplexity(dropped),
-            "change": fed.change(dropped, honest_only),
+            "change": fed.change(dropped, honest_only[rule]),
         }
-        for attack in ATTACKS:
-            contents = dict(honest)
-            for node in hostile:
-                contents[node] = forged[node][attack]
-            rejected, merged = fed.merge(contents, rule)
+    for attack in ATTACKS:
+        contents = {**honest, **{node: forged[node][attack] for node in hostile}}
+        for rule in RULES:
+            if rows.get(attack, {}).get("mean", {}).get("rejected"):
+                # Rejection comes before aggregation: the model is the honest-only one exactly
+                # (tests/test_hostile.py), whatever the rule.
+                merged, rejected = honest_only[rule], hostile
+            else:
+                rejected, merged = fed.merge(contents, rule)
             rows.setdefault(attack, {})[rule] = {
                 "rejected": rejected == hostile,
                 "perplexity": fed.perplexity(merged),
-                "change": fed.change(merged, honest_only),
+                "change": fed.change(merged, honest_only[rule]),
             }
             logging.info("%d clients, %s, %s: %s", clients, rule, attack, rows[attack][rule])
     return {

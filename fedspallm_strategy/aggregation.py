@@ -199,21 +199,46 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"unknown robust rule {rule!r}; choose one of {', '.join(ROBUST_RULES)}")
 
 
+def clip_to_median_norm(values: Tensor, dense: Tensor) -> Tensor:
+    """Each client's change from the dense weights, scaled down to the median norm.
+
+    ``values`` is ``(K, ...)`` with NaN where a client has no value, ``dense`` the matrix.
+    Client i's change ``δᵢ = wᵢ − d`` (over the entries it has) keeps its direction, and its
+    norm becomes at most the (lower) median of ``‖δ‖`` over the clients: while honest clients
+    are the majority, no client moves the matrix more than a typical honest one does, however
+    large a change inside the plausibility bound it sends. Clients that keep the dense values
+    (``δ = 0``) are unchanged.
+    """
+    delta = values.double() - dense.double()
+    norms = torch.nan_to_num(delta, nan=0.0).flatten(1).norm(dim=1)  # (K,)
+    limit = norms.median()
+    scale = torch.where(norms > limit, limit / norms.clamp_min(1e-300), torch.ones_like(norms))
+    scale = scale.reshape(-1, *[1] * (values.dim() - 1))
+    return (dense.double() + delta * scale).to(values.dtype)
+
+
 class RobustAccumulator(L0Accumulator):
     """An :class:`L0Accumulator` whose :meth:`finish` is a robust centre (median or trimmed
     mean) over the clients that kept each entry, not their mean.
+
+    With ``dense`` given, each client's change from it is first clipped to the median norm
+    over the clients (:func:`clip_to_median_norm`), so a poisoner inside the value bound
+    cannot outweigh an honest member by the size of its change, only by its direction.
 
     A robust centre needs every value, so this keeps each client's matrix (in its own dtype,
     NaN where pruned): ``K * d`` values for the round's matrices instead of ``d``.
     """
 
-    def __init__(self, shape: Sequence[int], rule: str, trim_fraction: float = 0.25) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int],
+        rule: str,
+        trim_fraction: float = 0.25,
+        dense: Tensor | None = None,
+    ) -> None:
         super().__init__(shape)
-        if rule not in ROBUST_RULES:
-            raise ValueError(
-                f"unknown robust rule {rule!r}; choose one of {', '.join(ROBUST_RULES)}"
-            )
-        self.rule, self.trim_fraction = rule, trim_fraction
+        _check_rule(rule)
+        self.rule, self.trim_fraction, self.dense = rule, trim_fraction, dense
         self._values: list[Tensor] = []
 
     def add(self, weight: Tensor, keep_mask: Tensor) -> None:
@@ -224,18 +249,24 @@ class RobustAccumulator(L0Accumulator):
     def finish(self) -> Tensor:
         if not self._values:
             raise ValueError("RobustAccumulator.finish() called before any client was added")
-        centre = robust_centre(torch.stack(self._values), self.rule, self.trim_fraction)
+        values = torch.stack(self._values)
+        if self.dense is not None:
+            values = clip_to_median_norm(values, self.dense.to(self.device))
+        centre = robust_centre(values, self.rule, self.trim_fraction)
         return centre.to(self._weight_dtype)
 
 
 def make_accumulator(
-    shape: Sequence[int], aggregation: str = "mean", trim_fraction: float = 0.25
+    shape: Sequence[int],
+    aggregation: str = "mean",
+    trim_fraction: float = 0.25,
+    dense: Tensor | None = None,
 ) -> L0Accumulator:
     """The accumulator of run config ``aggregation``: ``mean`` (the paper's l0 mean, streamed)
-    or a robust rule."""
+    or a robust rule (clipped against ``dense``, when given)."""
     if aggregation == "mean":
         return L0Accumulator(shape)
-    return RobustAccumulator(shape, aggregation, trim_fraction)
+    return RobustAccumulator(shape, aggregation, trim_fraction, dense)
 
 
 def l0_aggregate(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedspallm_strategy.aggregation import robust_centre
+from fedspallm_strategy.aggregation import clip_to_median_norm, robust_centre
 from fedspallm_strategy.merging import MatrixMerger
 from fedspallm_strategy.payload import encode
 from fedspallm_strategy.plausibility import check_kept_values
@@ -52,7 +52,8 @@ class ResolveAverage:
     of the pooled-Hessian solution ``(Σ H_i)^-1 Σ H_i ŵ_i``, which is what centralized
     pruning would give if each ŵ_i solved its client's least squares exactly. Entries whose
     column no client's input reached fall back to the plain mean. With ``aggregation`` =
-    ``trimmed-mean`` or ``median`` each entry is that robust centre of the clients' values.
+    ``trimmed-mean`` or ``median`` each client's change is clipped to the median norm and
+    each entry is that robust centre of the clients' values.
     """
 
     def __init__(
@@ -83,13 +84,17 @@ class ResolveAverage:
                 self.weighted[name] = self.weighted.get(name, 0) + weight * kept
                 self.weights[name] = self.weights.get(name, 0) + weight
 
-    def finish(self, name: str) -> torch.Tensor | None:
-        """The merged kept values of ``name`` (float64), or None if nobody re-solved it."""
+    def finish(self, name: str, dense: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The merged kept values of ``name`` (float64), or None if nobody re-solved it.
+        A robust rule first clips each client's change from ``dense`` (the dense weights
+        under the mask) to the median norm."""
         if name not in self.plain:
             return None
         if name in self.every:
             self.plain.pop(name), self.counts.pop(name)
             stacked = torch.stack(self.every.pop(name))
+            if dense is not None:
+                stacked = clip_to_median_norm(stacked, dense)
             return robust_centre(stacked, self.aggregation, self.trim_fraction)
         mean = self.plain.pop(name) / self.counts.pop(name)
         if name in self.weighted:
@@ -333,8 +338,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         for layer in step.resolve:
             for name, linear in prunable_weights(self.model, layer).items():
                 keep = self.global_masks[name]
-                mean = average.finish(name)
-                del self.dense_kept[name]
+                mean = average.finish(name, self.dense_kept.pop(name))
                 if mean is None:
                     log.warning("%s: no valid re-solve reply; it keeps its l0-merged values", name)
                 else:

@@ -9,7 +9,8 @@ dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the c
 - ``fedprllm`` (Guo et al. 2025): masks only; keep the entries with the fewest prune votes,
   ties at random, at their dense values.
 
-With ``aggregation`` = ``trimmed-mean`` or ``median`` (beyond the paper), ``fedspallm`` takes a
+With ``aggregation`` = ``trimmed-mean`` or ``median`` (beyond the paper), ``fedspallm`` clips
+each client's change from the dense weights to the median norm over the clients, then takes a
 robust centre over the clients that kept each entry instead of their mean; it holds every
 client's matrix until the merge (``RobustAccumulator``).
 """
@@ -56,7 +57,7 @@ class MatrixMerger:
             weight = tensors[name] if tensors else self.dense[name]
             if name not in self.accumulators:
                 self.accumulators[name] = make_accumulator(
-                    keep.shape, self.aggregation, self.trim_fraction
+                    keep.shape, self.aggregation, self.trim_fraction, self.dense[name]
                 )
             self.accumulators[name].add(weight.to(self.dense[name].dtype), keep)
 

@@ -384,3 +384,19 @@ def test_robust_aggregation_runs_end_to_end_with_sampling_and_resolve(aggregatio
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rejected"] == [] and report["config"]["aggregation"] == aggregation
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_clipping_scales_each_change_down_to_the_median_norm():
+    from fedspallm_strategy.aggregation import clip_to_median_norm
+
+    nan = float("nan")
+    dense = torch.tensor([1.0, 1.0, 1.0])
+    values = torch.tensor(
+        [[2.0, 1.0, nan], [1.0, 3.0, 1.0], [101.0, 1.0, 1.0]]  # changes of norm 1, 2, 100
+    )
+    clipped = clip_to_median_norm(values, dense)
+    assert clipped[0, :2].tolist() == [2.0, 1.0] and math.isnan(clipped[0, 2])  # under: kept
+    assert clipped[1].tolist() == [1.0, 3.0, 1.0]  # the median itself
+    assert clipped[2].tolist() == pytest.approx([3.0, 1.0, 1.0])  # 100 -> 2, same direction
+    unchanged = torch.ones(2, 3)  # mask-only clients keep the dense values: nothing to clip
+    assert torch.equal(clip_to_median_norm(unchanged, dense), unchanged)
