@@ -32,3 +32,12 @@ def write_results(path: Path, *, info: dict, args, skip: tuple[str, ...] = (), *
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": info, "args": settings, **sections}, indent=1))
+
+
+def add_quality_arguments(parser, results: Path) -> None:
+    """What the quality benches share: calibration and evaluation sizes, seed, output folder."""
+    parser.add_argument("--segments", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=results)

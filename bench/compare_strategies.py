@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import add_quality_arguments
 from flwr.app import Message
 
 from client_app.app import app as client_app
@@ -300,11 +301,7 @@ def main() -> None:
     )
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
     parser.add_argument("--pruners", default="sparsegpt,wanda")
-    parser.add_argument("--segments", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_quality_arguments(parser, RESULTS)
     parser.add_argument(
         "--skip-sampled", action="store_true", help="leave out the unequal-budget row (faster)"
     )

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import machine, write_results
+from _common import add_quality_arguments, machine, write_results
 from attacks import forge, lying_records, payload_content, reply, semantic_attacks, split
 
 from client_app.task import prune_layers
@@ -242,11 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="novels/ and persuasion.txt (default: Austen)"
     )
-    parser.add_argument("--segments", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_quality_arguments(parser, RESULTS)
     parser.add_argument(
         "--cache",
         type=Path,
