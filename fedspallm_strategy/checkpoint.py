@@ -31,6 +31,7 @@ from fedspallm_strategy.config import ConfigError
 from fedspallm_strategy.payload import PayloadError, parse_guarded
 from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.pruners import SparsityPattern, num_to_prune
+from llm_pruning.pruners.masks import nm_group_counts
 
 STATE_FILE = "state.json"
 ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
@@ -221,9 +222,7 @@ def _check_matrix(
             f"{pattern.sparsity:g} keeps"
         )
     if pattern.is_nm:
-        rows, columns = matrix.shape
-        groups = (matrix != 0).reshape(rows, columns // pattern.m, pattern.m).sum(dim=-1)
-        if (most := int(groups.max())) > pattern.n:
+        if (most := int(nm_group_counts(matrix != 0, pattern.m).max())) > pattern.n:
             raise _invalid(
                 f"{name}: a group of {pattern.m} input columns keeps {most} entries; "
                 f"pattern {pattern.n}:{pattern.m} keeps {pattern.n}"

@@ -187,6 +187,11 @@ class RunConfig:
         """Kebab-case keys, as a user writes them."""
         return {key.replace("_", "-"): value for key, value in asdict(self).items()}
 
+    def reply_limit(self, implied: int) -> int:
+        """The most bytes a reply may hold: what its assignment implies, within the
+        ``max-payload-mb`` cap."""
+        return min(implied, int(self.max_payload_mb * 2**20))
+
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
 

@@ -391,9 +391,7 @@ class Exact(ServerEvaluated):
     def _accept(self, reply: Message, node: int, accepted: list[int], expected) -> dict:
         """Decode and validate one reply completely before anything is summed."""
         screen(reply, node, self.assignments, accepted)
-        limit = min(
-            statistics_limit(self.plan.kind, expected), int(self.config.max_payload_mb * MIB)
-        )
+        limit = self.config.reply_limit(statistics_limit(self.plan.kind, expected))
         data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
         kind, entries = decode_statistics(
             data,

@@ -74,8 +74,9 @@ class ResolveAverage:
 
     def add(self, values: dict[str, torch.Tensor], column_weights: dict[str, torch.Tensor]):
         for name, kept in values.items():
-            if self.aggregation != "mean":
+            if self.aggregation != "mean":  # a robust centre needs the values, not their sums
                 self.every.setdefault(name, []).append(kept)
+                continue
             kept = kept.double()
             self.plain[name] = self.plain.get(name, 0) + kept
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -88,14 +89,13 @@ class ResolveAverage:
         """The merged kept values of ``name`` (float64), or None if nobody re-solved it.
         A robust rule first clips each client's change from ``dense`` (the dense weights
         under the mask) to the median norm."""
-        if name not in self.plain:
-            return None
         if name in self.every:
-            self.plain.pop(name), self.counts.pop(name)
             stacked = torch.stack(self.every.pop(name))
             if dense is not None:
                 stacked = clip_to_median_norm(stacked, dense)
             return robust_centre(stacked, self.aggregation, self.trim_fraction)
+        if name not in self.plain:
+            return None
         mean = self.plain.pop(name) / self.counts.pop(name)
         if name in self.weighted:
             weights = self.weights.pop(name)
@@ -302,7 +302,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             for layer in self.steps[node].resolve
             for name, linear in prunable_weights(self.model, layer).items()
         }
-        limit = min(values_limit(expected), int(self.config.max_payload_mb * 2**20))
+        limit = self.config.reply_limit(values_limit(expected))
         resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=limit)
         values = decode_values(resolved, expected, max_bytes=limit)
         for name, kept in values[0].items():

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from llm_pruning.pruners import SparsityPattern, num_to_prune
+from llm_pruning.pruners.masks import nm_group_counts
 
 logger = logging.getLogger(__name__)
 
@@ -383,9 +384,7 @@ def _check_pattern(name: str, mask: Tensor, spec: MatrixSpec) -> None:
             f"{name}: mask keeps {kept} of {spec.numel} entries; {spec.pattern} keeps {spec.kept}"
         )
     if spec.pattern.is_nm:
-        rows, cols = mask.shape
-        groups = mask.reshape(rows, cols // spec.pattern.m, spec.pattern.m).sum(dim=-1)
-        if bool((groups != spec.pattern.n).any()):
+        if bool((nm_group_counts(mask, spec.pattern.m) != spec.pattern.n).any()):
             raise PayloadError(f"{name}: mask breaks the {spec.pattern} pattern")
 
 

@@ -328,7 +328,7 @@ class FedSpaLLM(ServerEvaluated):
     def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
         """The reply's pruned matrices, checked to be exactly those of ``layers``."""
         expected = matrix_specs(self.model, layers, self.config)
-        limit = min(payload_limit(expected), int(self.config.max_payload_mb * 2**20))
+        limit = self.config.reply_limit(payload_limit(expected))
         data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
         tensors, masks = decode(data, max_bytes=limit, expected=expected)
         weights = dict(self.model.named_parameters())  # still dense: merged after the round

@@ -188,3 +188,10 @@ def nm_keep_mask(score: Tensor, n: int, m: int) -> Tensor:
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, order, keep_sorted.expand_as(order).contiguous())
     return keep.reshape(rows, cols)
+
+
+def nm_group_counts(keep: Tensor, m: int) -> Tensor:
+    """Kept entries of every group of ``m`` consecutive columns of each row of a 2-D mask,
+    ``(rows, cols // m)``: what an N:M pattern fixes at N."""
+    rows, cols = keep.shape
+    return keep.reshape(rows, cols // m, m).sum(dim=-1)
