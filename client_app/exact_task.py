@@ -29,6 +29,7 @@ from llm_pruning.pruners import get_pruner
 
 log = logging.getLogger(__name__)
 
+
 def _shared(stats: dict, prefix: str, shared: Sequence[Sequence[str]]) -> dict:
     """One entry per group of Linears reading the same input, checked to be identical."""
     entries = {}
@@ -84,7 +85,7 @@ def collect_statistics(
     """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, cache=cache)
+    model, tokenizer = load_model(config.model, cache=cache, lazy=True)  # a layer at a time
     pruner = get_pruner(config.pruner)
     device = node_device(config, node)
     folder = state_dir(node, run_id)

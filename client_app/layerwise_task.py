@@ -30,6 +30,7 @@ from fedspallm_strategy.payload import decode, validate_layer
 from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.values_payload import encode_values, kept_values
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.lazy import release_layer
 from llm_pruning.models import load_model, num_layers, prunable_weights
 from llm_pruning.pruners import get_pruner
 
@@ -83,7 +84,8 @@ def run_round(
     """
     start_time = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, cache=cache)
+    # Lazy: one decoder layer in memory at a time, plus the pruned ones until encoded.
+    model, tokenizer = load_model(config.model, cache=cache, lazy=True)
     pruner, pattern = get_pruner(config.pruner), config.sparsity_pattern
     device = node_device(config, node)
     folder = state_dir(node, run_id, STATE_KIND)
@@ -118,6 +120,8 @@ def run_round(
             log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         if index + 1 < end or step.keep_from == end:
             calibrator.advance(index)
+        if index in step.resolve:
+            release_layer(model, index)  # its values are in `resolved` (and advanced through)
     if step.keep_from is None:
         remove_activations(folder)
     elif step.keep_from == end and end > 0:

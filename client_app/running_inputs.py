@@ -22,7 +22,8 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.payload import decode, validate_layer
 from llm_pruning.engine import LayerwiseCalibrator
-from llm_pruning.models import cache_dir, prunable_weights
+from llm_pruning.lazy import layer_tensors, update_layer
+from llm_pruning.models import cache_dir, family_of, prunable_weights
 from llm_pruning.pruners import Pruner
 
 STATE_FILE = "activations.safetensors"
@@ -92,7 +93,11 @@ def resume(model, folder: Path, device: str, expected_layer: int) -> LayerwiseCa
 def apply_global_layers(
     model: PreTrainedModel, data: bytes, layer_ids: Sequence[int], pruner: Pruner
 ) -> None:
-    """Write the server's pruned matrices of ``layer_ids`` into ``model``."""
+    """Write the server's pruned matrices of ``layer_ids`` into ``model``.
+
+    A lazy model's layers are written to its store's files (``lazy.update_layer``), so they
+    take no memory until the calibrator loads them.
+    """
     tensors, masks = decode(data)
     expected = {
         name: tuple(linear.weight.shape)
@@ -100,8 +105,13 @@ def apply_global_layers(
         for name, linear in prunable_weights(model, layer).items()
     }
     validate_layer(tensors, masks, expected, require_values=pruner.updates_weights)
-    parameters = dict(model.named_parameters())
-    for name, keep in masks.items():
-        weight = parameters[name].data
-        values = tensors[name].to(weight.dtype) if tensors else weight  # mask only: kept values
-        weight.copy_(torch.where(keep, values, torch.zeros((), dtype=weight.dtype)))
+    family = family_of(model)
+    for layer in layer_ids:
+        current = layer_tensors(model, layer)
+        names = [name for name in masks if name.startswith(family.layer_prefix(layer))]
+        updated = {}
+        for name in names:
+            weight, keep = current[name], masks[name]
+            values = tensors[name].to(weight.dtype) if tensors else weight  # mask only: kept
+            updated[name] = torch.where(keep, values, torch.zeros((), dtype=weight.dtype))
+        update_layer(model, layer, updated)

@@ -80,10 +80,14 @@ def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> b
 
 
 def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> PruneReply:
-    """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result."""
+    """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result.
+
+    The model loads lazily: one decoder layer in memory at a time, plus the pruned ones
+    (pinned by the engine) until they are encoded.
+    """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, cache=cache)
+    model, tokenizer = load_model(config.model, cache=cache, lazy=True)
     pruner = get_pruner(config.pruner)
     segments = load_shard(config, node, tokenizer)
     log.info(

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from fedspallm_strategy.stats_payload import (
     statistics_limit,
     statistics_nbytes,
 )
-from fedspallm_strategy.strategy import SPEC_KEY, ServerEvaluated, reject_reply, request_record
+from fedspallm_strategy.strategy import SPEC_KEY, ServerEvaluated, request_record
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
@@ -227,6 +228,7 @@ class Exact(ServerEvaluated):
         self.participants: list[int] | None = None  # fixed in round 1
         self.dropped: set[int] = set()
         self.assignments: dict[int, list[int]] = {}
+        self.sent: list[Message] = []  # this round's messages
         self.previous: tuple[list[int], bytes] | None = None  # last round's pruned layers
         self.accounting = Accounting()
         self.contributors: dict[int, list[int]] = {}
@@ -294,6 +296,7 @@ class Exact(ServerEvaluated):
                 )
             )
         self.accounting.assignments[server_round] = dict(self.assignments)
+        self.sent = messages
         log.info(
             "exact round %d/%d: statistics of layers %s from %d nodes (%.2f MiB each)",
             server_round,
@@ -312,19 +315,12 @@ class Exact(ServerEvaluated):
         start = time.perf_counter()
         layers = next(iter(self.assignments.values()))
         expected = self._expected(layers)
-        # Sum in node-name order, the order in which `centralized` pools the shards.
-        ordered = sorted(
-            replies, key=lambda r: (self._name(r.metadata.src_node_id), r.metadata.src_node_id)
-        )
+        # Replies come in the order the messages went out, node-name order (StreamingReplies;
+        # the in-process grid too): the order in which `centralized` pools the shards.
         sums: dict[str, Stats] = {}
         accepted: list[int] = []
-        for reply in ordered:
-            node = reply.metadata.src_node_id
-            try:
-                entries = self._accept(reply, node, accepted, expected)
-            except Exception as error:
-                reject_reply(self.accounting, server_round, node, layers, error)
-                continue
+        accept = partial(self._accept, expected=expected)
+        for node, entries in self.accepted(server_round, replies, accept):
             for name, (stats, _covers) in entries.items():
                 if name in sums:
                     sums[name].merge(stats)
@@ -332,7 +328,6 @@ class Exact(ServerEvaluated):
                     sums[name] = stats
             accepted.append(node)
             del entries  # streaming: one client's statistics at a time
-        self.accounting.reject_silent(server_round, self.assignments, accepted)
         return None, self._finish_round(server_round, layers, sums, accepted, start)
 
     def _finish_round(

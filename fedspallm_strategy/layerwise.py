@@ -31,7 +31,7 @@ from fedspallm_strategy.payload import encode
 from fedspallm_strategy.plausibility import check_kept_values
 from fedspallm_strategy.replies import bytes_record, reply_bytes, reply_metrics, screen
 from fedspallm_strategy.round_plan import RoundStep, plan_rounds
-from fedspallm_strategy.strategy import SPEC_KEY, FedSpaLLM, reject_reply, request_record
+from fedspallm_strategy.strategy import SPEC_KEY, FedSpaLLM, request_record
 from fedspallm_strategy.values_payload import Expected, decode_values, values_limit
 from llm_pruning.models import num_layers, prunable_weights
 
@@ -249,14 +249,9 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             self.config.trim_fraction,
         )
         answered: list[int] = []
-        for reply in replies:
-            node = self._sender(reply)
-            try:
-                tensors, masks, values = self._accept_round(reply, node, answered)
-            except Exception as error:
-                layers = self.assignments.get(node, [])
-                reject_reply(self.accounting, server_round, node, layers, error)
-                continue
+        for node, (tensors, masks, values) in self.accepted(
+            server_round, replies, self._accept_round
+        ):
             merger.add(tensors, masks)
             average.add(*values)
             for layer in self.steps[node].prune:
@@ -264,7 +259,6 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             answered.append(node)
             del tensors, masks, values  # streaming: one client's matrices at a time
         failed = set(self.steps) - set(answered)
-        self.accounting.reject_silent(server_round, self.assignments, answered)
         if failed:
             self.dropped |= failed
             log.warning("nodes %s left out of the later rounds", sorted(failed))

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY, Exact
+from fedspallm_strategy.grids import GridView
 from fedspallm_strategy.payload import PayloadError
 from fedspallm_strategy.secure_encoding import (
     MODULUS,
@@ -119,28 +120,12 @@ class _SecAggRound(LegacyStrategy):
         return None
 
 
-class _ErrorLog(Grid):
+class _ErrorLog(GridView):
     """``grid`` as it is, remembering the clients' error replies (the workflow drops them)."""
 
     def __init__(self, grid: Grid):
-        self.grid = grid
+        super().__init__(grid)
         self.errors: dict[int, str] = {}
-
-    def set_run(self, run):
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs):
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self):
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages):
-        return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids):
         return self._note(self.grid.pull_messages(message_ids))

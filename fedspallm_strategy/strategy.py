@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +104,17 @@ def reject_reply(
 
 
 class ServerEvaluated(Strategy):
-    """A strategy whose models are scored on the server after the rounds (perplexity), so no
-    evaluate messages go to the clients."""
+    """What every strategy here shares: its models are scored on the server after the rounds
+    (perplexity), so no evaluate messages go to the clients; and a round's replies are taken
+    one at a time (:meth:`accepted`), each accepted or rejected with its reason.
+
+    A subclass sets ``accounting``, and in ``configure_train`` ``assignments`` (node -> its
+    layers this round) and ``sent`` (the round's messages).
+    """
+
+    accounting: Accounting
+    assignments: dict[int, list[int]]
+    sent: list[Message]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -116,6 +125,45 @@ class ServerEvaluated(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
+
+    def accepted(
+        self, server_round: int, replies: Iterable[Message], accept: Callable
+    ) -> Iterator[tuple[int, object]]:
+        """``(node, accept(reply, node, answered))`` for every reply that ``accept`` takes.
+
+        A reply ``accept`` raises on is recorded as rejected, with the reason, and the round
+        goes on; once the replies are exhausted, every assigned node that gave no accepted
+        reply is recorded as silent. No reply is referenced here once it is handed on, so
+        with :class:`~fedspallm_strategy.grids.StreamingReplies` the server holds one.
+        """
+        answered: list[int] = []
+        for reply in replies:
+            node = self.sender(reply)
+            try:
+                taken = accept(reply, node, answered)
+            except Exception as error:
+                layers = self.assignments.get(node, [])
+                reject_reply(self.accounting, server_round, node, layers, error)
+                continue
+            finally:
+                del reply
+            answered.append(node)
+            yield node, taken
+            del taken
+        self.accounting.reject_silent(server_round, self.assignments, answered)
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply answers for.
+
+        An error the SuperLink itself generates (e.g. "Node Unavailable" when a node stops
+        sending heartbeats) comes from the SuperLink's own node id, not the node's: it is
+        attributed to the node the message it answers was sent to. Nothing else is.
+        """
+        src = reply.metadata.src_node_id
+        if src == SUPERLINK_NODE_ID and reply.has_error():
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+            return sent_to.get(reply.metadata.reply_to_message_id, src)
+        return src
 
 
 class FedSpaLLM(ServerEvaluated):
@@ -260,17 +308,10 @@ class FedSpaLLM(ServerEvaluated):
             trim_fraction=self.config.trim_fraction,
         )
         delivered: dict[int, set[int]] = {}
-        for reply in replies:
-            node = self._sender(reply)
-            layers = self.assignments.get(node, [])
-            try:
-                tensors, masks = self._accept(reply, node, delivered)
-            except Exception as error:
-                reject_reply(self.accounting, this_round, node, layers, error)
-                continue
+        for node, (tensors, masks) in self.accepted(this_round, replies, self._accept):
             if self.rule != "standalone":
                 merger.add(tensors, masks)
-            for layer in layers:
+            for layer in self.assignments[node]:
                 delivered.setdefault(layer, set()).add(node)
             del tensors, masks  # streaming: one client's matrices at a time
         finished = {}
@@ -281,7 +322,6 @@ class FedSpaLLM(ServerEvaluated):
         answered = {n for nodes in delivered.values() for n in nodes}
         failed = set(self.assignments) - answered
         self.failed_names = {self._name(n) for n in failed}
-        self.accounting.reject_silent(this_round, self.assignments, answered)
         missing = sorted(set().union(*self.assignments.values()) - set(delivered))
         if missing:
             log.warning(
@@ -299,24 +339,8 @@ class FedSpaLLM(ServerEvaluated):
             checkpoint.save_round(self.checkpoint_dir, this_round, finished, self.state())
         return None, MetricRecord(metrics)
 
-    def _sender(self, reply: Message) -> int:
-        """The node a reply answers for.
-
-        An error the SuperLink itself generates (e.g. "Node Unavailable" when a node stops
-        sending heartbeats) comes from the SuperLink's own node id, not the node's: it is
-        attributed to the node the message it answers was sent to. Nothing else is.
-        """
-        src = reply.metadata.src_node_id
-        if src == SUPERLINK_NODE_ID and reply.has_error():
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
-            return sent_to.get(reply.metadata.reply_to_message_id, src)
-        return src
-
-    def _accept(
-        self, reply: Message, node: int, delivered: Mapping[int, set[int]]
-    ) -> tuple[dict, dict]:
+    def _accept(self, reply: Message, node: int, answered: list[int]) -> tuple[dict, dict]:
         """Decode and validate one reply completely before anything is aggregated."""
-        answered = {n for nodes in delivered.values() for n in nodes}
         screen(reply, node, self.assignments, answered)
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)

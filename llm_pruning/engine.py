@@ -5,7 +5,9 @@ argument — current LLaMA layers need ``position_embeddings``) on the calibrati
 then walk the layers in order. A sampled layer gets its prunable Linears' statistics from
 forward hooks, is pruned, and is run again so the next layer sees the pruned layer's outputs.
 A layer outside the set is only run forward: it stays bit-identical. One decoder layer sits on
-the compute device at a time; the rest of the model stays on the CPU.
+the compute device at a time; the rest of the model stays on the CPU. For a lazy model
+(:mod:`llm_pruning.lazy`) the other layers stay on disk: a layer is loaded for its forward
+passes and unloaded after, except a pruned one, which is pinned until its owner encodes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_pruning.lazy import on_device, pin_layer
 from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, SparsityPattern
 
@@ -56,6 +59,28 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+@torch.no_grad()
+def capture_layer_inputs(
+    model: PreTrainedModel, segments: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict]:
+    """What decoder layer 0 receives on each segment: hidden states ``(N, T, C)`` on
+    ``device``, and the keyword arguments of the first segment (the same for every segment of
+    one length). Runs the embeddings and layer 0 only; the model ends up on the CPU."""
+    backbone = family_of(model).backbone_of(model)
+    layers = backbone.layers
+    with on_device(model, 0, device) as first:
+        catcher = _InputCatcher(first)
+        backbone.layers = nn.ModuleList([catcher])  # run embeddings + layer 0 only
+        try:
+            backbone.to(device)
+            for segment in segments:
+                backbone(input_ids=segment[None].to(device), use_cache=False)
+        finally:
+            backbone.to("cpu")  # before the other (lazy: not loaded) layers are back
+            backbone.layers = layers
+    return torch.cat(catcher.hidden), catcher.kwargs
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage, summed over layers."""
@@ -90,23 +115,9 @@ class LayerwiseCalibrator:
         self.next_layer = 0
         self.timings = Timings()
         start = time.perf_counter()
-        self.hidden, self.layer_kwargs = self._capture(segments)  # (N, T, C), shared kwargs
+        # (N, T, C) and the keyword arguments every segment shares
+        self.hidden, self.layer_kwargs = capture_layer_inputs(model, segments, self.device)
         self.timings.capture = time.perf_counter() - start
-
-    @torch.no_grad()
-    def _capture(self, segments: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        backbone = self.family.backbone_of(self.model)
-        layers = backbone.layers
-        catcher = _InputCatcher(layers[0])
-        backbone.layers = nn.ModuleList([catcher])  # run embeddings + layer 0 only
-        try:
-            backbone.to(self.device)
-            for segment in segments:
-                backbone(input_ids=segment[None].to(self.device), use_cache=False)
-        finally:
-            backbone.layers = layers
-            backbone.to("cpu")
-        return torch.cat(catcher.hidden), catcher.kwargs
 
     @torch.no_grad()
     def _run(self, layer: nn.Module) -> torch.Tensor:
@@ -149,12 +160,14 @@ class LayerwiseCalibrator:
         ``stats`` defaults to this client's own statistics; a caller may pass pooled ones.
         ``keep_masks`` (weight name -> bool mask) fixes the masks instead of letting the pruner
         choose them: the pruner then only compensates for them (the masked re-solve), which
-        only pruners that update weights can do.
+        only pruners that update weights can do. The layer of a lazy model is pinned: its new
+        weights stay in memory until the caller releases it (``lazy.release_layer``).
         """
         if keep_masks is not None and not pruner.updates_weights:
             raise ValueError(
                 f"pruner {pruner.name} keeps the dense values: it cannot re-solve under a mask"
             )
+        pin_layer(self.model, index)  # first, so the statistics pass loads it only once
         if stats is None and pruner.make_stats is not None:
             stats = self.statistics(index, pruner)
         start = time.perf_counter()
@@ -187,20 +200,7 @@ class LayerwiseCalibrator:
             )
 
     def _on_device(self, index: int):
-        return _OnDevice(self.family.layers_of(self.model)[index], self.device)
-
-
-class _OnDevice:
-    """Moves one decoder layer to the compute device for the duration of a `with` block."""
-
-    def __init__(self, layer: nn.Module, device: torch.device):
-        self.layer, self.device = layer, device
-
-    def __enter__(self) -> nn.Module:
-        return self.layer.to(self.device)
-
-    def __exit__(self, *exc) -> None:
-        self.layer.to("cpu")
+        return on_device(self.model, index, self.device)
 
 
 @dataclass
@@ -257,6 +257,7 @@ def _prune_without_data(
     timings, masks = Timings(), {}
     start = time.perf_counter()
     for index in ids:
+        pin_layer(model, index)  # lazy: loaded on the CPU, kept until encoded
         for name, linear in prunable_weights(model, index).items():
             new_weight, keep = pruner.prune(linear.weight.data, None, pattern)
             linear.weight.data.copy_(new_weight)

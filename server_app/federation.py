@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from client_app.task import load_shard
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.exact import Exact, plan_exact
+from fedspallm_strategy.grids import StreamingReplies
 from fedspallm_strategy.layerwise import LayerwiseFedSpaLLM
 from fedspallm_strategy.payload import payload_limit
 from fedspallm_strategy.sampling import layer_budget
@@ -65,8 +66,9 @@ def run_federation(
         evaluate = evaluator or Evaluator(config, tokenizer)
     connected = wait_for_nodes(grid, config.min_clients)
     node_configs, excluded = query_resources(grid, connected)
-    # From here on the run sees only the nodes that reported valid resources.
-    grid, nodes = HealthyNodes(grid, node_configs), sorted(node_configs)
+    # From here on the run sees only the nodes that reported valid resources, and takes each
+    # round's replies one at a time as they are pulled.
+    grid, nodes = StreamingReplies(HealthyNodes(grid, node_configs)), sorted(node_configs)
     if config.secure_aggregation and len(nodes) < 2:
         raise ConfigError(
             f"secure-aggregation needs at least 2 nodes (the sum over one client is its "

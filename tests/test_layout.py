@@ -12,6 +12,7 @@ ALLOWED = {
     "fedspallm_strategy/secure_exact.py",
     "fedspallm_strategy/layerwise.py",
     "fedspallm_strategy/replies.py",
+    "fedspallm_strategy/grids.py",
 }
 
 
