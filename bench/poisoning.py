@@ -39,7 +39,7 @@ from attacks import forge, lying_records, payload_content, reply, semantic_attac
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.plausibility import change_bound
-from fedspallm_strategy.strategy import FedSpaLLM
+from fedspallm_strategy.strategy import MergeStrategy
 from llm_pruning.models import load_model, num_layers, prunable_weights
 from server_app.inprocess import _set_task_identity
 from server_app.report import Evaluator
@@ -133,7 +133,7 @@ class Federation:
         for name, parameter in self.model.named_parameters():
             parameter.data.copy_(self.dense[name])
         config = replace(self.config, aggregation=aggregation)
-        strategy = FedSpaLLM(self.model, config)
+        strategy = MergeStrategy(self.model, config)
         strategy.assignments = {node: self.layers for node in contents}
         strategy.aggregate_train(1, [reply(node, c) for node, c in contents.items()])
         params = dict(self.model.named_parameters())

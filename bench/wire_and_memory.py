@@ -13,8 +13,8 @@ down-link is the train message's ConfigRecord (``request_record(config, layers)`
 as Flower sends it) for all layers: clients already hold the dense model.
 
 (b) **Server memory.** For each K (``--clients``), a fresh subprocess plays the server:
-loads the model, builds a ``FedSpaLLM`` strategy, assigns every layer to K nodes, and feeds
-K train replies through ``FedSpaLLM.aggregate_train`` -- the code path of a real round:
+loads the model, builds a ``MergeStrategy``, assigns every layer to K nodes, and feeds
+K train replies through ``MergeStrategy.aggregate_train`` -- the code path of a real round:
 decode, validate, stream into the l0 accumulators, expand, write into the model. Replies are
 made lazily by a generator, each just before the strategy reads it (so neither the bench
 nor the strategy ever holds K payloads): client k's keep-mask keeps the largest
@@ -126,7 +126,7 @@ def config_for(args, pattern: SparsityPattern, pruner: str) -> RunConfig:
 
 
 def wire(args) -> list[dict]:
-    from fedspallm_strategy.strategy import request_record
+    from fedspallm_strategy.wire import request_record
 
     model, _ = load_model(args.model)
     layers = list(range(num_layers(model)))
@@ -267,8 +267,8 @@ def make_reply(node: int, data: bytes, round_id: int):
 
 
 def server_worker(args) -> dict:
-    """Child process: one round of K clients through ``FedSpaLLM.aggregate_train``."""
-    from fedspallm_strategy.strategy import FedSpaLLM
+    """Child process: one round of K clients through ``MergeStrategy.aggregate_train``."""
+    from fedspallm_strategy.strategy import MergeStrategy
     from server_app.inprocess import _set_task_identity
 
     if args.threads:
@@ -302,14 +302,14 @@ def server_worker(args) -> dict:
     generating = [0.0]  # seconds the bench spends playing the clients, inside the round
 
     # Warm-up: a one-layer round on a throwaway strategy touches every code path once.
-    warm = FedSpaLLM(model, config)
+    warm = MergeStrategy(model, config)
     warm.assignments = {1: [total - 1], 2: [total - 1]}
     warm.aggregate_train(1, replies([total - 1], 2, 0))
     del warm
     baseline_current, baseline_peak = current_rss(), peak_rss()
     reset = reset_peak_rss()  # so that the peak below is the round's own
 
-    strategy = FedSpaLLM(model, config)
+    strategy = MergeStrategy(model, config)
     strategy.assignments = {node: layers for node in range(1, clients + 1)}
     generating[0] = 0.0
     start = time.perf_counter()
@@ -378,7 +378,7 @@ def spawn(args, *flags: str) -> dict:
 
 def server_table(rows: list[dict], args) -> str:
     lines = [
-        f"Server: one round through FedSpaLLM.aggregate_train, {args.model}, "
+        f"Server: one round through MergeStrategy.aggregate_train, {args.model}, "
         f"{rows[0]['layers']} layers per client, s={args.server_sparsity}, values + mask "
         f"(glibc mmap threshold {args.mmap_threshold or 'dynamic'}); peak = VmHWM of the "
         "round, reset after the model load and warm-up",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -14,14 +13,23 @@ from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.layerwise_task import run_round
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
-from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY
-from fedspallm_strategy.layerwise import GLOBAL_KEY, MASKS_KEY, RESOLVED_KEY, STEP_KEY
 from fedspallm_strategy.logs import share_flower_handlers
-from fedspallm_strategy.replies import PAYLOAD_KEY, bytes_record
 from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.secure_encoding import secure_vectors
-from fedspallm_strategy.secure_exact import request_from_fitins
-from fedspallm_strategy.strategy import SPEC_KEY, request_from_record
+from fedspallm_strategy.wire import (
+    EXACT_KEY,
+    GLOBAL_KEY,
+    MASKS_KEY,
+    PAYLOAD_KEY,
+    PREVIOUS_KEY,
+    RESOLVED_KEY,
+    SPEC_KEY,
+    STEP_KEY,
+    bytes_record,
+    record_bytes,
+    request_from_fitins,
+    request_from_record,
+)
 
 app = ClientApp()
 
@@ -59,9 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     config, layer_ids = request_from_record(msg.content[SPEC_KEY])
     node = NodeConfig.from_mapping(context.node_config)
     reply = prune_layers(config, node, layer_ids)
-    payload = Array(np.frombuffer(reply.payload, dtype=np.uint8))  # 1-D: Flower chunks it
     content = RecordDict(
-        {PAYLOAD_KEY: ArrayRecord({PAYLOAD_KEY: payload}), "metrics": MetricRecord(reply.metrics)}
+        {PAYLOAD_KEY: bytes_record(reply.payload), "metrics": MetricRecord(reply.metrics)}
     )
     return Message(content, reply_to=msg)
 
@@ -79,8 +86,8 @@ def train_layerwise(msg: Message, context: Context) -> Message:
         NodeConfig.from_mapping(context.node_config),
         step,
         run_id=context.run_id,
-        masks=_bytes_of(msg.content, MASKS_KEY),
-        global_layers=_bytes_of(msg.content, GLOBAL_KEY),
+        masks=record_bytes(msg.content, MASKS_KEY),
+        global_layers=record_bytes(msg.content, GLOBAL_KEY),
     )
     content = RecordDict(
         {
@@ -92,19 +99,13 @@ def train_layerwise(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _bytes_of(content: RecordDict, key: str) -> bytes | None:
-    record = content.array_records.get(key)
-    return None if record is None else record[key].numpy().tobytes()
-
-
 @app.train("exact")
 def train_exact(msg: Message, context: Context) -> Message:
     """Strategy exact: advance through last round's pruned global layers, send statistics."""
     share_flower_handlers()
     reply = exact_statistics(**_exact_request(msg.content, context))
-    payload = Array(np.frombuffer(reply.payload, dtype=np.uint8))
     content = RecordDict(
-        {PAYLOAD_KEY: ArrayRecord({PAYLOAD_KEY: payload}), "metrics": MetricRecord(reply.metrics)}
+        {PAYLOAD_KEY: bytes_record(reply.payload), "metrics": MetricRecord(reply.metrics)}
     )
     return Message(content, reply_to=msg)
 
@@ -134,7 +135,6 @@ def _exact_request(content: RecordDict, context: Context) -> dict:
     """The keyword arguments of the exact task, from a request's records."""
     config, layer_ids = request_from_record(content[SPEC_KEY])
     exact = content.config_records[EXACT_KEY]
-    previous = content.array_records.get(PREVIOUS_KEY)
     return dict(
         config=config,
         node=NodeConfig.from_mapping(context.node_config),
@@ -142,5 +142,5 @@ def _exact_request(content: RecordDict, context: Context) -> dict:
         layer_ids=layer_ids,
         shared=[group.split(",") for group in exact["shared"]],
         previous_layers=list(exact["previous-layers"]),
-        previous=previous[PREVIOUS_KEY].numpy().tobytes() if previous is not None else None,
+        previous=record_bytes(content, PREVIOUS_KEY),
     )

@@ -20,8 +20,8 @@ from client_app.running_inputs import (
     save_activations,
     state_dir,
 )
-from client_app.task import PruneReply, load_shard, node_device
-from fedspallm_strategy.config import NodeConfig, RunConfig
+from client_app.task import PruneReply
+from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.stats_payload import encode_statistics, same_statistics
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.models import family_of, load_model, num_layers
@@ -85,7 +85,8 @@ def collect_statistics(
     """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, cache=cache, lazy=True)  # a layer at a time
+    # A layer at a time: decoder layers load lazily.
+    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
     pruner = get_pruner(config.pruner)
     device = node_device(config, node)
     folder = state_dir(node, run_id)

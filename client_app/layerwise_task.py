@@ -24,8 +24,8 @@ from client_app.running_inputs import (
     save_activations,
     state_dir,
 )
-from client_app.task import encode_pruned, load_shard, node_device, wire_values
-from fedspallm_strategy.config import NodeConfig, RunConfig
+from client_app.task import encode_pruned, wire_values
+from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.payload import decode, validate_layer
 from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.values_payload import encode_values, kept_values
@@ -85,7 +85,7 @@ def run_round(
     start_time = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
     # Lazy: one decoder layer in memory at a time, plus the pruned ones until encoded.
-    model, tokenizer = load_model(config.model, cache=cache, lazy=True)
+    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
     pruner, pattern = get_pruner(config.pruner), config.sparsity_pattern
     device = node_device(config, node)
     folder = state_dir(node, run_id, STATE_KIND)

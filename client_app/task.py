@@ -6,16 +6,14 @@ Kept apart from ``app.py`` (the Flower wiring) so it can be called and tested di
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedspallm_strategy.config import NodeConfig, RunConfig
+from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.payload import encode
-from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.models import load_model, num_layers
 from llm_pruning.pruners import get_pruner
@@ -27,42 +25,6 @@ log = logging.getLogger(__name__)
 class PruneReply:
     payload: bytes
     metrics: dict[str, float | int]
-
-
-def node_device(config: RunConfig, node: NodeConfig) -> str:
-    device = node.device or config.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this node")
-    return device
-
-
-def private_data_path(data_path: str) -> Path:
-    """A node's ``data-path``, checked: a missing or unreadable one fails this node's reply.
-
-    Always a local path (never a dataset name), so a typo cannot turn into a hub download.
-    """
-    path = Path(data_path).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"node config data-path '{data_path}' does not exist on this node")
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise PermissionError(f"node config data-path '{data_path}' is not readable on this node")
-    return path
-
-
-def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
-    """This node's calibration segments ``(N, T)``: its own ``data-path``, or its partition."""
-    common = dict(seqlen=config.seqlen, num_segments=config.calib_samples, seed=config.seed)
-    if node.data_path is not None:
-        path = private_data_path(node.data_path)
-        return calibration_segments(str(path), tokenizer, partition="by-document", **common)
-    return calibration_segments(
-        config.calib_data,
-        tokenizer,
-        partition=config.partition,
-        partition_id=node.partition_id,
-        num_partitions=node.num_partitions,
-        **common,
-    )
 
 
 def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
@@ -87,7 +49,7 @@ def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> P
     """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, cache=cache, lazy=True)
+    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
     pruner = get_pruner(config.pruner)
     segments = load_shard(config, node, tokenizer)
     log.info(

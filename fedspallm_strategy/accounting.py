@@ -16,6 +16,7 @@ class Accounting:
     rejected: list[dict] = field(default_factory=list)
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    largest_up: int = 0  # the largest accepted reply, in bytes
     client_metrics: dict[int, dict] = field(default_factory=dict)
     assignments: dict[int, dict[int, list[int]]] = field(
         default_factory=dict
@@ -35,9 +36,15 @@ class Accounting:
             rejected=data["rejected"],
             bytes_up=ints(data["bytes_up"]),
             bytes_down=ints(data["bytes_down"]),
+            largest_up=data.get("largest_up", 0),
             client_metrics=ints(data["client_metrics"]),
             assignments={int(r): ints(a) for r, a in data["assignments"].items()},
         )
+
+    def add_up(self, node: int, size: int) -> None:
+        """An accepted reply of ``size`` bytes from ``node``."""
+        self.bytes_up[node] = self.bytes_up.get(node, 0) + size
+        self.largest_up = max(self.largest_up, size)
 
     def add_metrics(self, node: int, metrics: dict) -> None:
         """A node's metrics summed over the rounds it answered (``rounds`` counts them)."""

@@ -8,13 +8,16 @@ and what it accepts.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 from fedspallm_strategy.round_plan import CALIBRATIONS
-from llm_pruning.data import PARTITIONS
+from llm_pruning.data import PARTITIONS, calibration_segments
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
@@ -24,6 +27,7 @@ LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -34,6 +38,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"  # built-in name, local dir, .gguf file, or HF hub id
+    dtype: str = "float32"  # the model's dtype on every role (pruners compute in float32)
     strategy: str = "fedspallm"  # one of STRATEGIES
     pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
     sparsity: float = 0.5  # fraction of each prunable matrix set to zero
@@ -50,6 +55,7 @@ class RunConfig:
     output_dir: str = "runs"
     device: str = "cpu"  # server-side evaluation device; nodes may override in node config
     compare_centralized: bool = False  # also prune centrally on the pooled shards (simulation)
+    standalone_eval: bool = True  # also score each client's own pruned model (one eval each)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
     payload_dtype: str = "auto"  # kept values on the wire: auto (the model's) or a float dtype
@@ -83,6 +89,10 @@ class RunConfig:
         )
 
     @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
     def sparsity_pattern(self) -> SparsityPattern:
         return SparsityPattern.parse(self.pattern, self.sparsity)
 
@@ -109,6 +119,7 @@ class RunConfig:
         _one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
         _one_of("partition", self.partition, PARTITIONS)
         _one_of("payload-dtype", self.payload_dtype, PAYLOAD_DTYPES)
+        _one_of("dtype", self.dtype, MODEL_DTYPES)
         try:
             SparsityPattern.parse(self.pattern, self.sparsity)
         except ValueError as error:
@@ -304,6 +315,46 @@ class NodeConfig:
         if config.device is not None:
             check_device("node config device", config.device)
         return config
+
+
+# Helpers both sides use: the server cuts the shards itself to check them (and to pool them
+# for `centralized`); each node cuts its own.
+
+
+def node_device(config: RunConfig, node: NodeConfig) -> str:
+    device = node.device or config.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this node")
+    return device
+
+
+def private_data_path(data_path: str) -> Path:
+    """A node's ``data-path``, checked: a missing or unreadable one fails this node's reply.
+
+    Always a local path (never a dataset name), so a typo cannot turn into a hub download.
+    """
+    path = Path(data_path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"node config data-path '{data_path}' does not exist on this node")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(f"node config data-path '{data_path}' is not readable on this node")
+    return path
+
+
+def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
+    """This node's calibration segments ``(N, T)``: its own ``data-path``, or its partition."""
+    common = dict(seqlen=config.seqlen, num_segments=config.calib_samples, seed=config.seed)
+    if node.data_path is not None:
+        path = private_data_path(node.data_path)
+        return calibration_segments(str(path), tokenizer, partition="by-document", **common)
+    return calibration_segments(
+        config.calib_data,
+        tokenizer,
+        partition=config.partition,
+        partition_id=node.partition_id,
+        num_partitions=node.num_partitions,
+        **common,
+    )
 
 
 def _optional(values: Mapping[str, object], key: str, annotation: str):

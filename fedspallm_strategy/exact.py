@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.payload import encode
-from fedspallm_strategy.replies import PAYLOAD_KEY, reply_bytes, reply_metrics, screen
+from fedspallm_strategy.replies import reply_bytes, reply_metrics, screen
 from fedspallm_strategy.secure_encoding import masked_bytes, vector_lengths
 from fedspallm_strategy.stats_payload import (
     decode_statistics,
@@ -46,16 +47,25 @@ from fedspallm_strategy.stats_payload import (
     statistics_limit,
     statistics_nbytes,
 )
-from fedspallm_strategy.strategy import SPEC_KEY, ServerEvaluated, request_record
+from fedspallm_strategy.strategy import ServerEvaluated
+from fedspallm_strategy.wire import (
+    EXACT_KEY,
+    EXACT_MESSAGE_TYPE,
+    PAYLOAD_KEY,
+    PREVIOUS_KEY,
+    SPEC_KEY,
+    request_record,
+)
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.lazy import resident_layers
 from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
 
+if TYPE_CHECKING:
+    from fedspallm_strategy.registry import RunSetup
+
 log = logging.getLogger(__name__)
 
-MESSAGE_TYPE = "train.exact"  # routed to the ClientApp's @app.train("exact")
-EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
-PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
 MIB = 2**20
 
 
@@ -235,6 +245,21 @@ class Exact(ServerEvaluated):
         self.round_seconds: dict[int, float] = {}
         self._round_start = 0.0
 
+    @classmethod
+    def for_run(cls, run: RunSetup) -> Exact:
+        from fedspallm_strategy.secure_exact import SecureExact  # a subclass of this one
+
+        kind = SecureExact if run.config.secure_aggregation else cls
+        return kind(run.model, run.config, node_names=run.names)
+
+    def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
+        self.plan.check_budget(self.config)  # one round per layer group: only bytes can refuse
+
+    def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        run.report.update(self.client_report(run.budgets))
+        run.report["exact"] = self.costs()
+        return super().conclude(run)
+
     def summary(self) -> None:
         plan = self.plan
         log.info(
@@ -292,7 +317,10 @@ class Exact(ServerEvaluated):
             self.assignments[node] = layers
             messages.append(
                 Message(
-                    content, message_type=MESSAGE_TYPE, dst_node_id=node, group_id=str(server_round)
+                    content,
+                    message_type=EXACT_MESSAGE_TYPE,
+                    dst_node_id=node,
+                    group_id=str(server_round),
                 )
             )
         self.accounting.assignments[server_round] = dict(self.assignments)
@@ -395,13 +423,17 @@ class Exact(ServerEvaluated):
             expected=expected,
             tokens=self.config.calib_samples * self.config.seqlen,
         )
-        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
+        self.accounting.add_up(node, len(data))
         self.accounting.add_metrics(node, reply_metrics(reply))
         return entries
 
     @torch.no_grad()
     def _prune(self, layers: list[int], sums: Mapping) -> tuple[dict, dict]:
         """Prune the round's layers with the summed statistics, as ``prune_layer`` would."""
+        with resident_layers(self.model, layers):  # a lazily loaded model: saved, then freed
+            return self._prune_resident(layers, sums)
+
+    def _prune_resident(self, layers: list[int], sums: Mapping) -> tuple[dict, dict]:
         device = torch.device(self.config.device)
         masks, pruned = {}, {}
         for layer in layers:

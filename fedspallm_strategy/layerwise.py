@@ -19,29 +19,41 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from transformers import PreTrainedModel
 
 from fedspallm_strategy.aggregation import clip_to_median_norm, robust_centre
+from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.merging import MatrixMerger
 from fedspallm_strategy.payload import encode
 from fedspallm_strategy.plausibility import check_kept_values
-from fedspallm_strategy.replies import bytes_record, reply_bytes, reply_metrics, screen
+from fedspallm_strategy.replies import reply_bytes, reply_metrics, screen
 from fedspallm_strategy.round_plan import RoundStep, plan_rounds
-from fedspallm_strategy.strategy import SPEC_KEY, FedSpaLLM, request_record
+from fedspallm_strategy.sampling import layer_budget
+from fedspallm_strategy.strategy import MergeStrategy
 from fedspallm_strategy.values_payload import Expected, decode_values, values_limit
+from fedspallm_strategy.wire import (
+    GLOBAL_KEY,
+    LAYERWISE_MESSAGE_TYPE,
+    MASKS_KEY,
+    RESOLVED_KEY,
+    SPEC_KEY,
+    STEP_KEY,
+    bytes_record,
+    request_record,
+)
+from llm_pruning.lazy import layer_tensors, resident_layers
 from llm_pruning.models import num_layers, prunable_weights
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from fedspallm_strategy.registry import RunSetup
 
-MESSAGE_TYPE = "train.layerwise"  # routed to the ClientApp's @app.train("layerwise")
-STEP_KEY = "step"  # ConfigRecord: this node's part of the round (RoundStep.as_dict)
-MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-solve
-GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
-RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
+log = logging.getLogger(__name__)
 
 
 class ResolveAverage:
@@ -104,10 +116,10 @@ class ResolveAverage:
         return mean
 
 
-class LayerwiseFedSpaLLM(FedSpaLLM):
+class LayerwiseMerge(MergeStrategy):
     """FedSpaLLM with ``resolve``, ``calibration='global'`` or ``layers-per-round``.
 
-    Takes :class:`FedSpaLLM`'s arguments; ``checkpoint_dir`` is not used (no resume yet).
+    Takes :class:`MergeStrategy`'s arguments; ``checkpoint_dir`` is not used (no resume yet).
     """
 
     def __init__(self, model, config, **kwargs):
@@ -128,6 +140,30 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         self.global_masks: dict[str, torch.Tensor] = {}  # fixed masks awaiting re-solve/hand-down
         self.dense_kept: dict[str, torch.Tensor] = {}  # dense values under them, until re-solved
         self.round_log: list[dict] = []
+
+    @classmethod
+    def resume_refusal(cls, config: RunConfig) -> str | None:
+        return (
+            "runs with resolve, calibration='global' or layers-per-round keep no checkpoint "
+            "to resume from yet"
+        )
+
+    def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
+        total = num_layers(self.model)
+        fraction = self.config.layer_fraction
+        covered = sum(layer_budget(total, fraction, budgets.get(node)) for node in nodes)
+        if covered < total:
+            raise ConfigError(
+                f"the nodes' layer budgets cover {covered} of {total} layers, and a "
+                "run with resolve, calibration='global' or layers-per-round samples every layer "
+                "once for the whole run: raise layer-fraction or the nodes' layer-budget"
+            )
+        super().check_rounds(nodes, budgets)
+
+    def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        model = super().conclude(run)
+        run.report["layerwise"] = self.costs()
+        return model
 
     def summary(self) -> None:
         log.info(
@@ -187,7 +223,10 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
             self.assignments[node], self.steps[node] = list(prune), mine
             messages.append(
                 Message(
-                    content, message_type=MESSAGE_TYPE, dst_node_id=node, group_id=str(server_round)
+                    content,
+                    message_type=LAYERWISE_MESSAGE_TYPE,
+                    dst_node_id=node,
+                    group_id=str(server_round),
                 )
             )
         self.accounting.assignments[server_round] = dict(self.assignments)
@@ -217,9 +256,9 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         names = [n for layer in layers for n in prunable_weights(self.model, layer)]
         if not names:
             return b""
-        params = dict(self.model.named_parameters())
+        merged = {n: t for layer in layers for n, t in layer_tensors(self.model, layer).items()}
         masks = {n: self.global_masks.pop(n) for n in names}
-        values = {n: params[n].data for n in names} if self.pruner.updates_weights else None
+        values = {n: merged[n] for n in names} if self.pruner.updates_weights else None
         return encode(values, masks)
 
     def aggregate_train(
@@ -227,8 +266,15 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.steps:
             return None, None
-        start = time.perf_counter()
         step = self.plan[server_round - 1]
+        # Only the round's layers are in memory (a lazily loaded model): merged, then saved.
+        with resident_layers(self.model, [*step.prune, *step.resolve]):
+            return self._aggregate_step(server_round, step, replies)
+
+    def _aggregate_step(
+        self, server_round: int, step: RoundStep, replies: Iterable[Message]
+    ) -> tuple[None, MetricRecord]:
+        start = time.perf_counter()
         dense = {
             name: linear.weight.data
             for layer in step.prune
@@ -302,7 +348,7 @@ class LayerwiseFedSpaLLM(FedSpaLLM):
         for name, kept in values[0].items():
             check_kept_values(name, kept, self.dense_kept[name], self.change_bound)
         up = len(data) + len(resolved)
-        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + up
+        self.accounting.add_up(node, up)
         self.accounting.add_metrics(node, reply_metrics(reply))
         if self.reply_dir is not None and self.config.calibration == "local" and masks:
             self._store(node, data)  # local: the pruned layers form the node's standalone model

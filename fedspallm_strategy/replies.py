@@ -19,19 +19,13 @@ import math
 from collections.abc import Container
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, Message
 
-PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
 MAX_REASON = 300  # characters of a client's error text kept in the log and the report
 
 
 class RejectedReply(Exception):
     """A reply the server will not aggregate; the reason goes to the log and the report."""
-
-
-def bytes_record(data: bytes, key: str = PAYLOAD_KEY) -> ArrayRecord:
-    """``data`` as one 1-D uint8 array named ``key`` (1-D: Flower chunks it)."""
-    return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
 
 
 def screen(reply: Message, node: int, asked: Container[int], answered: Container[int]) -> None:

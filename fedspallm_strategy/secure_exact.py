@@ -19,13 +19,12 @@ out of a round; with two nodes none may (the survivor's "sum" would be its own s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -36,7 +35,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedspallm_strategy.exact import EXACT_KEY, PREVIOUS_KEY, Exact
+from fedspallm_strategy.exact import Exact
 from fedspallm_strategy.grids import GridView
 from fedspallm_strategy.payload import PayloadError
 from fedspallm_strategy.secure_encoding import (
@@ -46,39 +45,9 @@ from fedspallm_strategy.secure_encoding import (
     statistics_from_secure_sum,
     vector_lengths,
 )
-from fedspallm_strategy.strategy import SPEC_KEY
+from fedspallm_strategy.wire import request_to_fitins
 
 log = logging.getLogger(__name__)
-
-REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
-TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
-
-
-# ------------------------------------------------------------ the request as legacy FitIns
-
-
-def request_to_fitins(content: RecordDict, secure: Mapping[str, float | int]) -> FitIns:
-    """``Exact``'s request (spec, shared groups, previous layers) plus the encoding settings."""
-    request = {"spec": dict(content[SPEC_KEY]), "exact": dict(content[EXACT_KEY]), **secure}
-    previous = content.array_records.get(PREVIOUS_KEY)
-    tensors = [previous[PREVIOUS_KEY].numpy().tobytes()] if previous is not None else []
-    return FitIns(Parameters(tensors, TENSOR_TYPE), {REQUEST_KEY: json.dumps(request)})
-
-
-def request_from_fitins(fitins: FitIns) -> tuple[RecordDict, dict]:
-    """The client's side of :func:`request_to_fitins`: ``(Exact's content, settings)``."""
-    request = json.loads(str(fitins.config[REQUEST_KEY]))
-    content = RecordDict(
-        {
-            SPEC_KEY: ConfigRecord(request.pop("spec")),
-            EXACT_KEY: ConfigRecord(request.pop("exact")),
-        }
-    )
-    if fitins.parameters.tensors:
-        data = np.frombuffer(fitins.parameters.tensors[0], dtype=np.uint8)
-        content[PREVIOUS_KEY] = ArrayRecord({PREVIOUS_KEY: Array(data)})
-    return content, request
-
 
 # ------------------------------------------------------------- what the workflow drives
 
@@ -248,7 +217,7 @@ class SecureExact(Exact):
         inputs = [expected[name][0] for name in sorted(expected)]
         upload = masked_bytes(vector_lengths(self.plan.kind, inputs))
         for node in accepted:
-            self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + upload
+            self.accounting.add_up(node, upload)
             self.accounting.add_metrics(node, adapter.metrics.get(node, {}))
         sums = {name: stats for name, (stats, _covers) in entries.items()}
         self._finish_round(server_round, layers, sums, accepted)

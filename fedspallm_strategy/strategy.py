@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,54 +27,22 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy import checkpoint
 from fedspallm_strategy.accounting import Accounting
-from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.merging import MatrixMerger
 from fedspallm_strategy.payload import MatrixSpec, PayloadError, decode, payload_limit
 from fedspallm_strategy.plausibility import change_bound, check_kept_values
-from fedspallm_strategy.replies import (
-    PAYLOAD_KEY,
-    RejectedReply,
-    reply_bytes,
-    reply_metrics,
-    screen,
-)
+from fedspallm_strategy.replies import RejectedReply, reply_bytes, reply_metrics, screen
 from fedspallm_strategy.sampling import layer_budget, sample_layers
+from fedspallm_strategy.standalone import best_standalone, standalone_perplexities
+from fedspallm_strategy.wire import PAYLOAD_KEY, SPEC_KEY, request_record
+from llm_pruning.lazy import resident_layers, update_layer
 from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.pruners import get_pruner
 
+if TYPE_CHECKING:
+    from fedspallm_strategy.registry import RunSetup
+
 log = logging.getLogger(__name__)
-
-SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
-# The run-config keys a client needs to prune; everything else stays on the server.
-CLIENT_KEYS = (
-    "model",
-    "strategy",
-    "resolve",
-    "resolve-weighting",
-    "pruner",
-    "sparsity",
-    "pattern",
-    "calib-data",
-    "partition",
-    "calib-samples",
-    "seqlen",
-    "seed",
-    "device",
-)
-
-
-def request_record(config: RunConfig, layer_ids: list[int]) -> ConfigRecord:
-    settings = config.as_dict()
-    return ConfigRecord({**{key: settings[key] for key in CLIENT_KEYS}, "layers": layer_ids})
-
-
-def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
-    """The client's side of :func:`request_record`, validated like a run config."""
-    values = dict(record)
-    layers = values.pop("layers", None)
-    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"train message: 'layers' must be a list of layer ids, got {layers!r}")
-    return RunConfig.from_mapping(values), layers
 
 
 def matrix_specs(model, layers: Iterable[int], config: RunConfig) -> dict[str, MatrixSpec]:
@@ -115,6 +85,59 @@ class ServerEvaluated(Strategy):
     accounting: Accounting
     assignments: dict[int, list[int]]
     sent: list[Message]
+    model: PreTrainedModel
+    compares_to_centralized = True  # compare-centralized prunes a central copy beside it
+
+    # ------------------------------------------------------------- the run's hooks
+    @classmethod
+    def for_run(cls, run: RunSetup) -> ServerEvaluated:
+        """The strategy for ``run`` (``registry.STRATEGIES`` maps run-config names here)."""
+        raise NotImplementedError
+
+    @classmethod
+    def resume_refusal(cls, config: RunConfig) -> str | None:
+        """Why a run with ``config`` cannot continue from a checkpoint; None if it can."""
+        return f"the {config.strategy} strategy keeps no checkpoint to resume from"
+
+    def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
+        """Refuse, before any work, rounds that cannot cover the model (ConfigError)."""
+
+    def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        """After the rounds: this strategy's part of the report, its model scored; returns
+        the model to save."""
+        with run.clock("global-eval"):
+            run.perplexities["global"] = run.evaluate(self.model, "global")
+        return self.model
+
+    def client_report(self, budgets: Mapping[int, int | None]) -> dict:
+        """The report's ``clients``, ``communication`` and ``rejected`` sections."""
+        accounting = self.accounting
+        dense_fp16 = 2 * sum(
+            linear.weight.numel()
+            for layer in range(num_layers(self.model))
+            for linear in prunable_weights(self.model, layer).values()
+        )
+        return {
+            "clients": {
+                str(node): {
+                    "layer-budget": budgets.get(node),
+                    "layers": {str(r): a.get(node, []) for r, a in accounting.assignments.items()},
+                    "metrics": accounting.client_metrics.get(node, {}),
+                }
+                for node in budgets
+            },
+            "communication": {
+                "bytes_up": {str(n): b for n, b in accounting.bytes_up.items()},
+                "bytes_down": {str(n): b for n, b in accounting.bytes_down.items()},
+                "total_up": sum(accounting.bytes_up.values()),
+                "total_down": sum(accounting.bytes_down.values()),
+                "largest_up": accounting.largest_up,
+                "dense_fp16_bytes_all_layers": dense_fp16,
+            },
+            "rejected": accounting.rejected,
+        }
+
+    # ------------------------------------------------------------------ replies
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -166,8 +189,11 @@ class ServerEvaluated(Strategy):
         return src
 
 
-class FedSpaLLM(ServerEvaluated):
-    """Federated one-shot pruning with l0-norm aggregation and adaptive mask expansion.
+class MergeStrategy(ServerEvaluated):
+    """Every node prunes its layers; the server merges each layer's pruned copies by a rule.
+
+    The rule is FedSpaLLM's (l0-norm aggregation and adaptive mask expansion), a baseline's
+    (``fedavg``, ``fedprllm``), or none (``standalone``: each client's own model is scored).
 
     Parameters
     ----------
@@ -218,6 +244,55 @@ class FedSpaLLM(ServerEvaluated):
         self.failed_names: set[str] = set()
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
+
+    @classmethod
+    def for_run(cls, run: RunSetup) -> MergeStrategy:
+        from fedspallm_strategy.layerwise import LayerwiseMerge  # a subclass of this one
+
+        kind = LayerwiseMerge if run.config.layerwise else cls
+        return kind(
+            run.model,
+            run.config,
+            node_budgets=run.budgets,
+            node_names=run.names,
+            reply_dir=run.run_dir / "replies",
+            checkpoint_dir=run.run_dir / "checkpoint",
+            rule=run.config.strategy,
+        )
+
+    @classmethod
+    def resume_refusal(cls, config: RunConfig) -> str | None:
+        return None
+
+    def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
+        total_layers = num_layers(self.model)
+        fraction = self.config.layer_fraction
+        shares = [layer_budget(total_layers, fraction, budgets.get(node)) for node in nodes]
+        check_payload_cap(self.config, self.model, max(shares))
+        needed = math.ceil(total_layers / sum(shares))
+        if needed > self.config.num_rounds:
+            raise ConfigError(
+                f"the nodes' layer budgets cover {sum(shares)} of {total_layers} layers per "
+                f"round, so num-rounds must be at least {needed} (got {self.config.num_rounds}); "
+                "or raise layer-fraction"
+            )
+
+    def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        run.report.update(self.client_report(run.budgets))
+        if self.config.standalone_eval or self.rule == "standalone":
+            matrices = sum(
+                len(prunable_weights(self.model, layer)) for layer in range(num_layers(self.model))
+            )
+            with run.clock("standalone-eval"):
+                standalone = standalone_perplexities(
+                    self.config, run.evaluate, self.reply_files, matrices
+                )
+            if standalone:
+                run.perplexities["standalone"] = standalone
+        if self.rule == "standalone":  # nothing merged: the best client's own model is saved
+            standalone = run.perplexities.get("standalone")
+            return best_standalone(self.config, self.reply_files, standalone)
+        return super().conclude(run)
 
     def summary(self) -> None:
         log.info(
@@ -291,7 +366,13 @@ class FedSpaLLM(ServerEvaluated):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.assignments:
             return None, None
-        this_round = self._round(server_round)
+        # Only the round's layers are in memory (a lazily loaded model): merged, then saved.
+        with resident_layers(self.model, set().union(*self.assignments.values())):
+            return self._aggregate(self._round(server_round), server_round, replies)
+
+    def _aggregate(
+        self, this_round: int, server_round: int, replies: Iterable[Message]
+    ) -> tuple[None, MetricRecord]:
         start = time.perf_counter()
         dense = {
             name: linear.weight.data
@@ -343,7 +424,7 @@ class FedSpaLLM(ServerEvaluated):
         """Decode and validate one reply completely before anything is aggregated."""
         screen(reply, node, self.assignments, answered)
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
-        self.accounting.bytes_up[node] = self.accounting.bytes_up.get(node, 0) + len(data)
+        self.accounting.add_up(node, len(data))
         self.accounting.client_metrics[node] = reply_metrics(reply)
         if self.reply_dir is not None:
             self._store(node, data)
@@ -392,6 +473,7 @@ class FedSpaLLM(ServerEvaluated):
             "max-stats-mb",
             "exact-layers-per-round",
             "compare-centralized",
+            "standalone-eval",
         ):
             settings.pop(key)
         return json.loads(json.dumps(settings))
@@ -424,9 +506,11 @@ class FedSpaLLM(ServerEvaluated):
             config=self._resumable_config(),
             complete=self.rule != "standalone",  # standalone merges, so checkpoints, nothing
         )
-        parameters = dict(self.model.named_parameters())
-        for name, matrix in saved.matrices.items():
-            parameters[name].data.copy_(matrix)
+        for layer in range(num_layers(self.model)):
+            names = prunable_weights(self.model, layer)
+            restored = {n: saved.matrices[n] for n in names if n in saved.matrices}
+            if restored:
+                update_layer(self.model, layer, restored)
         self.remaining = saved.remaining
         self.failed_names = saved.failed_names
         self.rng, self.generator = saved.rng, saved.generator
@@ -451,6 +535,21 @@ class Centralized(ServerEvaluated):
         self.pooled_segments = pooled_segments  # callable: () -> (N, T) tokens of all shards
         self.remaining = list(range(num_layers(model)))
         self.rounds = 1  # the pruning happens in round 1
+
+    compares_to_centralized = False  # it is the centralized model
+
+    @classmethod
+    def for_run(cls, run: RunSetup) -> Centralized:
+        return cls(run.model, run.config, pooled(run.config, run.tokenizer, run.node_configs))
+
+    @classmethod
+    def resume_refusal(cls, config: RunConfig) -> str | None:
+        return "the centralized strategy has no rounds to resume"
+
+    def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        with run.clock("global-eval"):
+            run.perplexities["centralized"] = run.evaluate(self.model, "global")
+        return self.model
 
     def summary(self) -> None:
         log.info(
@@ -483,3 +582,31 @@ class Centralized(ServerEvaluated):
         if not self.remaining:
             return None, None
         return None, MetricRecord(self.prune())
+
+
+def pooled(config: RunConfig, tokenizer, node_configs: Mapping[int, NodeConfig]):
+    """Every node's shard, as the node itself would cut it, pooled (simulation only): a
+    callable, so the shards are read only when the centralized pruning runs."""
+
+    def segments() -> torch.Tensor:
+        ordered = sorted(node_configs.values(), key=lambda nc: nc.name)
+        return torch.cat([load_shard(config, nc, tokenizer) for nc in ordered])
+
+    return segments
+
+
+def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) -> None:
+    """Refuse a run whose largest reply would exceed ``max-payload-mb`` before any work: the
+    server would reject it only after the client pruned. A node prunes at most ``budget``
+    layers of a round's group (``layers-per-round``; all layers in the one-shot round)."""
+    total = num_layers(model)
+    group = config.layers_per_round or (1 if config.calibration == "global" else total)
+    layers = min(budget, group, total) if config.layerwise else min(budget, total)
+    per_layer = max(payload_limit(matrix_specs(model, [i], config)) for i in range(total))
+    largest = per_layer * layers
+    if largest > config.max_payload_mb * 2**20:
+        raise ConfigError(
+            f"max-payload-mb={config.max_payload_mb:g}: a node's reply of {layers} layer(s) would "
+            f"be up to {largest / 2**20:.1f} MiB ({per_layer / 2**20:.2f} MiB per layer); raise "
+            f"max-payload-mb, or set layers-per-round (a reply then carries one group of layers)"
+        )

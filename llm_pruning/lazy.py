@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -553,3 +553,23 @@ def update_layer(model: PreTrainedModel, index: int, tensors: Mapping[str, torch
         raise ValueError(f"layer {index} has no tensors {unknown}")
     for name, value in tensors.items():
         current[name].copy_(value)
+
+
+@contextmanager
+def resident_layers(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[None]:
+    """``layers`` pinned in memory for a ``with`` block, then saved and freed.
+
+    For a lazy model, whatever the block changed in those layers is written to the store
+    (:meth:`LayerStore.replace`, on disk) when the block ends, and the layers are unloaded:
+    a server merging one group of layers at a time holds only that group. Nothing happens
+    for an eager model. If the block raises, the layers stay pinned and unsaved.
+    """
+    layers = sorted(set(layers))
+    for index in layers:
+        pin_layer(model, index)
+    yield
+    store = layer_store(model)
+    for index in layers:
+        if store is not None:
+            store.replace(index, layer_tensors(model, index))
+        release_layer(model, index)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -14,19 +13,14 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
-from client_app.task import load_shard
-from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact, plan_exact
+from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.grids import StreamingReplies
-from fedspallm_strategy.layerwise import LayerwiseFedSpaLLM
-from fedspallm_strategy.payload import payload_limit
-from fedspallm_strategy.sampling import layer_budget
-from fedspallm_strategy.secure_exact import SecureExact
-from fedspallm_strategy.strategy import Centralized, FedSpaLLM, matrix_specs
+from fedspallm_strategy.registry import STRATEGIES, RunSetup
+from fedspallm_strategy.strategy import Centralized, pooled
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
-from llm_pruning.models import load_model, max_context, num_layers, prunable_weights
+from llm_pruning.models import load_model, max_context, prunable_weights
 from server_app.nodes import HealthyNodes
-from server_app.report import Evaluator, apply_payload, save_run, standalone_perplexities
+from server_app.report import Evaluator, save_run
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +34,20 @@ def run_federation(
     """Run ``config`` over the nodes of ``grid``; returns the absolute run folder.
 
     ``evaluator`` lets a caller that runs many configurations share one (e.g. a caching one).
+    Everything that differs between strategies is the strategy's (``registry.STRATEGIES``).
     """
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
+    kind = STRATEGIES[config.strategy]
     run_dir = (
         Path(config.resume_from).expanduser().resolve()
         if config.resume_from
         else config.output_path() / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{config.strategy}-{run_id}"
     )
+    if config.resume_from and (refusal := kind.resume_refusal(config)):
+        raise ConfigError(f"resume-from: {refusal}")
     if config.resume_from and not (run_dir / "checkpoint" / "state.json").is_file():
         raise ConfigError(f"resume-from: {run_dir} holds no checkpoint/state.json")
-    if config.resume_from and config.strategy == "centralized":
-        raise ConfigError("resume-from: the centralized strategy has no rounds to resume")
-    if config.resume_from and config.strategy == "exact":
-        raise ConfigError("resume-from: the exact strategy keeps no checkpoint to resume from")
     check_device_available(config.device)
     if config.resume_from:  # the run goes on in the resumed folder
         check_writable("resume-from", run_dir)
@@ -61,7 +55,7 @@ def run_federation(
         check_writable("output-dir", config.output_path())
     check_local_text(config)
     with clock("load"):
-        model, tokenizer = load_run_model(config.model)
+        model, tokenizer = load_run_model(config.model, config.torch_dtype)
         check_against_model(config, model)
         evaluate = evaluator or Evaluator(config, tokenizer)
     connected = wait_for_nodes(grid, config.min_clients)
@@ -76,17 +70,18 @@ def run_federation(
             "min-clients=2 or more to wait for them"
         )
     check_calibration_text(config, tokenizer, node_configs)
-    budgets = {node: nc.layer_budget for node, nc in node_configs.items()}
-    check_rounds(config, model, nodes, budgets)
-    report: dict = {
-        "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
-        "config": config.as_dict(),
-        "excluded-nodes": {str(node): reason for node, reason in excluded.items()},
-    }
+    run = RunSetup(config, model, tokenizer, node_configs, run_dir, evaluate, clock)
+    run.report.update(
+        {
+            "run": {"id": run_id, "dir": str(run_dir), "nodes": nodes},
+            "config": config.as_dict(),
+            "excluded-nodes": {str(node): reason for node, reason in excluded.items()},
+        }
+    )
+    strategy = kind.for_run(run)
+    strategy.check_rounds(nodes, run.budgets)
     with clock("dense-eval"):
-        perplexities = {"dense": evaluate(model, "dense")}
-
-    strategy = build_strategy(config, model, tokenizer, node_configs, run_dir)
+        run.perplexities["dense"] = evaluate(model, "dense")
     if config.resume_from:
         strategy.restore(run_dir / "checkpoint")
     with clock("federation"):
@@ -104,68 +99,17 @@ def run_federation(
             f"{config.num_rounds} round(s). Raise num-rounds or fix the failing nodes; "
             f"rejected replies: {'; '.join(reasons) or 'none'}"
         )
-
-    saved = model
-    if isinstance(strategy, FedSpaLLM):
-        _record_clients(report, strategy, budgets, model)
-        with clock("standalone-eval"):
-            standalone = standalone_perplexities(
-                config, evaluate, strategy.reply_files, _num_matrices(model)
-            )
-        if standalone:
-            perplexities["standalone"] = standalone
-    if isinstance(strategy, LayerwiseFedSpaLLM):
-        report["layerwise"] = strategy.costs()
-    if isinstance(strategy, Exact):
-        _record_clients(report, strategy, budgets, model)
-        report["exact"] = strategy.costs()
-    if config.strategy == "standalone":
-        saved = _best_standalone(config, strategy, perplexities.get("standalone"))
-    else:
-        with clock("global-eval"):
-            perplexities["global" if config.strategy != "centralized" else "centralized"] = (
-                evaluate(model, "global")
-            )
-    if config.compare_centralized and config.strategy != "centralized":
+    saved = strategy.conclude(run)
+    if config.compare_centralized and strategy.compares_to_centralized:
         with clock("centralized"):
-            central, _ = load_model(config.model)
-            Centralized(central, config, _pooled(config, tokenizer, node_configs)).prune()
-            perplexities["centralized"] = evaluate(central, "centralized")
-    report["perplexity"] = perplexities
-    report["timings"] = timings
-    path = save_run(run_dir, config=config, model=saved, tokenizer=tokenizer, report=report)
+            central, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+            Centralized(central, config, pooled(config, tokenizer, node_configs)).prune()
+            run.perplexities["centralized"] = evaluate(central, "centralized")
+    run.report["perplexity"] = run.perplexities
+    run.report["timings"] = timings
+    path = save_run(run_dir, config=config, model=saved, tokenizer=tokenizer, report=run.report)
     log.info("report written to %s", path)
     return run_dir
-
-
-def build_strategy(config, model, tokenizer, node_configs: dict[int, NodeConfig], run_dir: Path):
-    if config.strategy == "centralized":
-        return Centralized(model, config, _pooled(config, tokenizer, node_configs))
-    if config.strategy == "exact":
-        names = {node: nc.name for node, nc in node_configs.items()}
-        if config.secure_aggregation:
-            return SecureExact(model, config, node_names=names)
-        return Exact(model, config, node_names=names)
-    kind = LayerwiseFedSpaLLM if config.layerwise else FedSpaLLM
-    return kind(
-        model,
-        config,
-        node_budgets={node: nc.layer_budget for node, nc in node_configs.items()},
-        node_names={node: nc.name for node, nc in node_configs.items()},
-        reply_dir=run_dir / "replies",
-        checkpoint_dir=run_dir / "checkpoint",
-        rule=config.strategy,
-    )
-
-
-def _pooled(config: RunConfig, tokenizer, node_configs: dict[int, NodeConfig]):
-    """Every node's shard, as the node itself would cut it, pooled (simulation only)."""
-
-    def segments() -> torch.Tensor:
-        ordered = sorted(node_configs.values(), key=lambda nc: nc.name)
-        return torch.cat([load_shard(config, nc, tokenizer) for nc in ordered])
-
-    return segments
 
 
 def check_device_available(device: str) -> None:
@@ -242,12 +186,12 @@ def _not_utf8(path: Path) -> Path:
     return path
 
 
-def load_run_model(spec: str):
+def load_run_model(spec: str, dtype: torch.dtype = torch.float32):
     """``load_model``, any failure a ConfigError naming the key ``model``: a directory without
     a config, a garbled weights file or an unsupported family all fail before any node is
     contacted."""
     try:
-        return load_model(spec)
+        return load_model(spec, dtype=dtype, lazy=True)  # decoder layers stay on disk until used
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - transformers and safetensors raise anything
@@ -295,52 +239,6 @@ def check_calibration_text(
                 load_shard(config, node, tokenizer)
             except ValueError as error:
                 raise ConfigError(f"calib-data: {node.name}: {error}") from error
-
-
-def check_rounds(config: RunConfig, model: PreTrainedModel, nodes, budgets) -> None:
-    if config.strategy == "centralized":
-        return
-    if config.strategy == "exact":  # one round per layer group; only its bytes can refuse it
-        plan_exact(model, config).check_budget(config)
-        return
-    total_layers = num_layers(model)
-    per_round = sum(
-        layer_budget(total_layers, config.layer_fraction, budgets.get(node)) for node in nodes
-    )
-    if config.layerwise and per_round < total_layers:
-        raise ConfigError(
-            f"the nodes' layer budgets cover {per_round} of {total_layers} layers, and a "
-            "run with resolve, calibration='global' or layers-per-round samples every layer "
-            "once for the whole run: raise layer-fraction or the nodes' layer-budget"
-        )
-    largest_budget = max(
-        layer_budget(total_layers, config.layer_fraction, budgets.get(node)) for node in nodes
-    )
-    check_payload_cap(config, model, largest_budget)
-    needed = math.ceil(total_layers / per_round)
-    if needed > config.num_rounds:
-        raise ConfigError(
-            f"the nodes' layer budgets cover {per_round} of {total_layers} layers per round, so "
-            f"num-rounds must be at least {needed} (got {config.num_rounds}); "
-            "or raise layer-fraction"
-        )
-
-
-def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) -> None:
-    """Refuse a run whose largest reply would exceed ``max-payload-mb`` before any work: the
-    server would reject it only after the client pruned. A node prunes at most ``budget``
-    layers of a round's group (``layers-per-round``; all layers in the one-shot round)."""
-    total = num_layers(model)
-    group = config.layers_per_round or (1 if config.calibration == "global" else total)
-    layers = min(budget, group, total) if config.layerwise else min(budget, total)
-    per_layer = max(payload_limit(matrix_specs(model, [i], config)) for i in range(total))
-    largest = per_layer * layers
-    if largest > config.max_payload_mb * 2**20:
-        raise ConfigError(
-            f"max-payload-mb={config.max_payload_mb:g}: a node's reply of {layers} layer(s) would "
-            f"be up to {largest / 2**20:.1f} MiB ({per_layer / 2**20:.2f} MiB per layer); raise "
-            f"max-payload-mb, or set layers-per-round (a reply then carries one group of layers)"
-        )
 
 
 def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
@@ -400,48 +298,6 @@ def _reported_resources(reply: Message) -> NodeConfig:
         return NodeConfig.from_mapping(dict(reply.content.config_records["resources"]))
     except ConfigError as error:
         raise ConfigError(f"it reported bad resources: {error}") from error
-
-
-def _record_clients(report: dict, strategy: FedSpaLLM, budgets, model) -> None:
-    accounting = strategy.accounting
-    report["clients"] = {
-        str(node): {
-            "layer-budget": budgets.get(node),
-            "layers": {str(r): a.get(node, []) for r, a in accounting.assignments.items()},
-            "metrics": accounting.client_metrics.get(node, {}),
-        }
-        for node in budgets
-    }
-    dense_fp16 = 2 * sum(
-        linear.weight.numel()
-        for layer in range(num_layers(model))
-        for linear in prunable_weights(model, layer).values()
-    )
-    report["communication"] = {
-        "bytes_up": {str(n): b for n, b in accounting.bytes_up.items()},
-        "bytes_down": {str(n): b for n, b in accounting.bytes_down.items()},
-        "total_up": sum(accounting.bytes_up.values()),
-        "total_down": sum(accounting.bytes_down.values()),
-        "dense_fp16_bytes_all_layers": dense_fp16,
-    }
-    report["rejected"] = accounting.rejected
-
-
-def _best_standalone(config: RunConfig, strategy: FedSpaLLM, standalone: dict | None):
-    """For the ``standalone`` strategy, save the client model with the lowest perplexity."""
-    if not standalone:
-        raise RuntimeError("standalone: no client pruned every layer, so there is no model to save")
-    first = config.eval_data[0]
-    best = min(standalone["per_client"], key=lambda node: standalone["per_client"][node][first])
-    model, _ = load_model(config.model)
-    for path in strategy.reply_files[int(best)]:
-        apply_payload(model, path.read_bytes())
-    log.info("standalone: saving node %s's model (lowest perplexity on %s)", best, first)
-    return model
-
-
-def _num_matrices(model: PreTrainedModel) -> int:
-    return sum(len(prunable_weights(model, layer)) for layer in range(num_layers(model)))
 
 
 class _Stopwatch:

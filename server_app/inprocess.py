@@ -37,6 +37,8 @@ def _set_task_identity(run_id: int) -> None:
 class InProcessGrid(Grid):
     """Delivers every message to ``client_app`` with the destination node's own Context."""
 
+    delivers_on_push = True  # a reply the filter dropped never arrives: nobody waits for it
+
     def __init__(
         self,
         client_app: ClientApp,

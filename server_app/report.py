@@ -15,10 +15,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.payload import decode
 from llm_pruning.data import eval_tokens
 from llm_pruning.evaluate import perplexity, sparsity_report
-from llm_pruning.models import load_model, model_summary
+from llm_pruning.lazy import layer_store
+from llm_pruning.models import model_summary
 
 log = logging.getLogger(__name__)
 
@@ -67,46 +67,6 @@ class Evaluator:
         return result
 
 
-def apply_payload(model: PreTrainedModel, data: bytes) -> int:
-    """Write a client's pruned matrices into ``model``; returns how many it held."""
-    tensors, masks = decode(data)
-    parameters = dict(model.named_parameters())
-    for name, keep in masks.items():
-        weight = parameters[name].data
-        values = tensors[name] if tensors else weight
-        weight.copy_(
-            torch.where(keep, values.to(weight.dtype), torch.zeros((), dtype=weight.dtype))
-        )
-    return len(masks)
-
-
-def standalone_perplexities(
-    config: RunConfig, evaluate: Evaluator, reply_files: dict[int, list[Path]], total_matrices: int
-) -> dict:
-    """Each client's own pruned model (dense where it pruned nothing), if it pruned every layer.
-
-    A client that pruned only some layers has no standalone model to compare with.
-    """
-    per_client = {}
-    for node, files in sorted(reply_files.items()):
-        model, _ = load_model(config.model)
-        pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
-        if pruned < total_matrices:
-            log.info(
-                "node %d pruned %d of %d matrices: no standalone model",
-                node,
-                pruned,
-                total_matrices,
-            )
-            continue
-        per_client[str(node)] = evaluate(model, f"standalone node {node}")
-    if not per_client:
-        return {}
-    sources = next(iter(per_client.values())).keys()
-    mean = {s: round(sum(c[s] for c in per_client.values()) / len(per_client), 4) for s in sources}
-    return {"per_client": per_client, "mean": mean}
-
-
 def save_run(
     run_dir: Path,
     *,
@@ -118,8 +78,12 @@ def save_run(
     """Write ``model/`` (if any) and ``report.json``; returns the report's path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
-        model.save_pretrained(run_dir / "model", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "model")
+        store = layer_store(model)
+        if store is not None:  # one layer at a time, from the run's layers on disk
+            store.save_pretrained(run_dir / "model", tokenizer)
+        else:
+            model.save_pretrained(run_dir / "model", safe_serialization=True)
+            tokenizer.save_pretrained(run_dir / "model")
         report["sparsity"] = {
             "target": config.sparsity,
             "pattern": config.pattern,

@@ -334,7 +334,7 @@ def check_nodes_pruned_their_layers(
 # --------------------------------------------------------------------- tests
 def test_missing_data_path_is_a_clear_error(tmp_path):
     """What a node with a wrong ``data-path`` replies: its path, not a hub lookup."""
-    from client_app.task import private_data_path
+    from fedspallm_strategy.config import private_data_path
 
     with pytest.raises(FileNotFoundError, match="node config data-path .*does not exist"):
         private_data_path(str(tmp_path / "no-such-file.txt"))
@@ -452,7 +452,7 @@ def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation,
     import torch
 
     from fedspallm_strategy.config import RunConfig
-    from fedspallm_strategy.strategy import FedSpaLLM
+    from fedspallm_strategy.strategy import MergeStrategy
     from llm_pruning.models import load_model, prunable_weights
     from server_app.inprocess import _set_task_identity
 
@@ -499,7 +499,7 @@ def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation,
     saved, _ = load_model(str(run_dir / "model"))
     expected, _ = load_model("tiny-llama")
     config = RunConfig.from_mapping({"model": "tiny-llama", "seqlen": 64, "resolve": False})
-    strategy = FedSpaLLM(expected, config)
+    strategy = MergeStrategy(expected, config)
     honest = {
         node: sorted((run_dir / "replies").glob(f"node-{node}-part-*")) for node in node_ids[:2]
     }
@@ -522,7 +522,7 @@ def _stored_reply(node: int, data: bytes):
     import numpy as np
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-    from fedspallm_strategy.replies import PAYLOAD_KEY
+    from fedspallm_strategy.wire import PAYLOAD_KEY
 
     request = Message(RecordDict(), message_type="train", dst_node_id=node, group_id="1")
     request.metadata.__dict__["_message_id"] = f"stored-{node}"

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 from client_app.app import app as client_app
 from client_app.running_inputs import STATE_FILE, state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.exact import EXACT_KEY, MESSAGE_TYPE, PREVIOUS_KEY, Exact, plan_exact
+from fedspallm_strategy.exact import Exact, plan_exact
 from fedspallm_strategy.payload import PayloadError, decode
 from fedspallm_strategy.stats_payload import (
     decode_statistics,
@@ -20,10 +20,11 @@ from fedspallm_strategy.stats_payload import (
     statistics_nbytes,
     validate_statistics,
 )
-from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, Centralized
+from fedspallm_strategy.strategy import PAYLOAD_KEY, Centralized, pooled
+from fedspallm_strategy.wire import EXACT_KEY, EXACT_MESSAGE_TYPE, PREVIOUS_KEY, SPEC_KEY
 from llm_pruning.models import load_model, num_layers, prunable_weights
 from llm_pruning.pruners import ColumnNormStats, HessianStats
-from server_app.federation import _pooled, run_federation
+from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
 TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
@@ -182,7 +183,7 @@ def centralized(config: RunConfig, grid: InProcessGrid, nodes=None):
         for n, c in grid.contexts.items()
         if nodes is None or n in nodes
     }
-    Centralized(model, config, _pooled(config, tokenizer, configs)).prune()
+    Centralized(model, config, pooled(config, tokenizer, configs)).prune()
     return model
 
 
@@ -249,7 +250,7 @@ def test_messages_carry_the_previous_pruned_layers_and_state_lives_on_disk(tmp_p
     strategy = Exact(model, config, node_names=node_names(grid))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds)
     to_node_1 = [m for m in grid.sent if m.metadata.dst_node_id == 1]
-    assert [m.metadata.message_type for m in to_node_1] == [MESSAGE_TYPE] * 4
+    assert [m.metadata.message_type for m in to_node_1] == [EXACT_MESSAGE_TYPE] * 4
     assert [m.content.config_records[SPEC_KEY]["layers"] for m in to_node_1] == [[0], [1], [2], [3]]
     previous = [list(m.content.config_records[EXACT_KEY]["previous-layers"]) for m in to_node_1]
     assert previous == [[], [0], [1], [2]]

@@ -20,7 +20,7 @@ from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.payload import PayloadError, decode, encode, validate_layer
 from fedspallm_strategy.plausibility import change_bound, relative_change
-from fedspallm_strategy.strategy import PAYLOAD_KEY, FedSpaLLM
+from fedspallm_strategy.strategy import PAYLOAD_KEY, MergeStrategy
 from llm_pruning.models import load_model, prunable_weights
 from server_app.inprocess import _set_task_identity
 
@@ -48,10 +48,10 @@ def _reply(node: int, data: bytes, message_id: str) -> Message:
     return Message(RecordDict({PAYLOAD_KEY: arrays}), reply_to=request)
 
 
-def _aggregate(datas: dict[int, bytes]) -> tuple[FedSpaLLM, dict[str, torch.Tensor]]:
+def _aggregate(datas: dict[int, bytes]) -> tuple[MergeStrategy, dict[str, torch.Tensor]]:
     _set_task_identity(1)
     model, _ = load_model(CONFIG.model)
-    strategy = FedSpaLLM(model, CONFIG)
+    strategy = MergeStrategy(model, CONFIG)
     strategy.assignments = {node: LAYERS for node in datas}
     replies = [_reply(node, data, f"m{node}") for node, data in datas.items()]
     strategy.aggregate_train(1, replies)
@@ -119,7 +119,7 @@ def test_hostile_reply_is_rejected_with_a_reason(payloads, make_bad):
 def test_duplicate_reply_is_rejected(payloads):
     _set_task_identity(1)
     model, _ = load_model(CONFIG.model)
-    strategy = FedSpaLLM(model, CONFIG)
+    strategy = MergeStrategy(model, CONFIG)
     strategy.assignments = {1: LAYERS, 2: LAYERS}
     replies = [
         _reply(1, payloads[1], "a"),
@@ -140,7 +140,7 @@ def test_superlink_error_reply_is_charged_to_the_node_it_answers_for(payloads):
 
     _set_task_identity(1)
     model, _ = load_model(CONFIG.model)
-    strategy = FedSpaLLM(model, CONFIG)
+    strategy = MergeStrategy(model, CONFIG)
     strategy.assignments = {7: LAYERS, 9: LAYERS}
     strategy.sent = []
     for node in (7, 9):

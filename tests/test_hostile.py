@@ -26,7 +26,7 @@ from fedspallm_strategy.exact import Exact
 from fedspallm_strategy.payload import encode
 from fedspallm_strategy.plausibility import change_bound, relative_change
 from fedspallm_strategy.stats_payload import decode_statistics, encode_statistics
-from fedspallm_strategy.strategy import FedSpaLLM
+from fedspallm_strategy.strategy import MergeStrategy
 from llm_pruning.models import load_model
 from llm_pruning.pruners import num_to_prune
 from server_app.inprocess import _set_task_identity
@@ -88,7 +88,7 @@ def aggregate(model, dense, config: RunConfig, contents: dict[int, RecordDict], 
     model; returns the strategy and the resulting weights."""
     for name, parameter in model.named_parameters():
         parameter.data.copy_(dense[name])
-    strategy = FedSpaLLM(model, config, rule=config.strategy, reply_dir=tmp_path)
+    strategy = MergeStrategy(model, config, rule=config.strategy, reply_dir=tmp_path)
     strategy.assignments = {node: LAYERS for node in contents}
     strategy.aggregate_train(1, [reply(node, c) for node, c in contents.items()])
     return strategy, {n: p.detach().clone() for n, p in model.named_parameters()}

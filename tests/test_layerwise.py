@@ -18,12 +18,13 @@ from flwr.app import ArrayRecord, Message
 from client_app.app import app as client_app
 from client_app.running_inputs import state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.layerwise import RESOLVED_KEY, LayerwiseFedSpaLLM, ResolveAverage
+from fedspallm_strategy.layerwise import LayerwiseMerge, ResolveAverage
 from fedspallm_strategy.payload import PayloadError
-from fedspallm_strategy.replies import bytes_record, reply_bytes
+from fedspallm_strategy.replies import reply_bytes
 from fedspallm_strategy.round_plan import plan_rounds
-from fedspallm_strategy.strategy import FedSpaLLM
+from fedspallm_strategy.strategy import MergeStrategy
 from fedspallm_strategy.values_payload import Expected, decode_values, encode_values
+from fedspallm_strategy.wire import RESOLVED_KEY, bytes_record
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.models import load_model, num_layers, prunable_weights
@@ -49,7 +50,7 @@ def run(tmp_path, node_configs, reply_filter=None, run_id=1, **overrides):
     model, _ = load_model(config.model)
     grid = InProcessGrid(client_app, node_configs, {}, reply_filter=reply_filter, run_id=run_id)
     budgets = {n: c.get("layer-budget") for n, c in node_configs.items()}
-    kind = LayerwiseFedSpaLLM if config.layerwise else FedSpaLLM
+    kind = LayerwiseMerge if config.layerwise else MergeStrategy
     strategy = kind(model, config, node_budgets=budgets, rule=config.strategy)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds)
     return strategy, grid

@@ -13,6 +13,7 @@ ALLOWED = {
     "fedspallm_strategy/layerwise.py",
     "fedspallm_strategy/replies.py",
     "fedspallm_strategy/grids.py",
+    "fedspallm_strategy/wire.py",
 }
 
 
@@ -51,3 +52,37 @@ def test_public_api_imports_without_flower():
         "assert 'flwr' not in sys.modules, 'flwr was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# What the ClientApp may use of the shared package: the wire protocol, its codecs, the run
+# and node config, the round plan and logging; never the server's strategies or maths.
+CLIENT_SIDE = {
+    "fedspallm_strategy.wire",
+    "fedspallm_strategy.config",
+    "fedspallm_strategy.payload",
+    "fedspallm_strategy.stats_payload",
+    "fedspallm_strategy.values_payload",
+    "fedspallm_strategy.secure_encoding",
+    "fedspallm_strategy.round_plan",
+    "fedspallm_strategy.logs",
+}
+
+
+def _shared_imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fedspallm_"):
+            modules.add(node.module)
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names if a.name.startswith("fedspallm_")}
+    return modules
+
+
+def test_the_client_app_imports_no_server_strategy():
+    used = {
+        str(path.relative_to(ROOT)): _shared_imports(path) - CLIENT_SIDE
+        for path in (ROOT / "client_app").rglob("*.py")
+    }
+    assert {path: modules for path, modules in used.items() if modules} == {}
+    # The check itself can fail: the ServerApp's orchestration does import the strategies.
+    assert _shared_imports(ROOT / "server_app" / "federation.py") - CLIENT_SIDE

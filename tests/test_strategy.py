@@ -14,7 +14,8 @@ from fedspallm_strategy.aggregation import l0_aggregate
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.expansion import expand_mask
 from fedspallm_strategy.payload import decode
-from fedspallm_strategy.strategy import PAYLOAD_KEY, SPEC_KEY, FedSpaLLM
+from fedspallm_strategy.strategy import PAYLOAD_KEY, MergeStrategy
+from fedspallm_strategy.wire import SPEC_KEY
 from llm_pruning.models import load_model, prunable_weights
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
@@ -68,7 +69,7 @@ def run_strategy(tmp_path, num_nodes=3, node_configs=None, reply_filter=None, **
     else:
         grid = InProcessGrid(client_app, node_configs, {}, reply_filter=reply_filter)
     budgets = {n: c.get("layer-budget") for n, c in grid.contexts.items() for c in [c.node_config]}
-    strategy = FedSpaLLM(model, config, node_budgets=budgets, rule=config.strategy)
+    strategy = MergeStrategy(model, config, node_budgets=budgets, rule=config.strategy)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=config.num_rounds)
     return strategy, grid
 

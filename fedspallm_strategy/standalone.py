@@ -1,0 +1,89 @@
+"""Each client's own pruned model, rebuilt on the server from the replies it stored.
+
+The ``standalone`` comparison of the report (and the model the ``standalone`` strategy
+saves): a client that pruned every layer has a model of its own; its stored replies, written
+into a fresh copy of the dense model, rebuild it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.payload import decode
+from llm_pruning.lazy import layer_tensors, update_layer
+from llm_pruning.models import load_model, num_layers, prunable_weights
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[PreTrainedModel, str], dict]  # (model, label) -> perplexity per eval set
+
+
+def apply_payload(model: PreTrainedModel, data: bytes) -> int:
+    """Write a client's pruned matrices into ``model``; returns how many it held."""
+    tensors, masks = decode(data)
+    for layer in range(num_layers(model)):
+        names = [name for name in prunable_weights(model, layer) if name in masks]
+        if not names:
+            continue
+        current = layer_tensors(model, layer)
+        update_layer(
+            model,
+            layer,
+            {
+                name: torch.where(
+                    masks[name],
+                    (tensors[name] if tensors else current[name]).to(current[name].dtype),
+                    torch.zeros((), dtype=current[name].dtype),
+                )
+                for name in names
+            },
+        )
+    return len(masks)
+
+
+def standalone_perplexities(
+    config: RunConfig, evaluate: Evaluate, reply_files: dict[int, list[Path]], total_matrices: int
+) -> dict:
+    """Each client's own pruned model (dense where it pruned nothing), if it pruned every layer.
+
+    A client that pruned only some layers has no standalone model to compare with.
+    """
+    per_client = {}
+    for node, files in sorted(reply_files.items()):
+        model, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+        pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
+        if pruned < total_matrices:
+            log.info(
+                "node %d pruned %d of %d matrices: no standalone model",
+                node,
+                pruned,
+                total_matrices,
+            )
+            continue
+        per_client[str(node)] = evaluate(model, f"standalone node {node}")
+    if not per_client:
+        return {}
+    sources = next(iter(per_client.values())).keys()
+    mean = {s: round(sum(c[s] for c in per_client.values()) / len(per_client), 4) for s in sources}
+    return {"per_client": per_client, "mean": mean}
+
+
+def best_standalone(
+    config: RunConfig, reply_files: dict[int, list[Path]], standalone: dict | None
+) -> PreTrainedModel:
+    """For the ``standalone`` strategy: the client model with the lowest perplexity."""
+    if not standalone:
+        raise RuntimeError("standalone: no client pruned every layer, so there is no model to save")
+    first = config.eval_data[0]
+    best = min(standalone["per_client"], key=lambda node: standalone["per_client"][node][first])
+    model, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+    for path in reply_files[int(best)]:
+        apply_payload(model, path.read_bytes())
+    log.info("standalone: saving node %s's model (lowest perplexity on %s)", best, first)
+    return model

@@ -1,0 +1,104 @@
+"""The wire protocol that the ClientApp and the strategies share.
+
+What a message is called and where each part of it lives: message types (routed to the
+ClientApp's handlers), record keys, the train request (the pruning spec and the node's
+layers), and the one layout of bytes in a record. The payloads inside those records have
+their own codecs, which both sides run too: ``payload.py`` (pruned layers),
+``stats_payload.py`` (exact's statistics), ``values_payload.py`` (re-solved values) and
+``secure_encoding.py`` (exact under SecAgg+). The ClientApp imports these and nothing of the
+server's strategies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import FitIns, Parameters
+
+from fedspallm_strategy.config import RunConfig
+
+# Message types: "train" goes to @app.train(), "train.<name>" to @app.train("<name>").
+LAYERWISE_MESSAGE_TYPE = "train.layerwise"
+EXACT_MESSAGE_TYPE = "train.exact"
+
+SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
+PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
+STEP_KEY = "step"  # ConfigRecord: this node's part of a layer-wise round (RoundStep.as_dict)
+MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-solve
+GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
+RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
+EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
+PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
+# exact + SecAgg+: the request travels as legacy FitIns.
+REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
+TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
+
+# The run-config keys a client needs to prune; everything else stays on the server.
+CLIENT_KEYS = (
+    "model",
+    "dtype",
+    "strategy",
+    "resolve",
+    "resolve-weighting",
+    "pruner",
+    "sparsity",
+    "pattern",
+    "calib-data",
+    "partition",
+    "calib-samples",
+    "seqlen",
+    "seed",
+    "device",
+)
+
+
+def request_record(config: RunConfig, layer_ids: list[int]) -> ConfigRecord:
+    settings = config.as_dict()
+    return ConfigRecord({**{key: settings[key] for key in CLIENT_KEYS}, "layers": layer_ids})
+
+
+def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
+    """The client's side of :func:`request_record`, validated like a run config."""
+    values = dict(record)
+    layers = values.pop("layers", None)
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"train message: 'layers' must be a list of layer ids, got {layers!r}")
+    return RunConfig.from_mapping(values), layers
+
+
+def bytes_record(data: bytes, key: str = PAYLOAD_KEY) -> ArrayRecord:
+    """``data`` as one 1-D uint8 array named ``key`` (1-D: Flower chunks it)."""
+    return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
+
+
+def record_bytes(content: RecordDict, key: str) -> bytes | None:
+    """The bytes :func:`bytes_record` put under ``key`` in a request, or None. (The client's
+    side: requests come from the server it chose to join. The server reads replies with
+    ``replies.reply_bytes``, which trusts nothing.)"""
+    record = content.array_records.get(key)
+    return None if record is None else record[key].numpy().tobytes()
+
+
+def request_to_fitins(content: RecordDict, secure: Mapping[str, float | int]) -> FitIns:
+    """``Exact``'s request (spec, shared groups, previous layers) plus the encoding settings."""
+    request = {"spec": dict(content[SPEC_KEY]), "exact": dict(content[EXACT_KEY]), **secure}
+    previous = record_bytes(content, PREVIOUS_KEY)
+    tensors = [previous] if previous is not None else []
+    return FitIns(Parameters(tensors, TENSOR_TYPE), {REQUEST_KEY: json.dumps(request)})
+
+
+def request_from_fitins(fitins: FitIns) -> tuple[RecordDict, dict]:
+    """The client's side of :func:`request_to_fitins`: ``(Exact's content, settings)``."""
+    request = json.loads(str(fitins.config[REQUEST_KEY]))
+    content = RecordDict(
+        {
+            SPEC_KEY: ConfigRecord(request.pop("spec")),
+            EXACT_KEY: ConfigRecord(request.pop("exact")),
+        }
+    )
+    if fitins.parameters.tensors:
+        content[PREVIOUS_KEY] = bytes_record(fitins.parameters.tensors[0], PREVIOUS_KEY)
+    return content, request
