@@ -12,14 +12,18 @@ Ray's own processes.
 The models are the built-in ``synthetic-1b`` (LLaMA-3.2-1B shape) and ``synthetic-7b``
 (LLaMA-2-7B shape): seeded bf16 weights, written once into the cache. Runs use
 ``layers-per-round=1`` (each round asks every node for one decoder layer) and
-``dtype=bfloat16``; ``--pruner`` (default ``sparsegpt`` on 1b: replies carry kept values;
-``magnitude`` on 7b: no calibration, the mask only) and tiny token counts keep it within an
-hour on 2 cores. Perplexity is scored on one short window (the numbers are not a quality
+``dtype=bfloat16``. The pruner is ``magnitude`` by default (``--pruner-1b``, ``--pruner-7b``):
+it needs no calibration, so the runs fit in an hour on 2 cores; its replies carry the mask
+only. SparseGPT replies also carry the kept values; SparseGPT on one 2048 x 8192 matrix takes
+over a minute on these cores, so those sizes are computed instead: the server knows every
+valid reply's exact size from the assignment (``payload_limit``), and the bench prints it
+per layer for both pruners. Perplexity is scored on one 32-token window (not a quality
 result: the weights are random) so the server's layer-by-layer evaluation runs too.
 
-The 70B extrapolation scales what grows with the model from 7B (LLaMA-2-70B: 80 layers of
-hidden 8192, intermediate 28672, GQA 8 kv heads; vocab 32000): one decoder layer's bf16
-weights and payload, the embeddings and head. It is arithmetic, not a run.
+The 70B extrapolation (LLaMA-2-70B: 80 layers of hidden 8192, intermediate 28672, 8 kv
+heads; vocab 32000) fits, per role, peak = base + a x (bytes outside the decoder layers)
++ b x (bytes of one layer) on its 1b and 7b runs (base: a process that only imported torch,
+transformers and flwr), then evaluates it at 70B's sizes. It is arithmetic, not a run.
 
     python bench/scale.py                       # the full table (about an hour)
     python bench/scale.py --runs sim-1b-2 sim-1b-8
@@ -69,10 +73,8 @@ RUNS = [
     Run("sim-1b-4", "sim", "synthetic-1b", 4),
     Run("sim-1b-8", "sim", "synthetic-1b", 8),
     Run("deploy-1b-2", "deploy", "synthetic-1b", 2),
-    Run("deploy-1b-4", "deploy", "synthetic-1b", 4),
     Run("sim-7b-2", "sim", "synthetic-7b", 2),
     Run("sim-7b-4", "sim", "synthetic-7b", 4),
-    Run("deploy-7b-4", "deploy", "synthetic-7b", 4),
 ]
 
 
@@ -343,47 +345,84 @@ def measure(args, run: Run) -> dict:
 
 # ----------------------------------------------------------------- the 70B arithmetic
 
+# (parameters outside the decoder layers, parameters of one decoder layer), bf16 = 2 bytes each
+SHAPES = {
+    "synthetic-1b": (128256 * 2048, 60_821_504),  # tied head: one copy
+    "synthetic-7b": (2 * 32000 * 4096, 202_383_360),
+    "llama-2-70b": (2 * 32000 * 8192, 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672),
+}
 
-def layer_parameters(hidden: int, intermediate: int, heads: int, kv_heads: int) -> int:
-    head_dim = hidden // heads
-    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
-    return attention + 3 * hidden * intermediate + 2 * hidden  # + two RMSNorms
+
+def baseline_rss() -> int:
+    """Peak RSS of a process that has only imported what every role imports."""
+    code = (
+        "import torch, transformers, flwr, re\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) * 1024
 
 
-def extrapolate(rows: list[dict], sparsity: float = 0.5) -> list[dict]:
-    """Per role, 7B's measured peak scaled by what grows with the model, to LLaMA-2-70B."""
-    shape_7b = layer_parameters(4096, 11008, 32, 32)
-    shape_70b = layer_parameters(8192, 28672, 64, 8)
-    layer_ratio = shape_70b / shape_7b  # one decoder layer: weights, payload, accumulators
-    outer_7b, outer_70b = 2 * 32000 * 4096, 2 * 32000 * 8192  # embeddings + head
+def extrapolate(rows: list[dict], base: int) -> list[dict]:
+    """Each role's peak RSS at LLaMA-2-70B, fitted on its 1b and 7b runs of the same way and K.
+
+    peak = base + a * (bytes outside the layers) + b * (bytes of one layer): two runs give
+    a and b (the outer weights are nearly the same size in both models, so the layers'
+    part is what the two differ in). Arithmetic, not a run.
+    """
     out = []
-    for row in rows:
-        if row["model"] != "synthetic-7b":
+    by_key = {(r["way"], r["clients"], r["model"]): r for r in rows}
+    for (way, clients, model), row in sorted(by_key.items()):
+        small = by_key.get((way, clients, "synthetic-1b"))
+        if model != "synthetic-7b" or small is None:
             continue
-        for role, entry in row["roles"].items():
-            if role not in ("superlink", "serverapp", "clientapp"):
+        (o1, l1), (o7, l7), (o70, l70) = (
+            tuple(2 * n for n in SHAPES[m]) for m in ("synthetic-1b", "synthetic-7b", "llama-2-70b")
+        )
+        for role in ("superlink", "serverapp", "clientapp"):
+            if role not in row["roles"] or role not in small["roles"]:
                 continue
-            # Peak = a base (Python, torch: ~0.5 GB) + the outer weights + a few layers' worth.
-            base = 0.5 * GB
-            outer = outer_7b * 2  # bf16
-            layers_part = max(entry["peak_rss_bytes"] - base - outer, 0)
-            if role == "superlink":
-                outer_scaled = 0  # the SuperLink holds messages, not the model
-                layers_part = max(entry["peak_rss_bytes"] - base, 0)
-            else:
-                outer_scaled = outer_70b * 2
+            p1 = small["roles"][role]["peak_rss_bytes"] - base
+            p7 = row["roles"][role]["peak_rss_bytes"] - base
+            det = o1 * l7 - o7 * l1
+            a = max((p1 * l7 - p7 * l1) / det, 0.0)
+            b = max((o1 * p7 - o7 * p1) / det, 0.0)
             out.append(
                 {
                     "role": role,
-                    "clients": row["clients"],
-                    "way": row["way"],
-                    "measured_7b_gb": round(entry["peak_rss_bytes"] / GB, 2),
-                    "extrapolated_70b_gb": round(
-                        (base + outer_scaled + layers_part * layer_ratio) / GB, 2
-                    ),
+                    "way": way,
+                    "clients": clients,
+                    "measured_1b_gb": round((p1 + base) / GB, 2),
+                    "measured_7b_gb": round((p7 + base) / GB, 2),
+                    "per_outer_byte": round(a, 2),
+                    "per_layer_byte": round(b, 2),
+                    "extrapolated_70b_gb": round((base + a * o70 + b * l70) / GB, 2),
                 }
             )
     return out
+
+
+def message_sizes(cache: Path) -> list[dict]:
+    """The exact size of a valid reply: one decoder layer, and every layer in one message (the
+    paper's one-shot round), for a mask-only pruner and for SparseGPT's kept bf16 values."""
+    import torch
+
+    from fedspallm_strategy.config import RunConfig
+    from fedspallm_strategy.payload import payload_limit
+    from fedspallm_strategy.strategy import matrix_specs
+    from llm_pruning.models import load_model, num_layers
+
+    rows = []
+    for model_name in ("synthetic-1b", "synthetic-7b"):
+        model, _ = load_model(model_name, dtype=torch.bfloat16, cache=cache, lazy=True)
+        layers = range(num_layers(model))
+        for pruner in ("magnitude", "sparsegpt"):
+            config = RunConfig.from_mapping({"model": model_name, "pruner": pruner})
+            one = payload_limit(matrix_specs(model, [0], config))
+            every = payload_limit(matrix_specs(model, layers, config))
+            rows.append({"model": model_name, "pruner": pruner, "layer": one, "model_all": every})
+        del model
+    return rows
 
 
 # ----------------------------------------------------------------- report
@@ -435,7 +474,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="*", default=[r.name for r in RUNS])
     parser.add_argument("--list", action="store_true", help="list the runs and exit")
-    parser.add_argument("--pruner-1b", default="sparsegpt")
+    parser.add_argument("--pruner-1b", default="magnitude")
     parser.add_argument("--pruner-7b", default="magnitude")
     parser.add_argument("--calib-samples", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=32)
@@ -460,7 +499,8 @@ def main() -> None:
         start_write = time.perf_counter()
         _cached_builtin(model, args.cache)
         print(f"{model}: in the cache ({time.perf_counter() - start_write:.0f} s)", flush=True)
-    rows = []
+    base = baseline_rss()
+    rows, kept = [], []
     previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
     for run in chosen:
         print(f"--- {run.name}", flush=True)
@@ -474,21 +514,38 @@ def main() -> None:
             info=machine(),
             args=args,
             rows=kept + rows,
-            extrapolation=extrapolate(kept + rows),
+            baseline_rss_bytes=base,
+            extrapolation=extrapolate(kept + rows, base),
         )
     everything = kept + rows
+    sizes = message_sizes(args.cache)
     text = table(sorted(everything, key=lambda r: [x.name for x in RUNS].index(r["run"])))
     lines = flatness(everything)
-    extra = extrapolate(everything)
+    extra = extrapolate(everything, base)
     text += "\n\n" + "\n".join(f"- {line}" for line in lines)
     if extra:
-        text += "\n\n| role | way | K | measured 7B GB | extrapolated 70B GB |\n"
-        text += "|---|---|---|---|---|\n"
+        text += "\n\n| role | way | K | 1B GB | 7B GB | 70B GB (extrapolated) |\n"
+        text += "|---|---|---|---|---|---|\n"
         text += "\n".join(
-            f"| {e['role']} | {e['way']} | {e['clients']} | {e['measured_7b_gb']} "
-            f"| {e['extrapolated_70b_gb']} |"
+            f"| {e['role']} | {e['way']} | {e['clients']} | {e['measured_1b_gb']} "
+            f"| {e['measured_7b_gb']} | {e['extrapolated_70b_gb']} |"
             for e in extra
         )
+    text += "\n\n| model | pruner | valid reply, one layer MB | all layers in one reply MB |\n"
+    text += "|---|---|---|---|\n"
+    text += "\n".join(
+        f"| {r['model']} | {r['pruner']} | {r['layer'] / 1e6:.1f} | {r['model_all'] / 1e6:.1f} |"
+        for r in sizes
+    )
+    write_results(
+        args.out,
+        info=machine(),
+        args=args,
+        rows=everything,
+        baseline_rss_bytes=base,
+        extrapolation=extra,
+        message_sizes=sizes,
+    )
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)
 

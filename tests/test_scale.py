@@ -107,3 +107,30 @@ def test_standalone_eval_can_be_switched_off(tmp_path):
     run_dir = run(tmp_path, 6, resolve=False, **{"standalone-eval": False})
     report = json.loads((run_dir / "report.json").read_text())
     assert "standalone" not in report["perplexity"] and "global" in report["perplexity"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"strategy": "fedspallm", "resolve": False}, "MergeStrategy"),
+        ({"strategy": "fedspallm"}, "LayerwiseMerge"),  # resolve: a second round
+        ({"strategy": "fedavg", "layers-per-round": 1}, "LayerwiseMerge"),
+        ({"strategy": "standalone"}, "MergeStrategy"),
+        ({"strategy": "centralized"}, "Centralized"),
+        ({"strategy": "exact"}, "Exact"),
+        ({"strategy": "exact", "secure-aggregation": True}, "SecureExact"),
+    ],
+)
+def test_the_registry_builds_each_strategy_from_the_run(tmp_path, settings, expected):
+    from fedspallm_strategy.config import NodeConfig
+    from fedspallm_strategy.registry import STRATEGIES, RunSetup
+
+    config = RunConfig.from_mapping({**TINY, **settings})
+    model, tokenizer = load_model("tiny-llama")
+    nodes = {
+        n: NodeConfig.from_mapping({"partition-id": n - 1, "num-partitions": 2}) for n in (1, 2)
+    }
+    run = RunSetup(config, model, tokenizer, nodes, tmp_path, evaluate=None, clock=None)
+    strategy = STRATEGIES[config.strategy].for_run(run)
+    assert type(strategy).__name__ == expected
+    strategy.check_rounds(sorted(nodes), run.budgets)  # two nodes cover tiny-llama's 4 layers

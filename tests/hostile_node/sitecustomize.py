@@ -42,18 +42,18 @@ def _poison_task(module) -> None:
     module.encode_pruned = encode_pruned
 
 
-def _poison_app(module) -> None:
+def _poison_wire(module) -> None:
     if ATTACK != "lying-array":
         return
     from flwr.app import Array
 
-    def lying_array(ndarray):  # what app.train wraps the payload in
+    def lying_array(ndarray):  # what bytes_record wraps a reply's payload in
         return Array("uint8", (len(ndarray),), "numpy.ndarray", b"\x00not a .npy" * 8)
 
     module.Array = lying_array
 
 
-PATCHES = {"client_app.task": _poison_task, "client_app.app": _poison_app}
+PATCHES = {"client_app.task": _poison_task, "fedspallm_strategy.wire": _poison_wire}
 
 
 class _Patcher(importlib.abc.MetaPathFinder):
