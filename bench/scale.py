@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +139,24 @@ class Watcher(threading.Thread):
             entry["processes"] += 1
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
         return roles
+
+
+def stop_marked(marker: str, grace_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL, every process that inherited this run's marker."""
+    watcher = Watcher(marker)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        watcher.peaks.clear()
+        watcher.sample()
+        for pid in watcher.peaks:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while watcher.peaks and time.monotonic() < deadline:
+            time.sleep(0.5)
+            watcher.peaks.clear()
+            watcher.sample()
 
 
 # ----------------------------------------------------------------- running
@@ -317,6 +336,7 @@ def measure(args, run: Run) -> dict:
     finally:
         watcher.halt.set()
         watcher.join()
+        stop_marked(marker)  # e.g. flwr-simulation and Ray, which outlive their SuperLink
     wall = time.perf_counter() - began
     report = json.loads((Path(folder) / "report.json").read_text())
     rounds = report.get("layerwise", {}).get("rounds", [])

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,12 +130,13 @@ class LayerStore:
         work_dir: Path | None = None,
         scratch_root: Path | None = None,
     ):
-        self.model = model
+        # The model holds its store; the store only a weak reference back, so a model nobody
+        # uses any more is freed at once (a ClientApp process prunes one model per message).
+        self._model = weakref.ref(model)
         self.family = family_of(model)
-        self._layers = self.family.layers_of(model)
         # Per layer: full name -> meta tensor (shape and dtype of what `load` materialises).
         self._entries: list[dict[str, torch.Tensor]] = []
-        for index, layer in enumerate(self._layers):
+        for index, layer in enumerate(self.family.layers_of(model)):
             prefix = self.family.layer_prefix(index)
             entries = {
                 prefix + name: torch.empty_like(tensor, device="meta")
@@ -155,6 +157,17 @@ class LayerStore:
         self._scratch: tempfile.TemporaryDirectory | None = None
 
     # --------------------------------------------------------------------------- state
+
+    @property
+    def model(self) -> PreTrainedModel:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this layer store no longer exists")
+        return model
+
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return self.family.layers_of(self.model)
 
     def __len__(self) -> int:
         return len(self._layers)

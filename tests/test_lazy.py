@@ -318,3 +318,21 @@ def test_perplexity_and_sparsity_report_lazy_equal_eager(tiny_cache, segments, t
     assert report == sparsity_report(eager)
     assert report["per_matrix"][next(iter(prunable_weights(lazy, 1)))] == 0.5
     assert report["per_matrix"][next(iter(prunable_weights(lazy, 0)))] == 0.0
+
+
+def test_a_lazy_model_nobody_uses_is_freed_without_a_garbage_collection():
+    # A ClientApp process prunes one model per message: a reference cycle between the model
+    # and its store would keep every earlier one alive until the collector happened to run.
+    import gc
+    import weakref
+
+    model, _ = load_model("tiny-llama", lazy=True)
+    with on_device(model, 0, "cpu"):
+        pass
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()

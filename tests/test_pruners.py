@@ -142,6 +142,20 @@ def test_prune_counts_total_and_spread_on_awkward_sizes() -> None:
 # --- masks -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("levels", [3, 50, None])  # many ties, some, none
+def test_lowest_k_mask_is_a_stable_sorts_first_k(levels) -> None:
+    generator = torch.Generator().manual_seed(levels or 0)
+    score = torch.rand(37, 29, generator=generator)
+    if levels is not None:
+        score = (score * levels).floor()  # only `levels` distinct values: ties everywhere
+    score[0, :3] = -0.0  # signed zeros are ties of 0.0 too
+    for k in (0, 1, 5, 500, score.numel() - 1, score.numel()):
+        order = torch.sort(score.reshape(-1), stable=True).indices
+        expected = torch.ones(score.numel(), dtype=torch.bool)
+        expected[order[:k]] = False
+        assert torch.equal(lowest_k_mask(score, k), expected.reshape(score.shape)), k
+
+
 def test_lowest_k_mask_ties_prune_lower_index_first() -> None:
     score = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     # Both zeros go first, then the first of the tied ones (index 0).

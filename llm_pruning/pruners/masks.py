@@ -145,9 +145,16 @@ def lowest_k_mask(score: Tensor, k: int) -> Tensor:
     flat = score.reshape(-1)
     if not 0 <= k <= flat.numel():
         raise ValueError(f"k must be in [0, {flat.numel()}]; got {k}")
-    order = torch.sort(flat, stable=True).indices
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
-    keep[order[:k]] = False
+    if k > 0:
+        # What a stable sort's first k are, without the sort (a selection is linear; sorting a
+        # 8192 x 2048 matrix took 1.5 s): every score below the k-th smallest, then the
+        # lowest-index ties of it until there are k.
+        threshold = torch.kthvalue(flat, k).values
+        below = flat < threshold
+        ties = (flat == threshold).nonzero().reshape(-1)[: k - int(below.sum())]
+        keep[below] = False
+        keep[ties] = False
     return keep.reshape(score.shape)
 
 
