@@ -339,7 +339,7 @@ def measure(args, run: Run) -> dict:
         stop_marked(marker)  # e.g. flwr-simulation and Ray, which outlive their SuperLink
     wall = time.perf_counter() - began
     report = json.loads((Path(folder) / "report.json").read_text())
-    rounds = report.get("layerwise", {}).get("rounds", [])
+    rounds = report.get("layerwise", {}).get("per_round", [])
     ups = [r["bytes-up"] for r in rounds]
     per_round = [b - a for a, b in zip([0, *ups], ups, strict=False)]
     row = {
