@@ -12,12 +12,14 @@ Ray's own processes.
 The models are the built-in ``synthetic-1b`` (LLaMA-3.2-1B shape) and ``synthetic-7b``
 (LLaMA-2-7B shape): seeded bf16 weights, written once into the cache. Runs use
 ``layers-per-round=1`` (each round asks every node for one decoder layer) and
-``dtype=bfloat16``. The pruner is ``magnitude`` by default (``--pruner-1b``, ``--pruner-7b``):
-it needs no calibration, so the runs fit in an hour on 2 cores; its replies carry the mask
-only. SparseGPT replies also carry the kept values; SparseGPT on one 2048 x 8192 matrix takes
-over a minute on these cores, so those sizes are computed instead: the server knows every
-valid reply's exact size from the assignment (``payload_limit``), and the bench prints it
-per layer for both pruners. Perplexity is scored on one 32-token window (not a quality
+``dtype=bfloat16``; on ``synthetic-7b`` each client prunes half the layers
+(``--layer-fraction-7b``: each layer gets 2 of the 4 clients' replies). The pruner is
+``magnitude`` by default (``--pruner-1b``, ``--pruner-7b``): it needs no calibration, so the
+runs fit in an hour on 2 cores; its replies carry the mask only. SparseGPT replies also carry
+the kept values; SparseGPT on one 2048 x 8192 matrix takes over a minute on these cores, so
+those sizes are computed instead: the server knows every valid reply's exact size from the
+assignment (``payload_limit``), and the bench prints it per layer for both pruners.
+Perplexity is scored on one 32-token window (not a quality
 result: the weights are random) so the server's layer-by-layer evaluation runs too.
 
 The 70B extrapolation (LLaMA-2-70B: 80 layers of hidden 8192, intermediate 28672, 8 kv
@@ -163,11 +165,12 @@ def stop_marked(marker: str, grace_s: float = 20) -> None:
 
 
 def run_config(args, run: Run, output_dir: Path) -> dict:
-    pruner = args.pruner_1b if run.model == "synthetic-1b" else args.pruner_7b
+    small = run.model == "synthetic-1b"
     return {
         "model": run.model,
         "dtype": "bfloat16",
-        "pruner": pruner,
+        "pruner": args.pruner_1b if small else args.pruner_7b,
+        "layer-fraction": 1.0 if small else args.layer_fraction_7b,
         "layers-per-round": 1,
         "resolve": False,
         "calib-samples": args.calib_samples,
@@ -496,6 +499,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the runs and exit")
     parser.add_argument("--pruner-1b", default="magnitude")
     parser.add_argument("--pruner-7b", default="magnitude")
+    parser.add_argument(
+        "--layer-fraction-7b",
+        type=float,
+        default=0.5,
+        help="share of synthetic-7b's layers each client prunes (time: 0.5 halves the work)",
+    )
     parser.add_argument("--calib-samples", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=3600)
