@@ -440,7 +440,8 @@ def message_sizes(cache: Path) -> list[dict]:
         model, _ = load_model(model_name, dtype=torch.bfloat16, cache=cache, lazy=True)
         layers = range(num_layers(model))
         for pruner in ("magnitude", "sparsegpt"):
-            config = RunConfig.from_mapping({"model": model_name, "pruner": pruner})
+            settings = {"model": model_name, "pruner": pruner, "dtype": "bfloat16"}
+            config = RunConfig.from_mapping({**settings, "resolve": False})
             one = payload_limit(matrix_specs(model, [0], config))
             every = payload_limit(matrix_specs(model, layers, config))
             rows.append({"model": model_name, "pruner": pruner, "layer": one, "model_all": every})
@@ -546,7 +547,8 @@ def main() -> None:
             baseline_rss_bytes=base,
             extrapolation=extrapolate(kept + rows, base),
         )
-    everything = kept + rows
+    done = {r["run"] for r in rows}
+    everything = [r for r in previous if r["run"] not in done] + rows
     sizes = message_sizes(args.cache)
     text = table(sorted(everything, key=lambda r: [x.name for x in RUNS].index(r["run"])))
     lines = flatness(everything)
