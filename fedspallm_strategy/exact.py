@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
@@ -54,6 +53,7 @@ from fedspallm_strategy.wire import (
     PAYLOAD_KEY,
     PREVIOUS_KEY,
     SPEC_KEY,
+    bytes_record,
     request_record,
 )
 from llm_pruning.engine import LayerwiseCalibrator
@@ -310,8 +310,7 @@ class Exact(ServerEvaluated):
             spec = request_record(self.config, layers)
             content = RecordDict({SPEC_KEY: spec, EXACT_KEY: extra})
             if previous:
-                array = Array(np.frombuffer(previous, dtype=np.uint8))  # 1-D: Flower chunks it
-                content[PREVIOUS_KEY] = ArrayRecord({PREVIOUS_KEY: array})
+                content[PREVIOUS_KEY] = bytes_record(previous, PREVIOUS_KEY)
             down = len(spec.deflate()) + len(extra.deflate()) + len(previous)
             self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + down
             self.assignments[node] = layers

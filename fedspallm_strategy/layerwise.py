@@ -34,7 +34,6 @@ from fedspallm_strategy.payload import encode
 from fedspallm_strategy.plausibility import check_kept_values
 from fedspallm_strategy.replies import reply_bytes, reply_metrics, screen
 from fedspallm_strategy.round_plan import RoundStep, plan_rounds
-from fedspallm_strategy.sampling import layer_budget
 from fedspallm_strategy.strategy import MergeStrategy
 from fedspallm_strategy.values_payload import Expected, decode_values, values_limit
 from fedspallm_strategy.wire import (
@@ -150,8 +149,7 @@ class LayerwiseMerge(MergeStrategy):
 
     def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
         total = num_layers(self.model)
-        fraction = self.config.layer_fraction
-        covered = sum(layer_budget(total, fraction, budgets.get(node)) for node in nodes)
+        covered = sum(self.layer_shares(nodes, budgets))
         if covered < total:
             raise ConfigError(
                 f"the nodes' layer budgets cover {covered} of {total} layers, and a "

@@ -264,10 +264,14 @@ class MergeStrategy(ServerEvaluated):
     def resume_refusal(cls, config: RunConfig) -> str | None:
         return None
 
+    def layer_shares(self, nodes: list[int], budgets: Mapping[int, int | None]) -> list[int]:
+        """How many layers each of ``nodes`` prunes a round (its budget or the fraction)."""
+        total, fraction = num_layers(self.model), self.config.layer_fraction
+        return [layer_budget(total, fraction, budgets.get(node)) for node in nodes]
+
     def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
         total_layers = num_layers(self.model)
-        fraction = self.config.layer_fraction
-        shares = [layer_budget(total_layers, fraction, budgets.get(node)) for node in nodes]
+        shares = self.layer_shares(nodes, budgets)
         check_payload_cap(self.config, self.model, max(shares))
         needed = math.ceil(total_layers / sum(shares))
         if needed > self.config.num_rounds:
