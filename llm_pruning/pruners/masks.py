@@ -12,6 +12,7 @@ import numbers
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,12 +151,24 @@ def lowest_k_mask(score: Tensor, k: int) -> Tensor:
         # What a stable sort's first k are, without the sort (a selection is linear; sorting a
         # 8192 x 2048 matrix took 1.5 s): every score below the k-th smallest, then the
         # lowest-index ties of it until there are k.
-        threshold = torch.kthvalue(flat, k).values
+        threshold = _kth_smallest(flat, k)
         below = flat < threshold
         ties = (flat == threshold).nonzero().reshape(-1)[: k - int(below.sum())]
         keep[below] = False
         keep[ties] = False
     return keep.reshape(score.shape)
+
+
+def _kth_smallest(flat: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest entry (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+
+    On the CPU, numpy's introselect is 20-40x faster than ``torch.kthvalue`` on the 262k
+    saliencies of a SparseGPT block (0.5 ms against 10-25 ms); both return the exact value.
+    """
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        values = flat.detach().contiguous().numpy()
+        return torch.tensor(np.partition(values, k - 1)[k - 1], dtype=flat.dtype)
+    return torch.kthvalue(flat, k).values
 
 
 def row_lowest_mask(score: Tensor, counts: Tensor) -> Tensor:

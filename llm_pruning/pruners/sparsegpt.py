@@ -23,6 +23,9 @@ from llm_pruning.pruners.stats import InputStats
 logger = logging.getLogger(__name__)
 
 _MAX_DAMP_RETRIES = 5  # each retry multiplies the dampening by 10
+# Columns whose OBS updates go one by one (rank-1, in cache); past a panel they go by matmul.
+# 8-32 all measure alike on 576-2048 wide matrices; 16 is a multiple of every usual M.
+_PANEL = 16
 
 
 class HessianStats(InputStats):
@@ -70,14 +73,19 @@ def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tens
     """
     base_damp = damp_fraction * hessian.diagonal().mean()
     if bool(torch.isfinite(hessian).all()):
+        # With J the order reversal, chol(J H J) = L gives H^{-1} = (J L^{-1} J)ᵀ (J L^{-1} J), and
+        # J L^{-1} J is upper triangular with a positive diagonal: the factor itself. One
+        # Cholesky and one triangular inverse, instead of the reference's Cholesky, inverse and
+        # second Cholesky (a third less work, and no squaring of the condition number).
+        reversed_hessian = hessian.flip(0, 1)
+        identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
         for attempt in range(_MAX_DAMP_RETRIES + 1):
-            damped = hessian.clone()
+            damped = reversed_hessian.clone()
             damped.diagonal().add_(base_damp * 10**attempt)
             lower, info = torch.linalg.cholesky_ex(damped)
             if int(info) == 0:
-                inverse = torch.cholesky_inverse(lower)
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-                if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+                if bool(torch.isfinite(upper).all()):
                     if attempt > 0:
                         logger.warning(
                             "Hessian not positive definite with dampening %.3g; "
@@ -175,38 +183,79 @@ def sparsegpt_prune(
     chosen = torch.ones(cols, rows, dtype=torch.bool, device=work.device)  # (in, out)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = work[start:end].clone()  # (B, out): the block's columns of W, as rows
+        block = work[start:end]  # (B, out): the block's columns of W, as rows; updated in place
         block_hinv = hinv[start:end, start:end]  # (B, B)
-        block_diag = block_hinv.diagonal()  # (B,)
-        block_err = torch.zeros_like(block)  # (B, out)
+        block_diag = block_hinv.diagonal().unsqueeze(1)  # (B, 1)
         if given is not None:
             block_keep = given[start:end].clone()
         elif pattern.is_nm:
-            block_keep = torch.ones_like(block, dtype=torch.bool)
+            block_keep = torch.ones_like(block, dtype=torch.bool)  # chosen group by group
         else:
             # OBS saliency w² / [H^{-1}]_jj² (paper, eq. 3 with the Cholesky row scaling);
             # exact count per block instead of the reference's per-block threshold.
-            saliency = block.square() / block_diag.square().unsqueeze(1)
+            saliency = block.square() / block_diag.square()
             block_keep = lowest_k_mask(saliency, int(column_counts[start:end].sum()))
-
-        for j in range(end - start):
-            if given is None and pattern.is_nm and j % pattern.m == 0:
-                group = slice(j, j + pattern.m)
-                saliency = block[group].square() / block_diag[group].square().unsqueeze(1)
-                block_keep[group] = nm_keep_mask(saliency.t(), pattern.n, pattern.m).t()
-            column = block[j]  # (out,)
-            pruned = column * block_keep[j]
-            err = (column - pruned) / block_diag[j]  # (out,)
-            # OBS update of the not-yet-processed columns of this block (Algorithm 1, inner loop).
-            block[j + 1 :].addr_(block_hinv[j, j + 1 :], err, alpha=-1.0)
-            block[j] = pruned
-            block_err[j] = err
-
-        work[start:end] = block
+        nm = (pattern.n, pattern.m) if given is None and pattern.is_nm else None
+        block_err = _sweep_block(block, block_hinv, block_keep, nm)
+        block.mul_(block_keep)  # pruned entries exactly 0 (their values went into the errors)
         chosen[start:end] = block_keep
         # Lazy batch update: the columns right of the block absorb its errors at once.
         work[end:].addmm_(hinv[start:end, end:].t(), block_err, alpha=-1.0)
 
-    work.masked_fill_(~chosen, 0.0)
     work, chosen = work.t(), chosen.t().contiguous()  # back to (out, in)
     return work.to(weight.dtype).contiguous(), chosen
+
+
+def _sweep_block(
+    block: Tensor, block_hinv: Tensor, keep: Tensor, nm: tuple[int, int] | None
+) -> Tensor:
+    """The OBS sweep over one block's columns (Algorithm 1's inner loop), in place.
+
+    Column ``j`` in turn loses its pruned entries, and its error ``e_j = (w_j − q_j) / d_j``
+    moves into the columns after it through row ``j`` of the factor. Done one column at a time
+    over the whole block, that is 128 dependent rank-1 updates of up to 128 × out entries: most
+    of the time of a matrix, and memory-bound. Here the rank-1 updates stay inside a panel of
+    :data:`_PANEL` columns (a few kB that stay in cache), and the rest of the block takes a
+    panel's errors in one matrix product, as the lazy block update does one level up. The
+    arithmetic is the same sum in another order: the result equals the column-by-column
+    sweep's to float rounding (``tests/test_pruners.py``).
+
+    Parameters
+    ----------
+    block
+        ``(B, out)`` float32 columns of ``W`` as rows, already updated for every earlier block;
+        on return each column holds its value when it was reached (pruned entries not yet 0).
+    block_hinv
+        ``(B, B)`` the block's diagonal block of the upper factor.
+    keep
+        ``(B, out)`` bool keep-mask; for N:M it is filled in here, group by group, from the
+        values when the group is reached (a panel holds whole groups, so that is their final
+        value).
+    nm
+        ``(n, m)`` to choose the N:M mask during the sweep; ``None`` when ``keep`` is fixed.
+
+    Returns
+    -------
+    Tensor
+        ``(B, out)`` the errors ``e_j`` (0 for kept entries), for the lazy update of later blocks.
+    """
+    size = block.shape[0]
+    diag = block_hinv.diagonal().unsqueeze(1)  # (B, 1)
+    err = torch.empty_like(block)
+    # e_j = w_j · [pruned] / d_j: one multiply per column with this precomputed scale.
+    scale = (~keep).to(block.dtype).div_(diag)  # (B, out)
+    panel = _PANEL if nm is None else (_PANEL - _PANEL % nm[1]) or nm[1]  # whole N:M groups
+    for first in range(0, size, panel):
+        last = min(first + panel, size)
+        for j in range(first, last):
+            if nm is not None and (j - first) % nm[1] == 0:
+                group = slice(j, j + nm[1])
+                saliency = block[group].square() / diag[group].square()
+                keep[group] = nm_keep_mask(saliency.t(), nm[0], nm[1]).t()
+                torch.div((~keep[group]).to(block.dtype), diag[group], out=scale[group])
+            torch.mul(block[j], scale[j], out=err[j])
+            if j + 1 < last:
+                block[j + 1 : last].addr_(block_hinv[j, j + 1 : last], err[j], alpha=-1.0)
+        if last < size:
+            block[last:].addmm_(block_hinv[first:last, last:].t(), err[first:last], alpha=-1.0)
+    return err
