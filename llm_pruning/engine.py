@@ -81,6 +81,47 @@ def capture_layer_inputs(
     return torch.cat(catcher.hidden), catcher.kwargs
 
 
+class _SharedInputFeed:
+    """Feeds each prunable Linear's inputs to its statistics, once per distinct input tensor.
+
+    q/k/v read one tensor (the normed hidden states) and gate/up another, so their sums are
+    equal: a Linear whose hook sees the very tensor the previous hook saw shares that
+    accumulator instead of summing again. On LLaMA-like layers that is 4 Hessian sums instead
+    of 7, about a quarter of the statistics time. The sharing found on the first segment must
+    hold on every segment, or the sums would silently miss rows: a change raises.
+    """
+
+    def __init__(self, stats: dict[str, object]):
+        self.stats = stats
+        self.owner: dict[str, str] = {}  # name -> the name whose accumulator it shares
+        self.segments: dict[str, int] = dict.fromkeys(stats, 0)
+        self._previous: tuple[str, torch.Tensor] | None = None
+
+    def hook(self, name: str):
+        def add(_module, inputs, _output) -> None:
+            tensor = inputs[0]
+            previous = self._previous
+            first_segment = self.segments[name] == 0
+            shares = previous is not None and previous[1] is tensor
+            if first_segment and shares:
+                self.owner[name] = self.owner.get(previous[0], previous[0])
+            elif shares != (name in self.owner):
+                raise RuntimeError(
+                    f"{name}: reads the previous Linear's input on one calibration segment but "
+                    "not on another; its statistics cannot be shared"
+                )
+            self.segments[name] += 1
+            if name not in self.owner:
+                self.stats[name].add(tensor)
+            self._previous = (name, tensor)
+
+        return add
+
+    def result(self) -> dict[str, object]:
+        self._previous = None  # no activation outlives the pass
+        return {name: self.stats[self.owner.get(name, name)] for name in self.stats}
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage, summed over layers."""
@@ -129,22 +170,21 @@ class LayerwiseCalibrator:
         Linear's statistics (keyed by weight name). Does not move to the next layer."""
         self._expect(index)
         linears = prunable_weights(self.model, index)
-        stats = {
-            name: pruner.make_stats(lin.in_features, self.device) for name, lin in linears.items()
-        }
+        feed = _SharedInputFeed(
+            {name: pruner.make_stats(lin.in_features, self.device) for name, lin in linears.items()}
+        )
         handles = [
-            linear.register_forward_hook(lambda _m, inputs, _o, s=stats[name]: s.add(inputs[0]))
-            for name, linear in linears.items()
+            linear.register_forward_hook(feed.hook(name)) for name, linear in linears.items()
         ]
         start = time.perf_counter()
         try:
             with self._on_device(index) as layer:
-                self._run(layer)
+                self._run(index, layer)
         finally:
             for handle in handles:
                 handle.remove()
         self.timings.statistics += time.perf_counter() - start
-        return stats
+        return feed.result()
 
     @torch.no_grad()
     def prune_layer(

@@ -95,6 +95,33 @@ def test_statistics_match_the_inputs_of_a_full_forward_pass(tiny_model, segments
         torch.testing.assert_close(norms[name].sq_norm, rows.square().sum(0), rtol=1e-4, atol=1e-4)
 
 
+def test_linears_reading_one_input_share_one_accumulator(tiny_model, segments):
+    # q/k/v read the normed hidden states and LLaMA's gate/up the MLP input: one sum each.
+    # The values are checked against a full forward pass in the test above.
+    model, _ = tiny_model
+    stats = LayerwiseCalibrator(model, segments).statistics(0, get_pruner("sparsegpt"))
+    prefix = family_of(model).layer_prefix(0)
+    groups: dict[int, list[str]] = {}
+    for name, accumulator in stats.items():
+        groups.setdefault(id(accumulator), []).append(name.removeprefix(prefix)[: -len(".weight")])
+    expected = {
+        "llama": [
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["self_attn.o_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+            ["mlp.down_proj"],
+        ],
+        "opt": [
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["self_attn.out_proj"],
+            ["fc1"],
+            ["fc2"],
+        ],
+    }[model.config.model_type]
+    assert sorted(groups.values()) == sorted(expected)
+    assert all(accumulator.count == segments.numel() for accumulator in stats.values())
+
+
 def test_layers_must_be_calibrated_in_order(tiny_llama, segments):
     model, _ = tiny_llama
     calibrator = LayerwiseCalibrator(model, segments)
