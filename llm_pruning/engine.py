@@ -179,7 +179,7 @@ class LayerwiseCalibrator:
         start = time.perf_counter()
         try:
             with self._on_device(index) as layer:
-                self._run(index, layer)
+                self._run(layer)
         finally:
             for handle in handles:
                 handle.remove()
