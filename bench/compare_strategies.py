@@ -8,8 +8,11 @@ perplexities are memoised per model weights, so dense and standalone models are 
     python bench/compare_strategies.py                      # full table (hours on 2 CPU cores)
     python bench/compare_strategies.py --sparsities 0.5 --pruners sparsegpt --segments 4 \\
         --seqlen 256 --eval-windows 8                      # a quick column
+    python bench/compare_strategies.py --sparsities 0.6,0.7,0.8 --pruners sparsegpt \\
+        --profiles uniform,owl                             # OWL next to uniform sparsity
 
-Writes bench/results/compare_strategies.{md,json,png}.
+Writes bench/results/compare_strategies.{md,json,png}; with ``--profiles``, instead one table
+of ``--profile-strategies`` x profile per sparsity, in compare_strategies_profiles.{md,json}.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from flwr.app import Message
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
+from llm_pruning.lazy import layer_tensors
+from llm_pruning.models import num_layers
 from llm_pruning.pruners import get_pruner
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
@@ -70,9 +75,14 @@ class MemoEvaluator(Evaluator):
         self.memo: dict[str, dict] = {}
 
     def __call__(self, model, label):
+        # A lazily loaded model's unloaded layers are meta tensors here: read them from disk.
+        tensors = {n: t for n, t in model.state_dict().items() if t.device.type != "meta"}
+        for layer in range(num_layers(model)):
+            tensors.update(layer_tensors(model, layer))
         digest = hashlib.sha1()
-        for tensor in model.state_dict().values():
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
         key = digest.hexdigest()
         if key not in self.memo:
             self.memo[key] = super().__call__(model, label)
@@ -95,25 +105,9 @@ def run_column(
 ) -> dict:
     """Run every strategy whose row ``rows`` (a column finished earlier, or ``{}``) lacks;
     ``on_row(rows)`` after each, so a long column keeps what it finished."""
-    pattern, sparsity = pattern_and_sparsity(column)
-    novels = sorted(p for p in args.data.glob("*.txt") if p.name != "persuasion.txt")
-    eval_data = ",".join(str(p) for p in [args.data / "persuasion.txt", *args.extra_eval])
-    base = {
-        "model": args.model,
-        "pruner": pruner,
-        "pattern": pattern,
-        "sparsity": sparsity,
-        "calib-samples": args.segments,
-        "seqlen": args.seqlen,
-        "eval-data": eval_data,
-        "eval-windows": args.eval_windows,
-        "output-dir": str(out),
-        "seed": args.seed,
-        "resolve": False,  # the paper's rows; the layer-wise rows turn it on
-    }
+    base, every_layer = column_settings(args, pruner, column, out)
     num_layers = {"tiny-llama": 4, "tiny-opt": 4}.get(args.model, 30)
-    every_layer = {i + 1: {"data-path": str(novel)} for i, novel in enumerate(novels)}
-    fractions = [0.3, 0.5, 0.7, 1.0, 1.0][: len(novels)]
+    fractions = [0.3, 0.5, 0.7, 1.0, 1.0][: len(every_layer)]
     sampled = {
         node: {**cfg, "layer-budget": max(1, round(f * num_layers))}
         for (node, cfg), f in zip(every_layer.items(), fractions, strict=True)
@@ -136,21 +130,10 @@ def run_column(
             continue  # --resume: this row of the column is finished
         strategy = name.split("-")[0]
         config = RunConfig.from_mapping({**base, "strategy": strategy, **extra})
-        key = (config.seqlen, config.eval_data, config.eval_windows)
-        if key not in evaluators:
-            from llm_pruning.models import load_model
-
-            evaluators[key] = MemoEvaluator(config, load_model(config.model)[1])
         start = time.perf_counter()
         # Layer-wise rounds keep state on the clients per run id: no memo, a fresh id each.
         client = client_app if config.layerwise else memo
-        run_dir = run_federation(
-            InProcessGrid(client, nodes, {}),
-            config,
-            run_id=next(RUN_IDS),
-            evaluator=evaluators[key],
-        )
-        report = json.loads((run_dir / "report.json").read_text())
+        report = run_report(config, client, nodes, evaluators)
         seconds = time.perf_counter() - start
         perplexity = report["perplexity"]
         rows[name] = perplexity["global"]
@@ -172,6 +155,123 @@ def run_column(
         logging.info("%s %s %s: %s (%.0fs)", pruner, column, name, rows[name], seconds)
         on_row(rows)
     return rows
+
+
+def column_settings(args, pruner: str, column: str, out: Path) -> tuple[dict, dict]:
+    """The run config every row of a column shares, and the nodes (one novel each)."""
+    pattern, sparsity = pattern_and_sparsity(column)
+    novels = sorted(p for p in args.data.glob("*.txt") if p.name != "persuasion.txt")
+    eval_data = ",".join(str(p) for p in [args.data / "persuasion.txt", *args.extra_eval])
+    base = {
+        "model": args.model,
+        "pruner": pruner,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "calib-samples": args.segments,
+        "seqlen": args.seqlen,
+        "eval-data": eval_data,
+        "eval-windows": args.eval_windows,
+        "output-dir": str(out),
+        "seed": args.seed,
+        "resolve": False,  # the paper's rows; the layer-wise rows turn it on
+    }
+    every_layer = {i + 1: {"data-path": str(novel)} for i, novel in enumerate(novels)}
+    return base, every_layer
+
+
+def run_report(config: RunConfig, client, nodes: dict, evaluators: dict) -> dict:
+    """One in-process run of ``config`` over ``nodes``; its report."""
+    key = (config.seqlen, config.eval_data, config.eval_windows)
+    if key not in evaluators:
+        from llm_pruning.models import load_model
+
+        evaluators[key] = MemoEvaluator(config, load_model(config.model)[1])
+    run_dir = run_federation(
+        InProcessGrid(client, nodes, {}),
+        config,
+        run_id=next(RUN_IDS),
+        evaluator=evaluators[key],
+    )
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def profile_column(args, pruner: str, column: str, evaluators: dict, out: Path) -> dict:
+    """``--profiles``: each of ``--profile-strategies`` under each sparsity profile.
+
+    fedspallm runs as by default (the masked re-solve, where the pruner updates weights).
+    Every reply is computed afresh (the profile changes what the clients prune)."""
+    base, nodes = column_settings(args, pruner, column, out)
+    rows: dict = {}
+    for strategy, profile in itertools.product(
+        args.profile_strategies.split(","), args.profiles.split(",")
+    ):
+        resolve = strategy == "fedspallm" and get_pruner(pruner).updates_weights
+        settings = {
+            **base,
+            "strategy": strategy,
+            "sparsity-profile": profile,
+            "owl-m": args.owl_m,
+            "owl-lambda": args.owl_lambda,
+            "resolve": resolve,
+            "standalone-eval": False,
+        }
+        start = time.perf_counter()
+        report = run_report(RunConfig.from_mapping(settings), client_app, nodes, evaluators)
+        perplexity = report["perplexity"]
+        rows["dense"] = perplexity["dense"]
+        name = f"{strategy} {profile}"
+        rows[name] = perplexity.get("global", perplexity.get("centralized"))
+        rows[f"{name}-overall-sparsity"] = report["sparsity"]["overall"]
+        if "sparsity-profile" in report:
+            layers = report["sparsity-profile"]["per-layer"]
+            rows[f"{name}-layers"] = [row["sparsity"] for row in layers]
+        logging.info(
+            "%s %s %s: %s (%.0fs)", pruner, column, name, rows[name], time.perf_counter() - start
+        )
+    return rows
+
+
+def profile_markdown(results: dict, first_eval: str) -> str:
+    """One table: a row per strategy and profile, a column per pruner and sparsity."""
+    columns = list(results)
+    names = ["dense"] + [
+        n for n in results[columns[0]] if n != "dense" and not n.endswith(("-sparsity", "-layers"))
+    ]
+    lines = [
+        f"Perplexity on {first_eval} (lower is better); overall sparsity equals the target in "
+        "every owl row (same number of zeros as uniform)",
+        "",
+        "| strategy, profile | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name in names:
+        cells = [
+            f"{results[c][name][first_eval]:.1f}" if name in results[c] else "–" for c in columns
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def profile_sweep(args, first_eval: str) -> None:
+    results, evaluators = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for pruner in args.pruners.split(","):
+            for column in args.sparsities.split(","):
+                results[f"{pruner} {column}"] = profile_column(
+                    args, pruner, column, evaluators, Path(scratch)
+                )
+                table = profile_markdown(results, first_eval).replace(first_eval, "persuasion.txt")
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "compare_strategies_profiles.md").write_text(table + "\n")
+                settings = vars(args) | {
+                    "data": str(args.data),
+                    "out": str(args.out),
+                    "extra_eval": [str(p) for p in args.extra_eval],
+                }
+                (args.out / "compare_strategies_profiles.json").write_text(
+                    json.dumps({"args": settings, "results": results}, indent=1)
+                )
+    print(table)
 
 
 # Layer-wise FedSpaLLM rows (layerwise.py): run-config overrides of each.
@@ -313,11 +413,23 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="keep the columns already in --out's JSON"
     )
+    parser.add_argument(
+        "--profiles",
+        default="",
+        help="comma-separated sparsity profiles (uniform,owl): run --profile-strategies under "
+        "each instead of the strategy table",
+    )
+    parser.add_argument("--profile-strategies", default="centralized,fedspallm,exact")
+    parser.add_argument("--owl-m", type=float, default=5.0)
+    parser.add_argument("--owl-lambda", type=float, default=0.08)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedspallm_strategy").setLevel(logging.WARNING)
 
     first_eval = str(args.data / "persuasion.txt")
+    if args.profiles:
+        profile_sweep(args, first_eval)
+        return
     saved = args.out / "compare_strategies.json"
     results = json.loads(saved.read_text())["results"] if args.resume and saved.exists() else {}
     memo, evaluators = MemoClient(), {}

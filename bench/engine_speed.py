@@ -27,6 +27,8 @@ alternating, and the table shows each one's minimum (every time is in the JSON).
     python bench/engine_speed.py --reference /tmp/ref_sparsegpt            # all 30 layers
     python bench/engine_speed.py --layers 2 --reference /tmp/ref_sparsegpt  # a quick look
     python bench/engine_speed.py --layers 2 --pattern 2:4 --reference /tmp/ref_sparsegpt
+    python bench/engine_speed.py --layers 2 --reference /tmp/ref_sparsegpt \\
+        --shapes 576x576,1536x576,576x1536,2048x2048        # plus random matrices of these shapes
 
 Writes bench/results/engine_speed.json (``--out``).
 """
@@ -124,8 +126,9 @@ def reference_pass(calibrator, index: int, reference_cls, device: torch.device):
     layer = calibrator.family.layers_of(calibrator.model)[index].to(device)
     try:
         with torch.no_grad():
+            call = calibrator.layer_calls[index]  # this layer's own mask and rotary table
             for hidden in calibrator.hidden:
-                layer(hidden[None], **calibrator.layer_kwargs)
+                layer(hidden[None], *call.args, **call.kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -147,6 +150,8 @@ def reference_prune(obj, pattern: SparsityPattern, device: torch.device) -> tupl
 def short(name: str) -> str:
     """``model.layers.3.mlp.up_proj.weight`` -> ``3.up_proj``."""
     parts = name.split(".")
+    if len(parts) < 2:  # a random matrix of --shapes
+        return name
     index = parts.index("layers") + 1 if "layers" in parts else 0
     return f"{parts[index]}.{parts[-2]}"
 
@@ -256,6 +261,69 @@ def run_pruner(args, pruner_name: str, segments: torch.Tensor, reference_cls) ->
     }
 
 
+def synthetic_inputs(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Calibration rows like real activations: low rank plus noise, unequal column scales (a
+    few large ones, as LLM activations have), so the Hessian is far from the identity."""
+    latent = torch.randn(rows, 64, generator=generator) @ torch.randn(64, cols, generator=generator)
+    noise = 0.1 * torch.randn(rows, cols, generator=generator)
+    return (latent + noise) * torch.exp(torch.randn(cols, generator=generator))
+
+
+def run_shapes(args, reference_cls) -> list[dict]:
+    """Ours against ``fasterprune`` on random matrices of ``--shapes``, same weight and Hessian."""
+    device = torch.device(args.device)
+    pattern = SparsityPattern.parse(args.pattern, args.sparsity)
+    pruner = get_pruner("sparsegpt")
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for shape in args.shapes.split(","):
+        out_features, in_features = (int(x) for x in shape.lower().split("x"))
+        weight = torch.randn(out_features, in_features, generator=generator).to(device)
+        inputs = synthetic_inputs(args.segments * args.seqlen, in_features, generator).to(device)
+        stats = pruner.make_stats(in_features, device)
+        stats.add(inputs)
+        linear = torch.nn.Linear(in_features, out_features, bias=False).to(device)
+        ours_times, ref_times = [], []
+        for _ in range(args.timing_repeats):  # alternating: load changes hit both alike
+            _sync(device)
+            start = time.perf_counter()
+            ours, _ = pruner.prune(weight, stats, pattern)
+            _sync(device)
+            ours_times.append(time.perf_counter() - start)
+            linear.weight.data = weight.clone()
+            obj = reference_cls(linear)
+            obj.H = stats.xtx.clone()  # fasterprune's own scaling does not matter: damp is relative
+            seconds, ref = reference_prune(obj, pattern, device)
+            ref_times.append(seconds)
+        ours_err = reconstruction_error(weight, ours, stats.xtx)
+        ref_err = reconstruction_error(weight, ref["weight"], stats.xtx)
+        row = {
+            "matrix": f"random {shape}",
+            "shape": [out_features, in_features],
+            "ours_s": ours_times[0],
+            "ref_s": ref_times[0],
+            "ours_times_s": ours_times,
+            "ref_times_s": ref_times,
+            "ours_min_s": min(ours_times),
+            "ref_min_s": min(ref_times),
+            "ref_add_batch_s": 0.0,
+            "ours_sparsity": float((ours == 0).float().mean()),
+            "ref_sparsity": float((ref["weight"] == 0).float().mean()),
+            "ours_err": ours_err,
+            "ref_err": ref_err,
+            "ours_rel_err": ours_err / output_energy(weight, stats.xtx),
+            "ref_rel_err": ref_err / output_energy(weight, stats.xtx),
+            "err_ratio": ours_err / ref_err if ref_err else float("nan"),
+        }
+        print(
+            f"  {shape}: ours {row['ours_min_s']:.3f} s, reference {row['ref_min_s']:.3f} s, "
+            f"error ratio {row['err_ratio']:.4f}",
+            file=sys.stderr,
+        )
+        rows.append(row)
+    return rows
+
+
 def engine_tables(results: dict) -> str:
     pruners = list(results)
     lines = [
@@ -340,7 +408,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--calib-data", default="python-docs")
-    parser.add_argument("--pruners", default="sparsegpt,wanda")
+    parser.add_argument("--pruners", default="sparsegpt,wanda", help='"": none (with --shapes)')
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8")
     parser.add_argument("--device", default="cpu")
@@ -355,8 +423,16 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=Path, help="local checkout of IST-DASLab/sparsegpt (optional)"
     )
+    parser.add_argument(
+        "--shapes",
+        default="",
+        help="also prune random OUTxIN matrices (e.g. 576x576,2048x2048) with ours and the "
+        "reference on one Hessian of --segments x --seqlen rows; needs --reference",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed.json")
     args = parser.parse_args()
+    if args.shapes and not args.reference:
+        parser.error("--shapes compares against the reference: give --reference PATH")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -373,22 +449,27 @@ def main() -> None:
     segments = calibration_segments(
         args.calib_data, tokenizer, seqlen=args.seqlen, num_segments=args.segments, seed=args.seed
     )
-    warm_up(args, segments, reference_cls)
-    results = {
-        name: run_pruner(args, name, segments, reference_cls) for name in args.pruners.split(",")
-    }
+    pruners = [name for name in args.pruners.split(",") if name]
+    if pruners:
+        warm_up(args, segments, reference_cls)
+    results = {name: run_pruner(args, name, segments, reference_cls) for name in pruners}
     print(
         f"\n{args.model}, {args.segments} x {args.seqlen} {args.calib_data} segments, "
         f"{SparsityPattern.parse(args.pattern, args.sparsity)}\n"
     )
-    print(engine_tables(results))
+    if results:
+        print(engine_tables(results))
     compared = [r for r in results.get("sparsegpt", {}).get("matrices", []) if "ref_s" in r]
     if compared:
         print()
         print(reference_tables(compared))
+    shapes = run_shapes(args, reference_cls) if args.shapes else []
+    if shapes:
+        print()
+        print(reference_tables(shapes).replace("same inputs", "random matrices, one Hessian"))
     wall = time.perf_counter() - wall
     print(f"\nbench wall time {wall:.1f} s")
-    write_results(args.out, info=info, args=args, results=results, wall_s=wall)
+    write_results(args.out, info=info, args=args, results=results, shapes=shapes, wall_s=wall)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def run_inprocess(config: dict, clients: int) -> dict:
 # ----------------------------------------------------------------- flwr run
 
 
-def run_flwr(config: dict, clients: int, env: dict) -> dict:
+def run_flwr(config: dict, clients: int, env: dict, federation: str = "") -> dict:
+    """One ``flwr run . --stream``; ``federation``: more ``--federation-config`` settings."""
     overrides = " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
     command = [
         "flwr",
@@ -127,7 +128,7 @@ def run_flwr(config: dict, clients: int, env: dict) -> dict:
         "--run-config",
         overrides,
         "--federation-config",
-        f"num-supernodes={clients}",
+        f"num-supernodes={clients} {federation}".strip(),
     ]
     marks, lines = {}, []
     start = time.perf_counter()

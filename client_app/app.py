@@ -11,6 +11,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.layerwise_task import run_round
+from client_app.profile_task import profile_layers
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.logs import share_flower_handlers
@@ -22,6 +23,7 @@ from fedspallm_strategy.wire import (
     MASKS_KEY,
     PAYLOAD_KEY,
     PREVIOUS_KEY,
+    PROFILE_KEY,
     RESOLVED_KEY,
     SPEC_KEY,
     STEP_KEY,
@@ -29,6 +31,7 @@ from fedspallm_strategy.wire import (
     record_bytes,
     request_from_fitins,
     request_from_record,
+    request_sparsities,
 )
 
 app = ClientApp()
@@ -66,10 +69,33 @@ def train(msg: Message, context: Context) -> Message:
     share_flower_handlers()
     config, layer_ids = request_from_record(msg.content[SPEC_KEY])
     node = NodeConfig.from_mapping(context.node_config)
-    reply = prune_layers(config, node, layer_ids)
+    sparsities = request_sparsities(msg.content[SPEC_KEY])
+    reply = prune_layers(config, node, layer_ids, sparsities)
     content = RecordDict(
         {PAYLOAD_KEY: bytes_record(reply.payload), "metrics": MetricRecord(reply.metrics)}
     )
+    if sparsities is None and reply.sparsities is not None:  # standalone: its own profile
+        own = [reply.sparsities[layer] for layer in layer_ids]
+        content[PROFILE_KEY] = ConfigRecord({"layer-sparsities": own})
+    return Message(content, reply_to=msg)
+
+
+@app.train("profile")
+def train_profile(msg: Message, context: Context) -> Message:
+    """sparsity-profile='owl': this node's profile of the dense model (outlier counts per
+    layer, or exact's column-norm statistics of every layer)."""
+    share_flower_handlers()
+    config, _ = request_from_record(msg.content[SPEC_KEY])
+    request = msg.content.config_records[PROFILE_KEY]
+    shared = [group.split(",") for group in request.get("shared", [])]
+    reply = profile_layers(
+        config, NodeConfig.from_mapping(context.node_config), str(request["kind"]), shared
+    )
+    content = RecordDict({"metrics": MetricRecord(reply.metrics)})
+    if reply.payload:
+        content[PAYLOAD_KEY] = bytes_record(reply.payload)
+    else:
+        content[PROFILE_KEY] = ConfigRecord({"outliers": reply.outliers, "totals": reply.totals})
     return Message(content, reply_to=msg)
 
 
@@ -88,6 +114,7 @@ def train_layerwise(msg: Message, context: Context) -> Message:
         run_id=context.run_id,
         masks=record_bytes(msg.content, MASKS_KEY),
         global_layers=record_bytes(msg.content, GLOBAL_KEY),
+        sparsities=request_sparsities(msg.content[SPEC_KEY]),
     )
     content = RecordDict(
         {

@@ -86,7 +86,9 @@ def collect_statistics(
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
     # A layer at a time: decoder layers load lazily.
-    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
+    model, tokenizer = load_model(
+        config.model, dtype=config.torch_dtype, cache=cache, lazy=True, ignore=config.ignore
+    )
     pruner = get_pruner(config.pruner)
     device = node_device(config, node)
     folder = state_dir(node, run_id)

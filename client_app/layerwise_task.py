@@ -32,6 +32,7 @@ from fedspallm_strategy.values_payload import encode_values, kept_values
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.lazy import release_layer
 from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.owl import profile_patterns
 from llm_pruning.pruners import get_pruner
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def run_round(
     run_id: int,
     masks: bytes | None = None,
     global_layers: bytes | None = None,
+    sparsities: dict[int, float] | None = None,
 ) -> LayerwiseReply:
     """Do this node's part of ``step`` (its prune and re-solve layers only) and encode it.
 
@@ -81,11 +83,15 @@ def run_round(
         Mask-only payload of the global keep-masks of ``step.resolve``.
     global_layers
         Payload of the merged global matrices of ``step.advance``.
+    sparsities
+        Layer -> sparsity of ``step.prune`` under the run's owl profile (None: uniform).
     """
     start_time = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
     # Lazy: one decoder layer in memory at a time, plus the pruned ones until encoded.
-    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
+    model, tokenizer = load_model(
+        config.model, dtype=config.torch_dtype, cache=cache, lazy=True, ignore=config.ignore
+    )
     pruner, pattern = get_pruner(config.pruner), config.sparsity_pattern
     device = node_device(config, node)
     folder = state_dir(node, run_id, STATE_KIND)
@@ -100,6 +106,7 @@ def run_round(
             )
         apply_global_layers(model, global_layers, step.advance, pruner)
     fixed = given_masks(model, masks, list(step.resolve))
+    patterns = None if sparsities is None else profile_patterns(model, sparsities, step.prune)
     total = num_layers(model)
     end = min(step.end, total)
     pruned_masks: dict[str, torch.Tensor] = {}
@@ -116,7 +123,7 @@ def run_round(
             column_weights.update({name: stats[name].xtx.diagonal() for name in layer_masks})
             log.info("layer %d/%d re-solved under the global mask", index + 1, total)
         elif index in step.prune:
-            pruned_masks.update(calibrator.prune_layer(index, pruner, pattern))
+            pruned_masks.update(calibrator.prune_layer(index, pruner, pattern, patterns=patterns))
             log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         if index + 1 < end or step.keep_from == end:
             calibrator.advance(index)

@@ -16,6 +16,7 @@ from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_de
 from fedspallm_strategy.payload import encode
 from llm_pruning.engine import prune_model
 from llm_pruning.models import load_model, num_layers
+from llm_pruning.owl import profile_model, profile_patterns
 from llm_pruning.pruners import get_pruner
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class PruneReply:
     payload: bytes
     metrics: dict[str, float | int]
+    sparsities: dict[int, float] | None = None  # owl: the layers' sparsities it pruned to
 
 
 def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
@@ -41,15 +43,25 @@ def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> b
     return encode(wire_values(model, masks, config) if updates else None, masks)
 
 
-def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> PruneReply:
+def prune_layers(
+    config: RunConfig,
+    node: NodeConfig,
+    layer_ids: list[int],
+    sparsities: dict[int, float] | None = None,
+) -> PruneReply:
     """Prune ``layer_ids`` of the shared dense model on this node's shard; encode the result.
+
+    ``sparsities`` (layer -> sparsity) is the federation's owl profile; an owl run without
+    one (strategy ``standalone``) prunes to the profile of this node's own shard.
 
     The model loads lazily: one decoder layer in memory at a time, plus the pruned ones
     (pinned by the engine) until they are encoded.
     """
     start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
-    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, cache=cache, lazy=True)
+    model, tokenizer = load_model(
+        config.model, dtype=config.torch_dtype, cache=cache, lazy=True, ignore=config.ignore
+    )
     pruner = get_pruner(config.pruner)
     segments = load_shard(config, node, tokenizer)
     log.info(
@@ -59,13 +71,26 @@ def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> P
         segments.shape[0],
         segments.shape[1],
     )
+    device = node_device(config, node)
+    if sparsities is None and config.sparsity_profile == "owl":
+        own = profile_model(
+            model,
+            segments,
+            target=config.sparsity,
+            lam=config.owl_lambda,
+            owl_m=config.owl_m,
+            device=device,
+        )
+        sparsities = {layer: own.sparsities[layer] for layer in layer_ids}
+    patterns = None if sparsities is None else profile_patterns(model, sparsities, layer_ids)
     result = prune_model(
         model,
         segments,
         pruner,
         config.sparsity_pattern,
         layer_ids=layer_ids,
-        device=node_device(config, node),
+        device=device,
+        patterns=patterns,
     )
     payload = encode_pruned(model, result.masks, config)
     metrics = {
@@ -76,4 +101,4 @@ def prune_layers(config: RunConfig, node: NodeConfig, layer_ids: list[int]) -> P
         "seconds": round(time.perf_counter() - start, 3),
         **{f"seconds-{stage}": value for stage, value in result.timings.as_dict().items()},
     }
-    return PruneReply(payload, metrics)
+    return PruneReply(payload, metrics, sparsities)

@@ -26,9 +26,13 @@ STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "e
 LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
+SPARSITY_PROFILES = ("uniform", "owl")  # owl: outlier-weighed layer-wise (llm_pruning/owl.py)
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+_IGNORE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")  # fnmatch on module names
+# A Hugging Face repository id, owner/name (push-to-hub; also how a hub model id looks).
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,7 @@ class ConfigError(ValueError):
 class RunConfig:
     model: str = "smollm2-135m"  # built-in name, local dir, .gguf file, or HF hub id
     dtype: str = "float32"  # the model's dtype on every role (pruners compute in float32)
+    ignore: tuple[str, ...] = ()  # Linears left dense: fnmatch patterns such as mlp.down_proj
     strategy: str = "fedspallm"  # one of STRATEGIES
     pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
     sparsity: float = 0.5  # fraction of each prunable matrix set to zero
@@ -51,6 +56,7 @@ class RunConfig:
     seqlen: int = 512  # tokens per calibration segment and evaluation window
     eval_data: tuple[str, ...] = ("python-docs",)  # comma-separated list in run config
     eval_windows: int = 8  # at most this many windows per eval set (0 = all)
+    eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML paths (the eval extra)
     seed: int = 0
     output_dir: str = "runs"
     device: str = "cpu"  # server-side evaluation device; nodes may override in node config
@@ -73,6 +79,10 @@ class RunConfig:
     aggregation: str = "mean"  # mean (the paper's l0 mean) | trimmed-mean | median, per entry
     trim_fraction: float = 0.25  # trimmed-mean: share of the keepers cut at each end
     max_relative_change: float = 1.0  # reject kept values further than this from the dense ones
+    sparsity_profile: str = "uniform"  # uniform | owl: layers with more outliers keep more
+    owl_m: float = 5.0  # owl: a Wanda score above owl-m x its layer's mean is an outlier
+    owl_lambda: float = 0.08  # owl: the most a layer's sparsity may differ from the target
+    push_to_hub: str = ""  # server only: a hub repo id (owner/name) to push model/ to, or ""
 
     @property
     def resolves(self) -> bool:
@@ -120,6 +130,12 @@ class RunConfig:
         _one_of("partition", self.partition, PARTITIONS)
         _one_of("payload-dtype", self.payload_dtype, PAYLOAD_DTYPES)
         _one_of("dtype", self.dtype, MODEL_DTYPES)
+        for pattern in self.ignore:
+            if not _IGNORE_PATTERN.match(pattern):
+                raise ConfigError(
+                    f"ignore: {pattern!r} is not a pattern of a Linear's name in a decoder layer "
+                    "(letters, digits, '_', '.', and the wildcards * ? [ ] !), e.g. mlp.down_proj"
+                )
         try:
             SparsityPattern.parse(self.pattern, self.sparsity)
         except ValueError as error:
@@ -163,6 +179,7 @@ class RunConfig:
             raise ConfigError(
                 f"max-relative-change must be positive, got {self.max_relative_change}"
             )
+        self._validate_owl()
         if self.aggregation != "mean" and self.strategy != "fedspallm":
             raise ConfigError(
                 f"aggregation={self.aggregation!r} is a rule of strategy fedspallm (its mean over "
@@ -193,6 +210,37 @@ class RunConfig:
                 raise ConfigError(f"{name} must not be empty")
         if not self.eval_data:
             raise ConfigError("eval-data must name at least one text source")
+        if len(set(self.eval_tasks)) < len(self.eval_tasks):
+            raise ConfigError(f"eval-tasks lists a task twice: {', '.join(self.eval_tasks)}")
+        if self.push_to_hub and not HUB_REPO_ID.match(self.push_to_hub):
+            raise ConfigError(
+                f"push-to-hub must be a Hugging Face repository id 'owner/name' (letters, "
+                f"digits, '-', '_', '.'), or '' not to push; got {self.push_to_hub!r}"
+            )
+
+    def _validate_owl(self) -> None:
+        _one_of("sparsity-profile", self.sparsity_profile, SPARSITY_PROFILES)
+        if not self.owl_m > 0:
+            raise ConfigError(f"owl-m must be positive, got {self.owl_m}")
+        if self.sparsity_profile != "owl":
+            return
+        bound = min(self.sparsity, 1 - self.sparsity)
+        if not 0 <= self.owl_lambda < bound:
+            raise ConfigError(
+                f"owl-lambda must be in [0, min(sparsity, 1 - sparsity)) = [0, {bound:g}) so "
+                f"that every layer's sparsity stays in (0, 1); got {self.owl_lambda}"
+            )
+        if self.pattern.strip().lower() != "unstructured":
+            raise ConfigError(
+                f"sparsity-profile='owl' sets a sparsity per layer, but pattern={self.pattern!r} "
+                "fixes every matrix's ratio at 1 - N/M: use pattern='unstructured' or "
+                "sparsity-profile='uniform'"
+            )
+        if self.secure_aggregation:
+            raise ConfigError(
+                "sparsity-profile='owl' with secure-aggregation: the profile round sends each "
+                "client's dense statistics in the clear; set sparsity-profile='uniform'"
+            )
 
     def as_dict(self) -> dict[str, object]:
         """Kebab-case keys, as a user writes them."""

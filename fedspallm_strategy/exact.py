@@ -252,6 +252,16 @@ class Exact(ServerEvaluated):
         kind = SecureExact if run.config.secure_aggregation else cls
         return kind(run.model, run.config, node_names=run.names)
 
+    profile_kind = "statistics"  # owl: the pooled dense column norms, as centralized has
+
+    def profile_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The shared-input groups a statistics profile reply sends one copy of."""
+        return self.plan.shared
+
+    def profile_expected(self) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Every layer's statistics groups: what a profile reply must hold."""
+        return self._expected(list(range(num_layers(self.model))))
+
     def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
         self.plan.check_budget(self.config)  # one round per layer group: only bytes can refuse
 
@@ -444,7 +454,8 @@ class Exact(ServerEvaluated):
             }
             for name, linear in prunable_weights(self.model, layer).items():
                 weight = linear.weight.data.to(device)
-                new_weight, keep = self.pruner.prune(weight, sums[key_of[name]], self.pattern)
+                pattern = self.pattern_of(name)  # the layer's own under an owl profile
+                new_weight, keep = self.pruner.prune(weight, sums[key_of[name]], pattern)
                 linear.weight.data.copy_(new_weight.to(linear.weight.device))
                 masks[name] = keep.cpu()
                 pruned[name] = linear.weight.data

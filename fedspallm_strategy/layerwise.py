@@ -204,7 +204,9 @@ class LayerwiseMerge(MergeStrategy):
             mine = step.for_node(prune, resolve)
             content = RecordDict(
                 {
-                    SPEC_KEY: request_record(self.config, list(prune)),
+                    SPEC_KEY: request_record(
+                        self.config, list(prune), self.layer_sparsities(prune)
+                    ),
                     STEP_KEY: ConfigRecord(mine.as_dict()),
                 }
             )
@@ -285,6 +287,7 @@ class LayerwiseMerge(MergeStrategy):
             self.generator,
             aggregation=self.config.aggregation,
             trim_fraction=self.config.trim_fraction,
+            patterns=self.patterns,
         )
         average = ResolveAverage(
             self.global_masks,
@@ -344,7 +347,7 @@ class LayerwiseMerge(MergeStrategy):
         resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=limit)
         values = decode_values(resolved, expected, max_bytes=limit)
         for name, kept in values[0].items():
-            check_kept_values(name, kept, self.dense_kept[name], self.change_bound)
+            check_kept_values(name, kept, self.dense_kept[name], self.change_bound_of(name))
         up = len(data) + len(resolved)
         self.accounting.add_up(node, up)
         self.accounting.add_metrics(node, reply_metrics(reply))

@@ -41,6 +41,7 @@ class MatrixMerger:
         *,
         aggregation: str = "mean",
         trim_fraction: float = 0.25,
+        patterns: Mapping[str, SparsityPattern] | None = None,
     ):
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
@@ -48,6 +49,7 @@ class MatrixMerger:
             raise ValueError(f"aggregation {aggregation!r} applies to rule fedspallm, not {rule!r}")
         self.rule, self.dense, self.pattern, self.generator = rule, dense, pattern, generator
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self.patterns = dict(patterns or {})  # per-matrix overrides (sparsity-profile='owl')
         self.accumulators: dict[str, L0Accumulator] = {}
 
     def add(self, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
@@ -66,27 +68,31 @@ class MatrixMerger:
         accumulator = self.accumulators.pop(name)
         if self.rule == "fedspallm":
             merged = accumulator.finish()
-            keep = self._expand(merged, accumulator)
+            keep = self._expand(merged, accumulator, self.pattern_of(name))
         elif self.rule == "fedavg":
             # sum M*W / N == (sum M*W / sum M) * sum M / N
             merged = accumulator.finish() * accumulator.kept_count / accumulator.num_clients
             merged, keep = PRUNERS["magnitude"].prune(
-                merged.to(self.dense[name].dtype), None, self.pattern
+                merged.to(self.dense[name].dtype), None, self.pattern_of(name)
             )
         else:  # fedprllm: random tie-break among equal vote counts
             noise = torch.rand(accumulator.shape, generator=self.generator)
-            keep = self._expand(noise, accumulator)
+            keep = self._expand(noise, accumulator, self.pattern_of(name))
             merged = self.dense[name]
         merged = merged.to(self.dense[name].dtype)
         return torch.where(keep, merged, torch.zeros((), dtype=merged.dtype)), keep
 
-    def _expand(self, tie_break: Tensor, accumulator: L0Accumulator) -> Tensor:
+    def pattern_of(self, name: str) -> SparsityPattern:
+        """The pattern matrix ``name`` is merged to: its own under a profile, else the run's."""
+        return self.patterns.get(name, self.pattern)
+
+    def _expand(
+        self, tie_break: Tensor, accumulator: L0Accumulator, pattern: SparsityPattern
+    ) -> Tensor:
         """Keep-mask from prune votes; ``tie_break`` decides among equal votes (smaller |x|
         is pruned first)."""
-        if self.pattern.is_nm:
-            return expand_mask_nm(
-                tie_break, accumulator.prune_votes, self.pattern.n, self.pattern.m
-            )
+        if pattern.is_nm:
+            return expand_mask_nm(tie_break, accumulator.prune_votes, pattern.n, pattern.m)
         return expand_mask(
-            tie_break, accumulator.prune_votes, accumulator.num_clients, self.pattern.sparsity
+            tie_break, accumulator.prune_votes, accumulator.num_clients, pattern.sparsity
         )

@@ -56,7 +56,9 @@ def standalone_perplexities(
     """
     per_client = {}
     for node, files in sorted(reply_files.items()):
-        model, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+        model, _ = load_model(
+            config.model, dtype=config.torch_dtype, lazy=True, ignore=config.ignore
+        )
         pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
         if pruned < total_matrices:
             log.info(
@@ -82,7 +84,7 @@ def best_standalone(
         raise RuntimeError("standalone: no client pruned every layer, so there is no model to save")
     first = config.eval_data[0]
     best = min(standalone["per_client"], key=lambda node: standalone["per_client"][node][first])
-    model, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+    model, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True, ignore=config.ignore)
     for path in reply_files[int(best)]:
         apply_payload(model, path.read_bytes())
     log.info("standalone: saving node %s's model (lowest perplexity on %s)", best, first)

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,7 @@ from fedspallm_strategy import checkpoint
 from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.merging import MatrixMerger
+from fedspallm_strategy.owl_round import declared_patterns, run_profile_round
 from fedspallm_strategy.payload import MatrixSpec, PayloadError, decode, payload_limit
 from fedspallm_strategy.plausibility import change_bound, check_kept_values
 from fedspallm_strategy.replies import RejectedReply, reply_bytes, reply_metrics, screen
@@ -37,7 +39,8 @@ from fedspallm_strategy.standalone import best_standalone, standalone_perplexiti
 from fedspallm_strategy.wire import PAYLOAD_KEY, SPEC_KEY, request_record
 from llm_pruning.lazy import resident_layers, update_layer
 from llm_pruning.models import num_layers, prunable_weights
-from llm_pruning.pruners import get_pruner
+from llm_pruning.owl import SparsityProfile, profile_model, profile_patterns
+from llm_pruning.pruners import SparsityPattern, get_pruner
 
 if TYPE_CHECKING:
     from fedspallm_strategy.registry import RunSetup
@@ -45,16 +48,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def matrix_specs(model, layers: Iterable[int], config: RunConfig) -> dict[str, MatrixSpec]:
+def matrix_specs(
+    model,
+    layers: Iterable[int],
+    config: RunConfig,
+    patterns: Mapping[str, SparsityPattern] | None = None,
+) -> dict[str, MatrixSpec]:
     """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and value
     dtype (the model's, or ``payload-dtype``; none for mask-only pruners), known before it is
-    read."""
+    read. ``patterns`` (weight name -> pattern) overrides the run's per matrix (owl)."""
+    patterns = patterns or {}
     updates = get_pruner(config.pruner).updates_weights
     wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
     return {
         name: MatrixSpec(
             tuple(linear.weight.shape),
-            config.sparsity_pattern,
+            patterns.get(name, config.sparsity_pattern),
             (wire or linear.weight.dtype) if updates else None,
         )
         for layer in layers
@@ -86,7 +95,60 @@ class ServerEvaluated(Strategy):
     assignments: dict[int, list[int]]
     sent: list[Message]
     model: PreTrainedModel
+    config: RunConfig
     compares_to_centralized = True  # compare-centralized prunes a central copy beside it
+    # sparsity-profile='owl': the profile, and every matrix's pattern under it (else empty)
+    profile: SparsityProfile | None = None
+    patterns: Mapping[str, SparsityPattern] = MappingProxyType({})
+    profile_kind = "counts"  # what the profile round asks the nodes for (owl_round.py)
+    node_names: Mapping[int, str] = MappingProxyType({})
+
+    # ------------------------------------------------------------------- owl
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        **kwargs,
+    ):
+        """Flower's round loop, after the owl profile round when the run has one."""
+        if self.needs_profile_round():
+            self.set_profile(run_profile_round(self, grid, timeout))
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
+    def needs_profile_round(self) -> bool:
+        return self.config.sparsity_profile == "owl" and self.profile is None
+
+    def set_profile(self, profile: SparsityProfile) -> None:
+        """Fix every layer's sparsity (logged; reported by :meth:`report_profile`)."""
+        self.profile = profile
+        self.patterns = profile_patterns(self.model, profile.sparsities)
+        log.info(
+            "owl profile: layer sparsities %s (outlier ratios %s)",
+            [round(s, 4) for s in profile.sparsities],
+            [round(r, 4) for r in profile.ratios],
+        )
+
+    def layer_sparsities(self, layers: Iterable[int]) -> dict[int, float] | None:
+        """Layer -> sparsity for a train message's spec; None without a profile."""
+        if self.profile is None:
+            return None
+        return {layer: self.profile.sparsities[layer] for layer in layers}
+
+    def pattern_of(self, name: str) -> SparsityPattern:
+        """The pattern matrix ``name`` is pruned to: its own under a profile, else the run's."""
+        return self.patterns.get(name, self.config.sparsity_pattern)
+
+    def report_profile(self, run: RunSetup) -> None:
+        """The report's ``sparsity-profile`` section (owl runs only)."""
+        if self.profile is not None:
+            run.report["sparsity-profile"] = {
+                "profile": "owl",
+                "owl-m": self.config.owl_m,
+                "owl-lambda": self.config.owl_lambda,
+                **self.profile.as_report(),
+            }
 
     # ------------------------------------------------------------- the run's hooks
     @classmethod
@@ -105,6 +167,7 @@ class ServerEvaluated(Strategy):
     def conclude(self, run: RunSetup) -> PreTrainedModel | None:
         """After the rounds: this strategy's part of the report, its model scored; returns
         the model to save."""
+        self.report_profile(run)
         with run.clock("global-eval"):
             run.perplexities["global"] = run.evaluate(self.model, "global")
         return self.model
@@ -244,6 +307,7 @@ class MergeStrategy(ServerEvaluated):
         self.failed_names: set[str] = set()
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
+        self.client_profiles: dict[int, dict[int, float]] = {}  # standalone + owl: their own
 
     @classmethod
     def for_run(cls, run: RunSetup) -> MergeStrategy:
@@ -262,7 +326,13 @@ class MergeStrategy(ServerEvaluated):
 
     @classmethod
     def resume_refusal(cls, config: RunConfig) -> str | None:
+        if config.sparsity_profile == "owl":
+            return "sparsity-profile='owl' runs keep their profile in no checkpoint yet"
         return None
+
+    def needs_profile_round(self) -> bool:
+        # standalone: each client prunes to a profile of its own data (no federation)
+        return self.rule != "standalone" and super().needs_profile_round()
 
     def layer_shares(self, nodes: list[int], budgets: Mapping[int, int | None]) -> list[int]:
         """How many layers each of ``nodes`` prunes a round (its budget or the fraction)."""
@@ -283,6 +353,15 @@ class MergeStrategy(ServerEvaluated):
 
     def conclude(self, run: RunSetup) -> PreTrainedModel | None:
         run.report.update(self.client_report(run.budgets))
+        self.report_profile(run)
+        if self.client_profiles:  # standalone + owl: each client pruned to its own profile
+            run.report["sparsity-profile"] = {
+                "profile": "owl (each client its own)",
+                "per-client": {
+                    str(node): [round(own[layer], 6) for layer in sorted(own)]
+                    for node, own in self.client_profiles.items()
+                },
+            }
         if self.config.standalone_eval or self.rule == "standalone":
             matrices = sum(
                 len(prunable_weights(self.model, layer)) for layer in range(num_layers(self.model))
@@ -320,7 +399,7 @@ class MergeStrategy(ServerEvaluated):
         self.accounting.assignments[self._round(server_round)] = self.assignments
         messages = []
         for node, layers in self.assignments.items():
-            record = request_record(self.config, layers)
+            record = request_record(self.config, layers, self.layer_sparsities(layers))
             self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + len(
                 record.deflate()
             )
@@ -391,6 +470,7 @@ class MergeStrategy(ServerEvaluated):
             self.generator,
             aggregation=self.config.aggregation,
             trim_fraction=self.config.trim_fraction,
+            patterns=self.patterns,
         )
         delivered: dict[int, set[int]] = {}
         for node, (tensors, masks) in self.accepted(this_round, replies, self._accept):
@@ -427,24 +507,42 @@ class MergeStrategy(ServerEvaluated):
     def _accept(self, reply: Message, node: int, answered: list[int]) -> tuple[dict, dict]:
         """Decode and validate one reply completely before anything is aggregated."""
         screen(reply, node, self.assignments, answered)
-        tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
+        patterns = None
+        if self.rule == "standalone" and self.config.sparsity_profile == "owl":
+            own = declared_patterns(self, reply, self.assignments[node])
+            patterns = profile_patterns(self.model, own, self.assignments[node])
+        tensors, masks, data = self._decode_pruned(reply, self.assignments[node], patterns)
+        if patterns is not None:
+            self.client_profiles[node] = own
         self.accounting.add_up(node, len(data))
         self.accounting.client_metrics[node] = reply_metrics(reply)
         if self.reply_dir is not None:
             self._store(node, data)
         return tensors, masks
 
-    def _decode_pruned(self, reply: Message, layers: list[int]) -> tuple[dict, dict, bytes]:
-        """The reply's pruned matrices, checked to be exactly those of ``layers``."""
-        expected = matrix_specs(self.model, layers, self.config)
+    def _decode_pruned(
+        self, reply: Message, layers: list[int], patterns: Mapping | None = None
+    ) -> tuple[dict, dict, bytes]:
+        """The reply's pruned matrices, checked to be exactly those of ``layers`` (pruned to
+        ``patterns``, by default the run's)."""
+        patterns = self.patterns if patterns is None else patterns
+        expected = matrix_specs(self.model, layers, self.config, patterns)
         limit = self.config.reply_limit(payload_limit(expected))
         data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
         tensors, masks = decode(data, max_bytes=limit, expected=expected)
         weights = dict(self.model.named_parameters())  # still dense: merged after the round
         for name, tensor in tensors.items():
             keep = masks[name]
-            check_kept_values(name, tensor[keep], weights[name].data[keep], self.change_bound)
+            bound = self.change_bound_of(name, patterns)
+            check_kept_values(name, tensor[keep], weights[name].data[keep], bound)
         return tensors, masks, data
+
+    def change_bound_of(self, name: str, patterns: Mapping | None = None) -> float:
+        """The plausibility bound of matrix ``name``: at its own sparsity under a profile."""
+        patterns = self.patterns if patterns is None else patterns
+        if name not in patterns:
+            return self.change_bound
+        return change_bound(patterns[name], self.config.max_relative_change)
 
     def _store(self, node: int, data: bytes) -> None:
         self.reply_dir.mkdir(parents=True, exist_ok=True)
@@ -478,6 +576,7 @@ class MergeStrategy(ServerEvaluated):
             "exact-layers-per-round",
             "compare-centralized",
             "standalone-eval",
+            "push-to-hub",
         ):
             settings.pop(key)
         return json.loads(json.dumps(settings))
@@ -550,7 +649,11 @@ class Centralized(ServerEvaluated):
     def resume_refusal(cls, config: RunConfig) -> str | None:
         return "the centralized strategy has no rounds to resume"
 
+    def needs_profile_round(self) -> bool:
+        return False  # it profiles the pooled shards itself, in prune()
+
     def conclude(self, run: RunSetup) -> PreTrainedModel | None:
+        self.report_profile(run)
         with run.clock("global-eval"):
             run.perplexities["centralized"] = run.evaluate(self.model, "global")
         return self.model
@@ -570,7 +673,25 @@ class Centralized(ServerEvaluated):
         segments = self.pooled_segments()
         pruner = get_pruner(self.config.pruner)
         pattern = self.config.sparsity_pattern
-        prune_model(self.model, segments, pruner, pattern, device=self.config.device)
+        if self.config.sparsity_profile == "owl":  # the pooled data's own profile
+            self.set_profile(
+                profile_model(
+                    self.model,
+                    segments,
+                    target=self.config.sparsity,
+                    lam=self.config.owl_lambda,
+                    owl_m=self.config.owl_m,
+                    device=self.config.device,
+                )
+            )
+        prune_model(
+            self.model,
+            segments,
+            pruner,
+            pattern,
+            device=self.config.device,
+            patterns=self.patterns or None,
+        )
         self.remaining = []
         return {
             "segments": int(segments.shape[0]),
@@ -606,7 +727,11 @@ def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) ->
     total = num_layers(model)
     group = config.layers_per_round or (1 if config.calibration == "global" else total)
     layers = min(budget, group, total) if config.layerwise else min(budget, total)
-    per_layer = max(payload_limit(matrix_specs(model, [i], config)) for i in range(total))
+    densest = None  # owl: no layer keeps more than at target - lambda (and its rounding)
+    if config.sparsity_profile == "owl":
+        lowest = SparsityPattern(max(0.0, config.sparsity - config.owl_lambda - 0.01))
+        densest = {name: lowest for i in range(total) for name in prunable_weights(model, i)}
+    per_layer = max(payload_limit(matrix_specs(model, [i], config, densest)) for i in range(total))
     largest = per_layer * layers
     if largest > config.max_payload_mb * 2**20:
         raise ConfigError(

@@ -19,10 +19,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import FitIns, Parameters
 
 from fedspallm_strategy.config import RunConfig
+from llm_pruning.owl import check_layer_sparsities
 
 # Message types: "train" goes to @app.train(), "train.<name>" to @app.train("<name>").
 LAYERWISE_MESSAGE_TYPE = "train.layerwise"
 EXACT_MESSAGE_TYPE = "train.exact"
+PROFILE_MESSAGE_TYPE = "train.profile"  # sparsity-profile='owl': the dense profile round
 
 SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
 PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
@@ -32,6 +34,10 @@ GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to adv
 RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
 EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
 PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
+# ConfigRecord: of a profile request, its kind ('counts' | 'statistics') and shared groups;
+# of a 'counts' reply, the per-layer outlier counts and score totals ('outliers', 'totals')
+PROFILE_KEY = "profile"
+LAYER_SPARSITIES = "layer-sparsities"  # in a spec: the sparsity of each of its layers (owl)
 # exact + SecAgg+: the request travels as legacy FitIns.
 REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
 TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
@@ -40,6 +46,7 @@ TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round
 CLIENT_KEYS = (
     "model",
     "dtype",
+    "ignore",
     "strategy",
     "resolve",
     "resolve-weighting",
@@ -52,21 +59,47 @@ CLIENT_KEYS = (
     "seqlen",
     "seed",
     "device",
+    "sparsity-profile",
+    "owl-m",
+    "owl-lambda",
 )
 
 
-def request_record(config: RunConfig, layer_ids: list[int]) -> ConfigRecord:
+def request_record(
+    config: RunConfig, layer_ids: list[int], sparsities: Mapping[int, float] | None = None
+) -> ConfigRecord:
+    """The spec of a train message; ``sparsities`` (layer -> sparsity) of an owl run."""
     settings = config.as_dict()
-    return ConfigRecord({**{key: settings[key] for key in CLIENT_KEYS}, "layers": layer_ids})
+    # A list key (ignore) travels as the comma-separated string a user writes: parsed back
+    # by RunConfig like a run config.
+    values = {
+        key: ",".join(value) if isinstance(value, tuple) else value
+        for key, value in ((key, settings[key]) for key in CLIENT_KEYS)
+    }
+    if sparsities is not None:
+        values[LAYER_SPARSITIES] = [float(sparsities[layer]) for layer in layer_ids]
+    return ConfigRecord({**values, "layers": layer_ids})
 
 
 def request_from_record(record: ConfigRecord) -> tuple[RunConfig, list[int]]:
     """The client's side of :func:`request_record`, validated like a run config."""
     values = dict(record)
+    values.pop(LAYER_SPARSITIES, None)  # read by request_sparsities
     layers = values.pop("layers", None)
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
         raise ValueError(f"train message: 'layers' must be a list of layer ids, got {layers!r}")
     return RunConfig.from_mapping(values), layers
+
+
+def request_sparsities(record: ConfigRecord) -> dict[int, float] | None:
+    """Layer -> sparsity of the spec's layers, checked; None when the spec has none
+    (uniform: every matrix at ``sparsity``)."""
+    values = dict(record)
+    if LAYER_SPARSITIES not in values:
+        return None
+    _, layers = request_from_record(record)
+    sparsities = check_layer_sparsities(values[LAYER_SPARSITIES], len(layers))
+    return dict(zip(layers, sparsities, strict=True))
 
 
 def bytes_record(data: bytes, key: str = PAYLOAD_KEY) -> ArrayRecord:

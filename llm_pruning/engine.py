@@ -1,20 +1,23 @@
 """Sequential layer-wise calibration: prune chosen decoder layers of a causal LM.
 
 As in SparseGPT: capture what decoder layer 0 receives (hidden states and every keyword
-argument — current LLaMA layers need ``position_embeddings``) on the calibration segments,
-then walk the layers in order. A sampled layer gets its prunable Linears' statistics from
-forward hooks, is pruned, and is run again so the next layer sees the pruned layer's outputs.
-A layer outside the set is only run forward: it stays bit-identical. One decoder layer sits on
-the compute device at a time; the rest of the model stays on the CPU. For a lazy model
-(:mod:`llm_pruning.lazy`) the other layers stay on disk: a layer is loaded for its forward
-passes and unloaded after, except a pruned one, which is pinned until its owner encodes it.
+argument — current LLaMA layers need ``position_embeddings``) on the calibration segments, and
+what every other layer receives besides its hidden states (Gemma's and Qwen2's sliding layers
+get other masks than their global ones), then walk the layers in order. A sampled layer gets
+its prunable Linears' statistics from forward hooks, is pruned, and is run again so the next
+layer sees the pruned layer's outputs. A layer outside the set is only run forward: it stays
+bit-identical. One decoder layer sits on the compute device at a time; the rest of the model
+stays on the CPU. For a lazy model (:mod:`llm_pruning.lazy`) the other layers stay on disk: a
+layer is loaded for its forward passes and unloaded after, except a pruned one, which is pinned
+until its owner encodes it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,30 +31,52 @@ from llm_pruning.pruners import Pruner, SparsityPattern
 
 log = logging.getLogger(__name__)
 
+# Tokens per decoder-layer call in the calibration forwards (whole segments; at least one).
+_FORWARD_TOKENS = 4096
+
 
 class _InputCatcher(nn.Module):
-    """Wraps decoder layer 0: records its inputs, then runs it, so the model's own code path
-    is untouched (no exception is needed to stop the forward pass)."""
+    """Stands in for one decoder layer while the backbone runs: records the arguments the
+    model passes that layer (per layer: Gemma's sliding and global layers get different masks
+    and rotary tables), the same for every segment of one length.
 
-    def __init__(self, layer: nn.Module):
+    The catcher of layer 0 also records its hidden states and runs the real layer, so the
+    model's own code path is untouched (no exception is needed to stop the forward pass). The
+    others pass their input through in layer 0's output form and hold their layer outside the
+    module tree: moving the backbone never moves (or, lazy, loads) them.
+    """
+
+    def __init__(self, layer: nn.Module, first: _InputCatcher | None = None):
         super().__init__()
-        self.layer = layer
+        if first is None:
+            self.layer = layer
+        else:
+            object.__setattr__(self, "_stand_in_for", layer)
+        object.__setattr__(self, "_first", first)
         self.hidden: list[torch.Tensor] = []
+        self.args: tuple | None = None  # positional arguments after the hidden states
         self.kwargs: dict | None = None
+        self.returns_tuple = False
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.hidden.append(hidden)
         if self.kwargs is None:  # identical for every segment of the same length
-            self.kwargs = kwargs
-        return self.layer(hidden, *args[1:], **kwargs)
+            self.args, self.kwargs = args[1:], kwargs
+        first = self._first
+        if first is not None:
+            return (hidden, None) if first.returns_tuple else hidden
+        self.hidden.append(hidden)
+        output = self.layer(hidden, *args[1:], **kwargs)
+        self.returns_tuple = isinstance(output, tuple)
+        return output
 
     def __getattr__(self, name: str):
         # The model may read attributes of its layers (e.g. `attention_type` on Mistral/Qwen2).
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("layer"), name)
+            stand_in = self.__dict__.get("_stand_in_for")
+            return getattr(stand_in if stand_in is not None else super().__getattr__("layer"), name)
 
 
 def _hidden_of(output) -> torch.Tensor:
@@ -59,26 +84,97 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """What the model passes a decoder layer besides its hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+
 @torch.no_grad()
-def capture_layer_inputs(
+def capture_layer_calls(
     model: PreTrainedModel, segments: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict]:
-    """What decoder layer 0 receives on each segment: hidden states ``(N, T, C)`` on
-    ``device``, and the keyword arguments of the first segment (the same for every segment of
-    one length). Runs the embeddings and layer 0 only; the model ends up on the CPU."""
-    backbone = family_of(model).backbone_of(model)
-    layers = backbone.layers
+) -> tuple[torch.Tensor, list[LayerCall]]:
+    """What the decoder layers receive on each segment: layer 0's hidden states ``(N, T, C)``
+    on ``device``, and every layer's other arguments on the first segment (the same for every
+    segment of one length). Runs the embeddings and layer 0 only; the model ends up on the CPU.
+    """
+    family = family_of(model)
+    backbone = family.backbone_of(model)
+    layers = family.layers_of(model)
     with on_device(model, 0, device) as first:
         catcher = _InputCatcher(first)
-        backbone.layers = nn.ModuleList([catcher])  # run embeddings + layer 0 only
+        stand_ins = [catcher] + [_InputCatcher(layer, catcher) for layer in layers[1:]]
+        setattr(backbone, family.layers_attribute, nn.ModuleList(stand_ins))
         try:
             backbone.to(device)
             for segment in segments:
                 backbone(input_ids=segment[None].to(device), use_cache=False)
         finally:
             backbone.to("cpu")  # before the other (lazy: not loaded) layers are back
-            backbone.layers = layers
-    return torch.cat(catcher.hidden), catcher.kwargs
+            setattr(backbone, family.layers_attribute, layers)
+    missing = [index for index, stand_in in enumerate(stand_ins) if stand_in.kwargs is None]
+    if missing:
+        raise RuntimeError(f"the model's forward pass did not call decoder layers {missing}")
+    calls = [LayerCall(stand_in.args, stand_in.kwargs) for stand_in in stand_ins]
+    return torch.cat(catcher.hidden), calls
+
+
+def capture_layer_inputs(
+    model: PreTrainedModel, segments: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict]:
+    """Layer 0's hidden states and keyword arguments (:func:`capture_layer_calls`)."""
+    hidden, calls = capture_layer_calls(model, segments, device)
+    return hidden, calls[0].kwargs
+
+
+class _LastLayerOutputs(nn.Module):
+    """Stands in for the whole decoder-layer list: returns given outputs of the last layer,
+    so the model's own code runs whatever follows it (final norm, OPT's projection, the LM
+    head, Gemma 2's logit soft-capping). Holds the last layer outside the module tree only to
+    answer the model's questions about it (``attention_type``)."""
+
+    def __init__(self, last_layer: nn.Module, returns_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_stand_in_for", last_layer)
+        self.returns_tuple = returns_tuple
+        self.output: torch.Tensor | None = None
+
+    def forward(self, *_args, **_kwargs):
+        return (self.output, None) if self.returns_tuple else self.output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_stand_in_for"], name)
+
+
+@contextmanager
+def logits_after_layers(
+    model: PreTrainedModel, device: torch.device, returns_tuple: bool = False
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """For a ``with`` block, a function ``(input_ids (1, T), last hidden (1, T, C)) -> logits
+    (1, T, V)``: the CausalLM's own forward with its decoder layers replaced by the given
+    output of the last one. Everything but the decoder layers sits on ``device`` meanwhile;
+    no decoder layer is loaded or moved. ``returns_tuple``: the layers' output form
+    (:attr:`LayerwiseCalibrator.returns_tuple`)."""
+    family = family_of(model)
+    backbone, layers = family.backbone_of(model), family.layers_of(model)
+    stand_in = _LastLayerOutputs(layers[-1], returns_tuple)
+
+    def logits(input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        stand_in.output = hidden
+        return model(input_ids=input_ids, use_cache=False).logits
+
+    setattr(backbone, family.layers_attribute, nn.ModuleList([stand_in]))
+    try:
+        model.to(device)
+        yield logits
+    finally:
+        model.to("cpu")  # before the (lazy: not loaded) layers are back
+        setattr(backbone, family.layers_attribute, layers)
 
 
 class _SharedInputFeed:
@@ -87,30 +183,30 @@ class _SharedInputFeed:
     q/k/v read one tensor (the normed hidden states) and gate/up another, so their sums are
     equal: a Linear whose hook sees the very tensor the previous hook saw shares that
     accumulator instead of summing again. On LLaMA-like layers that is 4 Hessian sums instead
-    of 7, about a quarter of the statistics time. The sharing found on the first segment must
-    hold on every segment, or the sums would silently miss rows: a change raises.
+    of 7, about a quarter of the statistics time. The sharing found on the first forward call
+    must hold on every call, or the sums would silently miss rows: a change raises.
     """
 
     def __init__(self, stats: dict[str, object]):
         self.stats = stats
         self.owner: dict[str, str] = {}  # name -> the name whose accumulator it shares
-        self.segments: dict[str, int] = dict.fromkeys(stats, 0)
+        self.calls: dict[str, int] = dict.fromkeys(stats, 0)
         self._previous: tuple[str, torch.Tensor] | None = None
 
     def hook(self, name: str):
         def add(_module, inputs, _output) -> None:
             tensor = inputs[0]
             previous = self._previous
-            first_segment = self.segments[name] == 0
+            first_call = self.calls[name] == 0
             shares = previous is not None and previous[1] is tensor
-            if first_segment and shares:
+            if first_call and shares:
                 self.owner[name] = self.owner.get(previous[0], previous[0])
             elif shares != (name in self.owner):
                 raise RuntimeError(
-                    f"{name}: reads the previous Linear's input on one calibration segment but "
-                    "not on another; its statistics cannot be shared"
+                    f"{name}: reads the previous Linear's input in one forward call but not in "
+                    "another; its statistics cannot be shared"
                 )
-            self.segments[name] += 1
+            self.calls[name] += 1
             if name not in self.owner:
                 self.stats[name].add(tensor)
             self._previous = (name, tensor)
@@ -156,13 +252,25 @@ class LayerwiseCalibrator:
         self.next_layer = 0
         self.timings = Timings()
         start = time.perf_counter()
-        # (N, T, C) and the keyword arguments every segment shares
-        self.hidden, self.layer_kwargs = capture_layer_inputs(model, segments, self.device)
+        # (N, T, C), and per layer the other arguments every segment shares
+        self.hidden, self.layer_calls = capture_layer_calls(model, segments, self.device)
+        self.layer_kwargs = self.layer_calls[0].kwargs  # layer 0's (benchmarks run layer 0)
+        self.returns_tuple = False  # whether the decoder layers return tuples (transformers 4)
         self.timings.capture = time.perf_counter() - start
 
     @torch.no_grad()
-    def _run(self, layer: nn.Module) -> torch.Tensor:
-        return torch.cat([_hidden_of(layer(h[None], **self.layer_kwargs)) for h in self.hidden])
+    def _run(self, index: int, layer: nn.Module) -> torch.Tensor:
+        call = self.layer_calls[index]
+        # Several segments per call: larger matrix products, a third less time than one
+        # segment at a time on SmolLM2 (8 x 512 tokens). The arguments were captured for one
+        # segment and broadcast over the batch (masks and rotary tables are (1, ...)).
+        per_call = max(1, _FORWARD_TOKENS // self.hidden.shape[1])
+        outputs = [
+            layer(self.hidden[first : first + per_call], *call.args, **call.kwargs)
+            for first in range(0, self.hidden.shape[0], per_call)
+        ]
+        self.returns_tuple = isinstance(outputs[0], tuple)  # the form the model expects back
+        return torch.cat([_hidden_of(output) for output in outputs])
 
     @torch.no_grad()
     def statistics(self, index: int, pruner: Pruner) -> dict[str, object]:
@@ -179,7 +287,7 @@ class LayerwiseCalibrator:
         start = time.perf_counter()
         try:
             with self._on_device(index) as layer:
-                self._run(layer)
+                self._run(index, layer)
         finally:
             for handle in handles:
                 handle.remove()
@@ -194,14 +302,17 @@ class LayerwiseCalibrator:
         pattern: SparsityPattern,
         stats: dict | None = None,
         keep_masks: Mapping[str, torch.Tensor] | None = None,
+        patterns: Mapping[str, SparsityPattern] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Prune every prunable Linear of layer ``index`` in place; returns keep-masks by name.
 
         ``stats`` defaults to this client's own statistics; a caller may pass pooled ones.
         ``keep_masks`` (weight name -> bool mask) fixes the masks instead of letting the pruner
         choose them: the pruner then only compensates for them (the masked re-solve), which
-        only pruners that update weights can do. The layer of a lazy model is pinned: its new
-        weights stay in memory until the caller releases it (``lazy.release_layer``).
+        only pruners that update weights can do. ``patterns`` (weight name -> pattern)
+        overrides ``pattern`` per matrix (non-uniform layer-wise sparsity, ``owl.py``). The
+        layer of a lazy model is pinned: its new weights stay in memory until the caller
+        releases it (``lazy.release_layer``).
         """
         if keep_masks is not None and not pruner.updates_weights:
             raise ValueError(
@@ -215,8 +326,9 @@ class LayerwiseCalibrator:
         for name, linear in prunable_weights(self.model, index).items():
             weight = linear.weight.data.to(self.device)
             given = {} if keep_masks is None else {"keep_mask": keep_masks[name]}
+            matrix_pattern = patterns.get(name, pattern) if patterns else pattern
             new_weight, keep = pruner.prune(
-                weight, stats[name] if stats else None, pattern, **given
+                weight, stats[name] if stats else None, matrix_pattern, **given
             )
             linear.weight.data.copy_(new_weight.to(linear.weight.device))
             masks[name] = keep.cpu()
@@ -229,7 +341,7 @@ class LayerwiseCalibrator:
         self._expect(index)
         start = time.perf_counter()
         with self._on_device(index) as layer:
-            self.hidden = self._run(layer)
+            self.hidden = self._run(index, layer)
         self.next_layer += 1
         self.timings.forward += time.perf_counter() - start
 
@@ -268,14 +380,17 @@ def prune_model(
     layer_ids: Iterable[int] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    patterns: Mapping[str, SparsityPattern] | None = None,
 ) -> PruneResult:
-    """Prune ``layer_ids`` (default: all) of ``model`` in place on ``segments`` ``(N, T)``."""
+    """Prune ``layer_ids`` (default: all) of ``model`` in place on ``segments`` ``(N, T)``.
+
+    ``patterns`` (weight name -> pattern) overrides ``pattern`` per matrix."""
     total = num_layers(model)
     ids = check_layer_ids(range(total) if layer_ids is None else layer_ids, total)
     if not ids:
         return PruneResult({}, Timings(), [])
     if pruner.make_stats is None:  # magnitude: no calibration data needed
-        return _prune_without_data(model, pruner, pattern, ids)
+        return _prune_without_data(model, pruner, pattern, ids, patterns)
     calibrator = LayerwiseCalibrator(model, segments, device)
     masks: dict[str, torch.Tensor] = {}
     chosen = set(ids)
@@ -285,21 +400,26 @@ def prune_model(
     )
     for index in bar:
         if index in chosen:
-            masks.update(calibrator.prune_layer(index, pruner, pattern))
+            masks.update(calibrator.prune_layer(index, pruner, pattern, patterns=patterns))
             log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         calibrator.advance(index)
     return PruneResult(masks, calibrator.timings, ids)
 
 
 def _prune_without_data(
-    model: PreTrainedModel, pruner: Pruner, pattern: SparsityPattern, ids: list[int]
+    model: PreTrainedModel,
+    pruner: Pruner,
+    pattern: SparsityPattern,
+    ids: list[int],
+    patterns: Mapping[str, SparsityPattern] | None = None,
 ) -> PruneResult:
     timings, masks = Timings(), {}
     start = time.perf_counter()
     for index in ids:
         pin_layer(model, index)  # lazy: loaded on the CPU, kept until encoded
         for name, linear in prunable_weights(model, index).items():
-            new_weight, keep = pruner.prune(linear.weight.data, None, pattern)
+            matrix_pattern = patterns.get(name, pattern) if patterns else pattern
+            new_weight, keep = pruner.prune(linear.weight.data, None, matrix_pattern)
             linear.weight.data.copy_(new_weight)
             masks[name] = keep
     timings.prune = time.perf_counter() - start

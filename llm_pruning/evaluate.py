@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.engine import LayerwiseCalibrator, logits_after_layers
 from llm_pruning.lazy import layer_store, layer_tensors
-from llm_pruning.models import family_of, num_layers, prunable_weights
+from llm_pruning.models import num_layers, prunable_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def perplexity(
 
     The WikiText-2 convention of SparseGPT and Wanda: the stream is cut into
     ``len(tokens) // seqlen`` windows (the tail is dropped), each scored on its own, and every
-    predicted token weighs the same. A lazy model is run layer by layer, holding the hidden
-    states of every window ``(W, T, C)`` on ``device`` and one decoder layer at a time.
+    predicted token weighs the same. ``max_windows`` caps how many are scored, spread evenly
+    over the text (:func:`evaluation_windows`). A lazy model is run layer by layer, holding the
+    hidden states of every window ``(W, T, C)`` on ``device`` and one decoder layer at a time.
     """
     # Each window must predict at least one token, and at least one window must be scored:
     # otherwise the mean below divides by zero.
@@ -50,8 +51,8 @@ def perplexity(
         raise ValueError(
             f"evaluation text too short: {tokens.numel()} tokens, but seqlen is {seqlen}"
         )
-    count = available if max_windows is None else min(max_windows, available)
-    windows = tokens[: count * seqlen].view(count, seqlen)  # (W, T)
+    chosen = evaluation_windows(available, max_windows)
+    windows = tokens[: available * seqlen].view(available, seqlen)[chosen]  # (W, T)
     if layer_store(model) is not None:
         return _perplexity_by_layer(model, windows, torch.device(device), progress)
     model.to(device)
@@ -67,6 +68,20 @@ def perplexity(
     return math.exp(nll / predicted)
 
 
+def evaluation_windows(available: int, max_windows: int | None) -> list[int]:
+    """Indices of the windows :func:`perplexity` scores: all ``available``, or ``max_windows``
+    of them evenly spaced, window ``floor(i * available / max_windows)`` for
+    ``i = 0 .. max_windows - 1`` (10 windows, cap 4: 0, 2, 5, 7).
+
+    The first N windows of a long text are one passage of it (the first 16 of Austen's
+    *Persuasion* score 8 % above the whole book); evenly spaced ones sample all of it, and
+    exact integer arithmetic makes the choice the same on every machine.
+    """
+    if max_windows is None or max_windows >= available:
+        return list(range(available))
+    return [i * available // max_windows for i in range(max_windows)]
+
+
 @torch.no_grad()
 def _perplexity_by_layer(
     model: PreTrainedModel, windows: torch.Tensor, device: torch.device, progress: bool
@@ -76,23 +91,14 @@ def _perplexity_by_layer(
     total = num_layers(model)
     for index in tqdm(range(total), desc="perplexity", unit="layer", disable=not progress):
         calibrator.advance(index)
-    # The same modules, on the same (1, T, C) inputs, as the CausalLM's own forward.
-    head = [*family_of(model).final_modules(model), model.get_output_embeddings()]
+    # The CausalLM's own code after the last layer (final norm, LM head, any soft-capping).
     nll, predicted = 0.0, 0
-    try:
-        for module in head:
-            module.to(device)
+    with logits_after_layers(model, device, calibrator.returns_tuple) as head:
         for window, hidden in zip(windows, calibrator.hidden, strict=True):
             ids = window[None].to(device)
-            hidden = hidden[None]
-            for module in head:
-                hidden = module(hidden)
-            logits = hidden[0, :-1].float()  # (T-1, V)
+            logits = head(ids, hidden[None])[0, :-1].float()  # (T-1, V)
             nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             predicted += window.numel() - 1
-    finally:
-        for module in head:
-            module.to("cpu")
     return math.exp(nll / predicted)
 
 

@@ -148,7 +148,7 @@ class LayerStore:
             self._entries.append(entries)
             self._guard(index, layer)
         self._sources = dict(sources)
-        layers_prefix = f"{self.family.backbone}.layers."
+        layers_prefix = self.family.layers_prefix
         self._outer_keys = frozenset(n for n in sources if not n.startswith(layers_prefix))
         self._pinned: set[int] = set()
         self._replaced: dict[int, Path] = {}
@@ -383,7 +383,7 @@ class LayerStore:
 
     def _outer_state(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the decoder layers, tied copies dropped as HF drops them."""
-        layers_prefix = f"{self.family.backbone}.layers."
+        layers_prefix = self.family.layers_prefix
         outer = {
             name: tensor
             for name, tensor in self.model.state_dict().items()
@@ -429,8 +429,8 @@ def load_lazy(
         model.generation_config = GenerationConfig.from_pretrained(str(location))
 
     expected = _state_entries(model)
-    sources = _match_keys(files, expected, model.base_model_prefix)
-    layers_prefix = f"{family.backbone}.layers."
+    sources = _match_keys(files, expected, model.base_model_prefix, _key_renamings(model))
+    layers_prefix = family.layers_prefix
     outer = {name: src for name, src in sources.items() if not name.startswith(layers_prefix)}
     by_file: dict[Path, list[str]] = {}
     for name, (file, _) in outer.items():
@@ -458,22 +458,50 @@ def load_lazy(
     return model, tokenizer
 
 
+def _key_renamings(model: PreTrainedModel) -> list:
+    """The key renamings transformers 5 applies when it loads ``model``'s checkpoints (GPT-NeoX
+    saves ``embed_out``, the model calls it ``lm_head``). Converters that fuse tensors (MoE
+    experts) are not renamings: their keys stay unknown. None before transformers 5."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
 def _match_keys(
-    files: Mapping[str, Path], expected: Mapping[str, torch.Tensor], base_prefix: str
+    files: Mapping[str, Path],
+    expected: Mapping[str, torch.Tensor],
+    base_prefix: str,
+    renamings: Iterable = (),
 ) -> dict[str, tuple[Path, str]]:
     """Model name -> (file, checkpoint key). Keys saved without the base-model prefix (old
-    OPT checkpoints: ``decoder.layers.0...``) get it; unknown keys are ignored, as HF does."""
+    OPT checkpoints: ``decoder.layers.0...``) get it, legacy names get the model's
+    ``renamings``; unknown keys are ignored, as HF does."""
+    renamings = list(renamings)
     sources, unexpected = {}, []
     for key, file in files.items():
         if key in expected:
             sources[key] = (file, key)
         elif f"{base_prefix}.{key}" in expected:
             sources[f"{base_prefix}.{key}"] = (file, key)
+        elif (renamed := _renamed(key, renamings, expected)) is not None:
+            sources[renamed] = (file, key)
         else:
             unexpected.append(key)
     if unexpected:
         log.warning("model: ignoring checkpoint tensors the model does not have: %s", unexpected)
     return sources
+
+
+def _renamed(key: str, renamings: list, expected: Mapping[str, torch.Tensor]) -> str | None:
+    """The model's name for legacy checkpoint key ``key``, or None."""
+    for rule in renamings:
+        name, _ = rule.rename_source_key(key)
+        if name in expected:
+            return name
+    return None
 
 
 def _tie(model: PreTrainedModel, missing: set[str]) -> None:

@@ -19,8 +19,10 @@ from fedspallm_strategy.registry import STRATEGIES, RunSetup
 from fedspallm_strategy.strategy import Centralized, pooled
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
 from llm_pruning.models import load_model, max_context, prunable_weights
+from llm_pruning.zeroshot import TaskError, check_tasks
+from server_app.model_card import check_hub_access, push_model
 from server_app.nodes import HealthyNodes
-from server_app.report import Evaluator, save_run
+from server_app.report import Evaluator, save_run, zero_shot_report, zero_shot_summary
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,11 @@ def run_federation(
     else:
         check_writable("output-dir", config.output_path())
     check_local_text(config)
+    check_eval_tasks(config)
+    if config.push_to_hub:  # no token or no hub would fail only after every client pruned
+        check_hub_access(config.push_to_hub)
     with clock("load"):
-        model, tokenizer = load_run_model(config.model, config.torch_dtype)
+        model, tokenizer = load_run_model(config.model, config.torch_dtype, config.ignore)
         check_against_model(config, model)
         evaluate = evaluator or Evaluator(config, tokenizer)
     connected = wait_for_nodes(grid, config.min_clients)
@@ -102,13 +107,21 @@ def run_federation(
     saved = strategy.conclude(run)
     if config.compare_centralized and strategy.compares_to_centralized:
         with clock("centralized"):
-            central, _ = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+            central, _ = load_model(
+                config.model, dtype=config.torch_dtype, lazy=True, ignore=config.ignore
+            )
             Centralized(central, config, pooled(config, tokenizer, node_configs)).prune()
             run.perplexities["centralized"] = evaluate(central, "centralized")
     run.report["perplexity"] = run.perplexities
+    if config.eval_tasks:
+        run.report["zero-shot"] = zero_shot_report(run.perplexities)
     run.report["timings"] = timings
     path = save_run(run_dir, config=config, model=saved, tokenizer=tokenizer, report=run.report)
     log.info("report written to %s", path)
+    for line in zero_shot_summary(run.report.get("zero-shot", {})):
+        log.info(line)
+    if config.push_to_hub and saved is not None:
+        push_model(run_dir / "model", config.push_to_hub)
     return run_dir
 
 
@@ -175,6 +188,19 @@ def check_local_text(config: RunConfig) -> None:
             raise ConfigError(f"{key}: {error}") from error
 
 
+def check_eval_tasks(config: RunConfig) -> None:
+    """``eval-tasks`` need the ``eval`` extra, and their task files on the server's disk.
+
+    The cheap checks, before the model loads; the Evaluator then resolves the task names and
+    loads their documents, still before any node works.
+    """
+    if config.eval_tasks:
+        try:
+            check_tasks(config.eval_tasks)
+        except TaskError as error:
+            raise ConfigError(f"eval-tasks: {error}") from error
+
+
 def _not_utf8(path: Path) -> Path:
     """The file of a text source that does not decode (the decode error names none)."""
     files = sorted(path.iterdir()) if path.is_dir() else [path]
@@ -186,17 +212,18 @@ def _not_utf8(path: Path) -> Path:
     return path
 
 
-def load_run_model(spec: str, dtype: torch.dtype = torch.float32):
-    """``load_model``, any failure a ConfigError naming the key ``model``: a directory without
-    a config, a garbled weights file or an unsupported family all fail before any node is
-    contacted."""
+def load_run_model(spec: str, dtype: torch.dtype = torch.float32, ignore: tuple[str, ...] = ()):
+    """``load_model``, any failure a ConfigError naming the key ``model`` (or ``ignore``, for
+    a pattern that matches no Linear of the model): a directory without a config, a garbled
+    weights file or an unsupported family all fail before any node is contacted."""
     try:
-        return load_model(spec, dtype=dtype, lazy=True)  # decoder layers stay on disk until used
+        # decoder layers stay on disk until used
+        return load_model(spec, dtype=dtype, lazy=True, ignore=ignore)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - transformers and safetensors raise anything
         message = str(error)
-        if not message.startswith("model:"):
+        if not message.startswith(("model:", "ignore:")):
             message = f"model: could not load {spec!r}: {type(error).__name__}: {message}"
         raise ConfigError(message) from error
     except BaseException as error:

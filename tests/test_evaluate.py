@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llm_pruning.evaluate import perplexity, sparsity_report
+from llm_pruning.evaluate import evaluation_windows, perplexity, sparsity_report
 from llm_pruning.models import prunable_weights
 
 SEQLEN = 16
@@ -43,14 +43,31 @@ def test_perplexity_uses_non_overlapping_windows_and_drops_the_tail(tiny_model, 
         assert wrong != pytest.approx(expected, rel=1e-5)
 
 
-def test_max_windows_limits_the_evaluation(tiny_model, tokens):
+def test_capped_windows_are_evenly_spaced_by_floor_of_i_times_total_over_cap():
+    # floor(i * 10 / 4) for i = 0..3: 0, 2.5 -> 2, 5, 7.5 -> 7.
+    assert evaluation_windows(10, 4) == [0, 2, 5, 7]
+    assert evaluation_windows(10, 1) == [0]
+    assert evaluation_windows(7, 3) == [0, 2, 4]  # 0, 2.33, 4.67
+    assert evaluation_windows(10, None) == list(range(10))
+    assert evaluation_windows(3, 3) == evaluation_windows(3, 99) == [0, 1, 2]
+    for total in range(1, 40):
+        for cap in range(1, total + 1):
+            chosen = evaluation_windows(total, cap)
+            assert len(chosen) == cap == len(set(chosen)) and chosen == sorted(chosen)
+            assert chosen[0] == 0 and chosen[-1] < total
+
+
+def test_max_windows_scores_evenly_spaced_windows_not_the_first_ones(tiny_model):
     model, _ = tiny_model
-    windows = [tokens[i * SEQLEN : (i + 1) * SEQLEN] for i in range(2)]
-    expected = hand_perplexity(model, windows)
-    assert perplexity(model, tokens, seqlen=SEQLEN, max_windows=2) == pytest.approx(
-        expected, rel=1e-5
-    )
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (10 * SEQLEN + 3,), generator=generator)
+    windows = [tokens[i * SEQLEN : (i + 1) * SEQLEN] for i in range(10)]
+    expected = hand_perplexity(model, [windows[i] for i in (0, 2, 5, 7)])
+    capped = perplexity(model, tokens, seqlen=SEQLEN, max_windows=4)
+    assert capped == pytest.approx(expected, rel=1e-5)
+    assert hand_perplexity(model, windows[:4]) != pytest.approx(expected, rel=1e-5)
     everything = perplexity(model, tokens, seqlen=SEQLEN)
+    assert everything == pytest.approx(hand_perplexity(model, windows), rel=1e-5)
     assert perplexity(model, tokens, seqlen=SEQLEN, max_windows=99) == everything
 
 

@@ -11,6 +11,7 @@ ALLOWED = {
     "fedspallm_strategy/exact.py",
     "fedspallm_strategy/secure_exact.py",
     "fedspallm_strategy/layerwise.py",
+    "fedspallm_strategy/owl_round.py",
     "fedspallm_strategy/replies.py",
     "fedspallm_strategy/grids.py",
     "fedspallm_strategy/wire.py",
