@@ -167,6 +167,7 @@ def run_flwr(config: dict, clients: int, env: dict, federation: str = "") -> dic
         "status": status,
         **marks,
         "report_timings": report["timings"],
+        "perplexity": report.get("perplexity"),
         "timeline": timeline[:400],
     }
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedspallm_strategy.centralized import Centralized
 from fedspallm_strategy.config import STRATEGIES as STRATEGY_NAMES
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.strategy import Centralized, MergeStrategy, ServerEvaluated
+from fedspallm_strategy.strategy import MergeStrategy, ServerEvaluated
 
 
 @dataclass

@@ -13,10 +13,10 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
+from fedspallm_strategy.centralized import Centralized, pooled
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.grids import StreamingReplies
 from fedspallm_strategy.registry import STRATEGIES, RunSetup
-from fedspallm_strategy.strategy import Centralized, pooled
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
 from llm_pruning.models import load_model, max_context, prunable_weights
 from llm_pruning.zeroshot import TaskError, check_tasks

@@ -91,3 +91,15 @@ def smollm2_cache(model_cache: Path) -> Path:
     """Convert the built-in SmolLM2 GGUF once per session (tens of seconds, unless reused)."""
     load_model("smollm2-135m")
     return model_cache
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), a test module runs on one worker, so its
+    module-scoped fixtures (a pruned model, a run) are built once; and every test that starts
+    the local SuperLink runs on one worker, in turn: it listens on fixed ports (DESIGN §6), so
+    two at once would share one SuperLink and the second test's ``flower_home`` would skip.
+    """
+    for item in items:
+        uses_superlink = "flower_home" in getattr(item, "fixturenames", ())
+        group = "local-superlink" if uses_superlink else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

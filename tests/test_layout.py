@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "fedspallm_strategy/strategy.py",
+    "fedspallm_strategy/centralized.py",
     "fedspallm_strategy/exact.py",
     "fedspallm_strategy/secure_exact.py",
     "fedspallm_strategy/layerwise.py",

