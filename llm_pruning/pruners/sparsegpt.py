@@ -72,26 +72,30 @@ def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tens
         ``(in, in)`` upper-triangular float32 factor ``U`` with ``UᵀU = (H + λI)^{-1}``.
     """
     base_damp = damp_fraction * hessian.diagonal().mean()
-    if bool(torch.isfinite(hessian).all()):
+    if bool(torch.isfinite(base_damp)):
         # With J the order reversal, chol(J H J) = L gives H^{-1} = (J L^{-1} J)ᵀ (J L^{-1} J), and
         # J L^{-1} J is upper triangular with a positive diagonal: the factor itself. One
         # Cholesky and one triangular inverse, instead of the reference's Cholesky, inverse and
         # second Cholesky (a third less work, and no squaring of the condition number).
-        reversed_hessian = hessian.flip(0, 1)
+        damped = hessian.flip(0, 1)  # a copy: dampened in place, attempt by attempt
         identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+        applied = 0.0
         for attempt in range(_MAX_DAMP_RETRIES + 1):
-            damped = reversed_hessian.clone()
-            damped.diagonal().add_(base_damp * 10**attempt)
+            damp = base_damp * 10**attempt
+            damped.diagonal().add_(damp - applied)
+            applied = damp
             lower, info = torch.linalg.cholesky_ex(damped)
             if int(info) == 0:
                 upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
-                if bool(torch.isfinite(upper).all()):
+                # A non-finite H (anywhere) leaves NaN or inf in the factor, hence in its sum:
+                # one reduction instead of an elementwise check of H and of the factor.
+                if bool(torch.isfinite(upper.sum())):
                     if attempt > 0:
                         logger.warning(
                             "Hessian not positive definite with dampening %.3g; "
                             "succeeded with %.3g after %d retries",
                             float(base_damp),
-                            float(base_damp * 10**attempt),
+                            float(damp),
                             attempt,
                         )
                     return upper
@@ -245,6 +249,8 @@ def _sweep_block(
     # e_j = w_j · [pruned] / d_j: one multiply per column with this precomputed scale.
     scale = (~keep).to(block.dtype).mul_(inverse_diag)  # (B, out)
     panel = _PANEL if nm is None else (_PANEL - _PANEL % nm[1]) or nm[1]  # whole N:M groups
+    # Row views made once (one unbind each), not three slicing ops per column.
+    rows, scales, errors, factor_rows = (t.unbind(0) for t in (block, scale, err, block_hinv))
     for first in range(0, size, panel):
         last = min(first + panel, size)
         for j in range(first, last):
@@ -256,9 +262,9 @@ def _sweep_block(
                 saliency = block[group].mul(inverse_diag[group]).square_()  # (m, out)
                 scale[group] = inverse_diag[group]
                 scale[group].scatter_(0, nm_group_top(saliency, nm[0]), 0.0)
-            torch.mul(block[j], scale[j], out=err[j])
+            torch.mul(rows[j], scales[j], out=errors[j])
             if j + 1 < last:
-                block[j + 1 : last].addr_(block_hinv[j, j + 1 : last], err[j], alpha=-1.0)
+                block[j + 1 : last].addr_(factor_rows[j][j + 1 : last], errors[j], alpha=-1.0)
         if last < size:
             block[last:].addmm_(block_hinv[first:last, last:].t(), err[first:last], alpha=-1.0)
     if nm is not None:
