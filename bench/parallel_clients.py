@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from _common import machine, write_results  # noqa: E402
@@ -61,9 +62,12 @@ def main() -> None:
         config = {"model": args.model, "output-dir": str(scratch / "runs")}
         if args.seqlen:
             config["seqlen"] = args.seqlen
-        for item in args.set:
+        for item in args.set:  # KEY=VALUE, the value as TOML (true, 0.7, 'text')
             key, _, value = item.partition("=")
-            config[key] = value
+            try:
+                config[key] = tomllib.loads(f"value = {value}")["value"]
+            except tomllib.TOMLDecodeError:
+                config[key] = value  # a bare string
         home = scratch / "flwr-home"
         env = {
             **os.environ,
