@@ -237,11 +237,23 @@ def profile_markdown(results: dict, first_eval: str) -> str:
     names = ["dense"] + [
         n for n in results[columns[0]] if n != "dense" and not n.endswith(("-sparsity", "-layers"))
     ]
-    lines = [
+    title = (
         f"Perplexity on {first_eval} (lower is better); overall sparsity equals the target in "
-        "every owl row (same number of zeros as uniform)",
+        "every owl row (same number of zeros as uniform)"
+    )
+    return "\n".join(
+        perplexity_table(results, columns, names, first_eval, title, "strategy, profile")
+    )
+
+
+def perplexity_table(
+    results: dict, columns: list, names: list, first_eval: str, title: str, header: str
+) -> list[str]:
+    """A markdown table: a row per name, a column per column, "–" where a row did not run."""
+    lines = [
+        title,
         "",
-        "| strategy, profile | " + " | ".join(columns) + " |",
+        f"| {header} | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for name in names:
@@ -249,7 +261,7 @@ def profile_markdown(results: dict, first_eval: str) -> str:
             f"{results[c][name][first_eval]:.1f}" if name in results[c] else "–" for c in columns
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def profile_sweep(args, first_eval: str) -> None:
@@ -315,17 +327,8 @@ def ordered_rows(results: dict) -> list[str]:
 def markdown(results: dict, first_eval: str) -> str:
     columns = ordered_columns(results)
     names = ordered_rows(results)
-    lines = [
-        f"Perplexity on {first_eval} (lower is better)",
-        "",
-        "| model | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for name in names:
-        cells = [
-            f"{results[c][name][first_eval]:.1f}" if name in results[c] else "–" for c in columns
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    title = f"Perplexity on {first_eval} (lower is better)"
+    lines = perplexity_table(results, columns, names, first_eval, title, "model")
     lines += [
         "",
         "Cost per row: rounds, MB up / down per client, wall seconds (in-process, 2 CPU cores)",
