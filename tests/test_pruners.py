@@ -17,7 +17,7 @@ from llm_pruning.pruners import (
     get_pruner,
     num_to_prune,
 )
-from llm_pruning.pruners.masks import lowest_k_mask, nm_group_keep, nm_keep_mask, prune_counts
+from llm_pruning.pruners.masks import lowest_k_mask, nm_group_top, nm_keep_mask, prune_counts
 from llm_pruning.pruners.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
 SHAPES = [(37, 130), (64, 256)]
@@ -192,6 +192,11 @@ def test_nm_keep_mask_hand_examples() -> None:
     assert nm_keep_mask(torch.ones(1, 8), 1, 4).tolist() == [[True, False, False, False] * 2]
     with pytest.raises(ValueError, match="multiple of 4"):
         nm_keep_mask(torch.ones(2, 6), 2, 4)
+
+
+def nm_group_keep(score: torch.Tensor, n: int) -> torch.Tensor:
+    """nm_group_top's choice as a (m, rows) keep-mask, as the SparseGPT sweep applies it."""
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(0, nm_group_top(score, n), True)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (3, 8)])

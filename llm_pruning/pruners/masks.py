@@ -226,11 +226,6 @@ def nm_group_top(score: Tensor, n: int) -> Tensor:
     return torch.topk(bits.mul_(m).add_(order), n, dim=0, sorted=False).indices
 
 
-def nm_group_keep(score: Tensor, n: int) -> Tensor:
-    """:func:`nm_group_top` as a ``(m, rows)`` bool keep-mask."""
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(0, nm_group_top(score, n), True)
-
-
 def nm_group_counts(keep: Tensor, m: int) -> Tensor:
     """Kept entries of every group of ``m`` consecutive columns of each row of a 2-D mask,
     ``(rows, cols // m)``: what an N:M pattern fixes at N."""
