@@ -17,7 +17,9 @@ from llm_pruning.pruners import (
     get_pruner,
     num_to_prune,
 )
-from llm_pruning.pruners.masks import lowest_k_mask, nm_group_top, nm_keep_mask, prune_counts
+from llm_pruning.pruners import sparsegpt as sparsegpt_module
+from llm_pruning.pruners.masks import lowest_k_mask, nm_group_pruned, nm_keep_mask, prune_counts
+from llm_pruning.pruners.panel_kernel import panel_sweep
 from llm_pruning.pruners.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
 SHAPES = [(37, 130), (64, 256)]
@@ -194,24 +196,19 @@ def test_nm_keep_mask_hand_examples() -> None:
         nm_keep_mask(torch.ones(2, 6), 2, 4)
 
 
-def nm_group_keep(score: torch.Tensor, n: int) -> torch.Tensor:
-    """nm_group_top's choice as a (m, rows) keep-mask, as the SparseGPT sweep applies it."""
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(0, nm_group_top(score, n), True)
-
-
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (3, 8)])
-def test_nm_group_keep_chooses_what_nm_keep_mask_chooses(n: int, m: int) -> None:
+def test_nm_group_pruned_chooses_what_nm_keep_mask_chooses(n: int, m: int) -> None:
     # Few distinct levels, zeros and infinities: ties everywhere, broken by index in both.
     generator = torch.Generator().manual_seed(23)
     score = torch.randint(0, 3, (m, 500), generator=generator).float()
     score[0, :7] = float("inf")
     score[:, 7:9] = 0.0
-    assert torch.equal(nm_group_keep(score, n), nm_keep_mask(score.t(), n, m).t())
-    assert nm_group_keep(torch.tensor([[0.0], [5.0], [5.0], [1.0]]), 2).flatten().tolist() == [
-        False,
-        True,
+    assert torch.equal(~nm_group_pruned(score, n), nm_keep_mask(score.t(), n, m).t())
+    assert nm_group_pruned(torch.tensor([[0.0], [5.0], [5.0], [1.0]]), 2).flatten().tolist() == [
         True,
         False,
+        False,
+        True,
     ]
 
 
@@ -584,9 +581,12 @@ def column_by_column_sparsegpt(
     "pattern", [SparsityPattern(0.5), SparsityPattern(0.6), SparsityPattern(0.5, 2, 4)]
 )
 @pytest.mark.parametrize("given_mask", [False, True])
+@pytest.mark.parametrize("panel", ["numba", "torch"])
 def test_fast_sweep_equals_column_by_column_sweep(
-    pattern: SparsityPattern, given_mask: bool
+    pattern: SparsityPattern, given_mask: bool, panel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if panel == "torch":  # the path of CUDA tensors, and of a CPU without numba
+        monkeypatch.setattr(sparsegpt_module, "panel_sweep", lambda: None)
     # 300 columns: two full blocks of 128 (eight panels each) and a ragged one of 44.
     generator = torch.Generator().manual_seed(21)
     weight = torch.randn(24, 300, generator=generator)
@@ -601,12 +601,18 @@ def test_fast_sweep_equals_column_by_column_sweep(
     torch.testing.assert_close(new_weight, expected_weight, rtol=0.0, atol=5e-5 * scale)
 
 
-def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse() -> None:
+def test_the_compiled_panel_sweep_is_installed() -> None:
+    # numba is a dependency: without it the CPU sweep silently takes the slower torch path.
+    assert panel_sweep() is not None
+
+
+@pytest.mark.parametrize("size", [96, 700])  # 700: two slabs of the triangular inverse
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse(size: int) -> None:
     generator = torch.Generator().manual_seed(22)
-    xtx = make_stats("sparsegpt", correlated_inputs(400, 96, 30, generator)).xtx
+    xtx = make_stats("sparsegpt", correlated_inputs(3 * size, size, 30, generator)).xtx
     upper = inverse_hessian_factor(xtx, damp_fraction=0.01)
     damped = xtx.double() + 0.01 * xtx.diagonal().mean().double() * torch.eye(
-        96, dtype=torch.float64
+        size, dtype=torch.float64
     )
     assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
     expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # unique such factor
