@@ -34,10 +34,23 @@ def panel_sweep() -> Callable | None:
             import numba
         except ImportError:
             logger.info("numba is not installed: the SparseGPT sweep uses torch ops on the CPU")
+            return None
+        for cache in (True, False):  # no writable cache directory: compile per process
+            try:
+                # Compiled here, for the one signature the sweep passes, so that a numba that
+                # cannot compile falls back now, not in the middle of a layer. With the cache,
+                # later processes (Flower's client actors) load the compiled code instead.
+                _KERNEL = numba.njit(_SIGNATURE, cache=cache, nogil=True)(_sweep_panel)
+                break
+            except Exception as error:  # noqa: BLE001 - any failure leaves the torch path
+                failure = error
         else:
-            # cache=True: later processes (Flower's client actors) load the compiled code.
-            _KERNEL = numba.njit(cache=True, nogil=True, boundscheck=False)(_sweep_panel)
+            logger.warning("numba could not compile the SparseGPT sweep (%s); using torch", failure)
     return _KERNEL
+
+
+# block, factor, inverse_diag, scale, err (float32, C-contiguous), first, last, n, m
+_SIGNATURE = "void(f4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1], f4[:, ::1], i8, i8, i8, i8)"
 
 
 def _sweep_panel(

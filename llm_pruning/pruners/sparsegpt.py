@@ -280,7 +280,7 @@ def _sweep_block(
     inverse_diag = block_hinv.diagonal().reciprocal().unsqueeze(1)  # (B, 1)
     err = torch.empty_like(block)
     # e_j = w_j · [pruned] / d_j: one multiply per column with this precomputed scale.
-    scale = (~keep).to(block.dtype).mul_(inverse_diag)  # (B, out)
+    scale = (~keep).to(block.dtype).contiguous().mul_(inverse_diag)  # (B, out), row-major
     panel = _PANEL if nm is None else (_PANEL - _PANEL % nm[1]) or nm[1]  # whole N:M groups
     kernel = panel_sweep() if block.device.type == "cpu" else None
     if kernel is None:
