@@ -13,6 +13,7 @@ The statistics are plain sums plus a row count, so they add across batches and a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -282,24 +283,34 @@ def _sweep_block(
     # e_j = w_j · [pruned] / d_j: one multiply per column with this precomputed scale.
     scale = (~keep).to(block.dtype).contiguous().mul_(inverse_diag)  # (B, out), row-major
     panel = _PANEL if nm is None else (_PANEL - _PANEL % nm[1]) or nm[1]  # whole N:M groups
-    kernel = panel_sweep() if block.device.type == "cpu" else None
-    if kernel is None:
-        sweep = _TorchPanel(block, block_hinv, inverse_diag, scale, err, nm)
-    else:
-        arrays = (block, block_hinv.contiguous(), inverse_diag.flatten(), scale, err)
-        arrays = tuple(t.numpy() for t in arrays)  # views: the kernel writes the tensors
-        n, m = nm or (0, 0)
+    sweep = _panel_sweeper(block, block_hinv, inverse_diag, scale, err, nm)
     for first in range(0, size, panel):
         last = min(first + panel, size)
-        if kernel is None:
-            sweep(first, last)
-        else:
-            kernel(*arrays, first, last, n, m)
+        sweep(first, last)
         if last < size:
             block[last:].addmm_(block_hinv[first:last, last:].t(), err[first:last], alpha=-1.0)
     if nm is not None:
         torch.eq(scale, 0.0, out=keep)  # 1 / d_j is never 0
     return err
+
+
+def _panel_sweeper(
+    block: Tensor,
+    factor: Tensor,
+    inverse_diag: Tensor,
+    scale: Tensor,
+    err: Tensor,
+    nm: tuple[int, int] | None,
+) -> Callable[[int, int], None]:
+    """``sweep(first, last)`` for one block's panels: the compiled loop on the CPU, where numba
+    is available, else torch ops (see :mod:`llm_pruning.pruners.panel_kernel`)."""
+    kernel = panel_sweep() if block.device.type == "cpu" else None
+    if kernel is None:
+        return _TorchPanel(block, factor, inverse_diag, scale, err, nm)
+    arrays = (block, factor.contiguous(), inverse_diag.flatten(), scale, err)
+    arrays = tuple(t.numpy() for t in arrays)  # views: the kernel writes the tensors
+    n, m = nm or (0, 0)
+    return lambda first, last: kernel(*arrays, first, last, n, m)
 
 
 class _TorchPanel:
