@@ -216,10 +216,11 @@ def nm_group_pruned(score: Tensor, n: int) -> Tensor:
     pruned. Each column keeps its ``n`` highest scores, ties to the lower index.
 
     The choice of :func:`nm_keep_mask`, made for the small groups SparseGPT chooses one at a
-    time in a few elementwise ops instead of a sort (``topk`` along the group costs ~125 µs
-    per group on the CPU; this ~50 µs). Scores must be non-negative floats, whose bit patterns
-    order as the floats do, so the keys ``bits * m + (m - 1 - index)`` are distinct and break
-    ties by index exactly; an entry is pruned when ``n`` or more keys of its column beat it.
+    time in a few elementwise ops instead of a sort and a scatter (on the CPU a 2:4 sweep of
+    2048 columns spent 210 ms with ``topk``, 165 ms with this). Scores must be non-negative
+    floats, whose bit patterns order as the floats do, so the keys ``bits * m + (m - 1 -
+    index)`` are distinct and break ties by index exactly; an entry is pruned when ``n`` or
+    more keys of its column beat it.
     """
     m = score.shape[0]
     order = torch.arange(m - 1, -1, -1, device=score.device).unsqueeze(1)  # (m, 1)

@@ -85,19 +85,19 @@ def _sweep_panel(
         N:M to choose the mask group by group, or ``0, 0`` when ``scale`` is fixed.
     """
     width = block.shape[1]
+    saliency = np.empty(max(m, 1), dtype=np.float32)  # one group's, for one output row
     for j in range(first, last):
         if m > 0 and (j - first) % m == 0:
-            # Saliency w² / d² as the torch path computes it, (w · 1/d)²; an entry is pruned
-            # when n or more of its group beat it (higher, or equal at a lower index).
             for o in range(width):
+                # Saliency w² / d² as the torch path computes it, (w · 1/d)².
                 for i in range(m):
                     v = block[j + i, o] * inverse_diag[j + i]
-                    own = v * v
+                    saliency[i] = v * v
+                # Pruned when n or more of the group beat it (higher, or equal at a lower index).
+                for i in range(m):
                     beaten_by = 0
                     for a in range(m):
-                        u = block[j + a, o] * inverse_diag[j + a]
-                        other = u * u
-                        if other > own or (other == own and a < i):
+                        if saliency[a] > saliency[i] or (saliency[a] == saliency[i] and a < i):
                             beaten_by += 1
                     scale[j + i, o] = inverse_diag[j + i] if beaten_by >= n else np.float32(0.0)
         for o in range(width):
