@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedspallm_strategy.wire import PAYLOAD_KEY
-from llm_pruning.models import prunable_weights
+from llm_pruning.families import prunable_weights
 
 LAYERS = [0, 1, 2, 3]
 

@@ -32,8 +32,8 @@ from flwr.app import Message
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
+from llm_pruning.families import num_layers
 from llm_pruning.lazy import layer_tensors
-from llm_pruning.models import num_layers
 from llm_pruning.pruners import get_pruner
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid

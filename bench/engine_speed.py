@@ -52,7 +52,8 @@ from _common import machine, write_results  # noqa: E402
 
 from llm_pruning.data import calibration_segments  # noqa: E402
 from llm_pruning.engine import LayerwiseCalibrator  # noqa: E402
-from llm_pruning.models import load_model, num_layers, prunable_weights  # noqa: E402
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model  # noqa: E402
 from llm_pruning.pruners import SparsityPattern, get_pruner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

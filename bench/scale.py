@@ -433,7 +433,8 @@ def message_sizes(cache: Path) -> list[dict]:
     from fedspallm_strategy.config import RunConfig
     from fedspallm_strategy.payload import payload_limit
     from fedspallm_strategy.strategy import matrix_specs
-    from llm_pruning.models import load_model, num_layers
+    from llm_pruning.families import num_layers
+    from llm_pruning.models import load_model
 
     rows = []
     for model_name in ("synthetic-1b", "synthetic-7b"):
@@ -523,11 +524,11 @@ def main() -> None:
             print(f"{r.name}: {r.way} {r.model} K={r.clients}")
         return
     chosen = [r for r in RUNS if r.name in args.runs]
-    from llm_pruning.models import _cached_builtin  # write the synthetic models once
+    from llm_pruning.builtin import cached_builtin  # write the synthetic models once
 
     for model in sorted({r.model for r in chosen}):
         start_write = time.perf_counter()
-        _cached_builtin(model, args.cache)
+        cached_builtin(model, args.cache)
         print(f"{model}: in the cache ({time.perf_counter() - start_write:.0f} s)", flush=True)
     base = baseline_rss()
     rows, kept = [], []

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 
 from client_app.app import app as client_app  # noqa: E402
 from fedspallm_strategy.config import RunConfig  # noqa: E402
-from llm_pruning.models import load_model, num_layers, prunable_weights  # noqa: E402
+from llm_pruning.families import num_layers, prunable_weights  # noqa: E402
+from llm_pruning.models import load_model  # noqa: E402
 from server_app.federation import run_federation  # noqa: E402
 from server_app.inprocess import InProcessGrid  # noqa: E402
 from server_app.report import Evaluator  # noqa: E402

@@ -63,7 +63,8 @@ from _common import machine, write_results  # noqa: E402
 
 from fedspallm_strategy.config import NodeConfig, RunConfig  # noqa: E402
 from fedspallm_strategy.payload import encode  # noqa: E402
-from llm_pruning.models import load_model, num_layers, prunable_weights  # noqa: E402
+from llm_pruning.families import num_layers, prunable_weights  # noqa: E402
+from llm_pruning.models import load_model  # noqa: E402
 from llm_pruning.pruners import SparsityPattern, get_pruner  # noqa: E402
 from llm_pruning.pruners.masks import num_to_prune  # noqa: E402
 

@@ -30,8 +30,9 @@ from fedspallm_strategy.payload import decode, validate_layer
 from fedspallm_strategy.round_plan import RoundStep
 from fedspallm_strategy.values_payload import encode_values, kept_values
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import release_layer
-from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.owl import profile_patterns
 from llm_pruning.pruners import get_pruner
 

@@ -23,7 +23,8 @@ from client_app.exact_task import _shared
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.stats_payload import encode_statistics
 from llm_pruning.engine import LayerwiseCalibrator
-from llm_pruning.models import family_of, load_model
+from llm_pruning.families import family_of
+from llm_pruning.models import load_model
 from llm_pruning.owl import dense_statistics, layer_outliers
 
 log = logging.getLogger(__name__)

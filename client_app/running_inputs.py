@@ -21,9 +21,10 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.payload import decode, validate_layer
+from llm_pruning.cache import cache_dir
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.families import family_of, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
-from llm_pruning.models import cache_dir, family_of, prunable_weights
 from llm_pruning.pruners import Pruner
 
 STATE_FILE = "activations.safetensors"

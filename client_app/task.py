@@ -15,7 +15,8 @@ import torch
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.payload import encode
 from llm_pruning.engine import prune_model
-from llm_pruning.models import load_model, num_layers
+from llm_pruning.families import num_layers
+from llm_pruning.models import load_model
 from llm_pruning.owl import profile_model, profile_patterns
 from llm_pruning.pruners import get_pruner
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.strategy import ServerEvaluated
-from llm_pruning.models import num_layers
+from llm_pruning.families import num_layers
 from llm_pruning.owl import profile_model
 from llm_pruning.pruners import get_pruner
 

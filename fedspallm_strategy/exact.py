@@ -57,8 +57,8 @@ from fedspallm_strategy.wire import (
     request_record,
 )
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.lazy import resident_layers
-from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
 
 if TYPE_CHECKING:

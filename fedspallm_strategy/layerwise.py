@@ -46,8 +46,8 @@ from fedspallm_strategy.wire import (
     bytes_record,
     request_record,
 )
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, resident_layers
-from llm_pruning.models import num_layers, prunable_weights
 
 if TYPE_CHECKING:
     from fedspallm_strategy.registry import RunSetup

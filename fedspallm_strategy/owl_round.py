@@ -42,8 +42,8 @@ from fedspallm_strategy.wire import (
     SPEC_KEY,
     request_record,
 )
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors
-from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.owl import (
     SparsityProfile,
     check_layer_sparsities,

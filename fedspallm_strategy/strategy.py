@@ -37,8 +37,8 @@ from fedspallm_strategy.replies import RejectedReply, reply_bytes, reply_metrics
 from fedspallm_strategy.sampling import layer_budget, sample_layers
 from fedspallm_strategy.standalone import best_standalone, standalone_perplexities
 from fedspallm_strategy.wire import PAYLOAD_KEY, SPEC_KEY, request_record
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import resident_layers, update_layer
-from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.owl import SparsityProfile, profile_patterns
 from llm_pruning.pruners import SparsityPattern, get_pruner
 

@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.lazy import on_device, pin_layer
-from llm_pruning.models import family_of, num_layers, prunable_weights
 from llm_pruning.pruners import Pruner, SparsityPattern
 
 log = logging.getLogger(__name__)

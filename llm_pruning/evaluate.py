@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_pruning.engine import LayerwiseCalibrator, logits_after_layers
-from llm_pruning.lazy import layer_store, layer_tensors
-from llm_pruning.models import num_layers, prunable_weights
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.layer_store import layer_store
+from llm_pruning.lazy import layer_tensors
 
 log = logging.getLogger(__name__)
 

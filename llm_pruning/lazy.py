@@ -24,16 +24,11 @@ tensors do.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
@@ -47,357 +42,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llm_pruning.models import family_of
+from llm_pruning.families import family_of
+from llm_pruning.layer_store import (
+    LayerStore,
+    assign_tensor,
+    attach_store,
+    checkpoint_files,
+    layer_store,
+    state_entries,
+)
 
 log = logging.getLogger(__name__)
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-_STORE_ATTRIBUTE = "_fedspallm_layer_store"
-
-
-class LayerNotLoadedError(RuntimeError):
-    """A decoder layer of a lazy model was used while its weights were on the meta device."""
-
-
-def has_safetensors(folder: Path) -> bool:
-    """Whether ``folder`` holds a model in safetensors (one file or a sharded index)."""
-    return (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
-
-
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file holding it, for one file or a sharded index."""
-    if (folder / SINGLE_FILE).is_file():
-        with safe_open(str(folder / SINGLE_FILE), framework="pt") as handle:
-            return {key: folder / SINGLE_FILE for key in handle.keys()}
-    if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        return {key: folder / file for key, file in weight_map.items()}
-    raise FileNotFoundError(f"model: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-
-
-def layer_store(model: nn.Module) -> LayerStore | None:
-    """The store of a lazy model; ``None`` for an eager one."""
-    return getattr(model, _STORE_ATTRIBUTE, None)
-
-
-def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set parameter or buffer ``name`` (relative to ``root``) to ``value``, in place of the
-    old tensor object: the module objects stay, so hooks on them keep working."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = root.get_submodule(owner_name)
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = value
-
-
-def _state_entries(root: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of ``root`` by relative name (what a checkpoint holds)."""
-    return dict(root.state_dict(keep_vars=True))
-
-
-def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    """Write, then rename: a reader (or an mmap of the old file) never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
-
-
-class LayerStore:
-    """Decoder layers of one lazy model, materialised on demand from safetensors files.
-
-    Parameters
-    ----------
-    model
-        The model whose decoder-layer parameters are on the meta device.
-    sources
-        Model tensor name -> (safetensors file, key in that file): every tensor the base
-        checkpoint holds, decoder-layer ones included.
-    work_dir
-        Where :meth:`replace` writes its per-layer files; may be set later. Without one, a
-        temporary folder under ``scratch_root`` (default: the system's) is made on first use
-        and removed with the store. A store starts with no replacements, whatever the folder
-        already holds.
-    """
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        sources: Mapping[str, tuple[Path, str]],
-        *,
-        work_dir: Path | None = None,
-        scratch_root: Path | None = None,
-    ):
-        # The model holds its store; the store only a weak reference back, so a model nobody
-        # uses any more is freed at once (a ClientApp process prunes one model per message).
-        self._model = weakref.ref(model)
-        self.family = family_of(model)
-        # Per layer: full name -> meta tensor (shape and dtype of what `load` materialises).
-        self._entries: list[dict[str, torch.Tensor]] = []
-        for index, layer in enumerate(self.family.layers_of(model)):
-            prefix = self.family.layer_prefix(index)
-            entries = {
-                prefix + name: torch.empty_like(tensor, device="meta")
-                for name, tensor in _state_entries(layer).items()
-            }
-            missing = sorted(set(entries) - set(sources))
-            if missing:
-                raise ValueError(f"model: the checkpoint lacks decoder-layer tensors {missing}")
-            self._entries.append(entries)
-            self._guard(index, layer)
-        self._sources = dict(sources)
-        layers_prefix = self.family.layers_prefix
-        self._outer_keys = frozenset(n for n in sources if not n.startswith(layers_prefix))
-        self._pinned: set[int] = set()
-        self._replaced: dict[int, Path] = {}
-        self._work_dir = Path(work_dir) if work_dir is not None else None
-        self._scratch_root = scratch_root
-        self._scratch: tempfile.TemporaryDirectory | None = None
-
-    # --------------------------------------------------------------------------- state
-
-    @property
-    def model(self) -> PreTrainedModel:
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the model of this layer store no longer exists")
-        return model
-
-    @property
-    def _layers(self) -> nn.ModuleList:
-        return self.family.layers_of(self.model)
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    @property
-    def work_dir(self) -> Path | None:
-        return self._work_dir
-
-    @work_dir.setter
-    def work_dir(self, folder: Path | None) -> None:
-        # Files written so far stay where they are (`_replaced` keeps their paths).
-        self._work_dir = Path(folder) if folder is not None else None
-
-    def names(self, index: int) -> list[str]:
-        """Full names of layer ``index``'s parameters and persistent buffers."""
-        return list(self._entries[self._check(index)])
-
-    def is_resident(self, index: int) -> bool:
-        """Whether layer ``index`` holds real tensors (on any device)."""
-        layer = self._layers[self._check(index)]
-        return not any(tensor.is_meta for tensor in _state_entries(layer).values())
-
-    def is_pinned(self, index: int) -> bool:
-        return index in self._pinned
-
-    def resident(self) -> list[int]:
-        """Indices of the materialised layers."""
-        return [index for index in range(len(self)) if self.is_resident(index)]
-
-    # ------------------------------------------------------------------- load / unload
-
-    def load(self, index: int, device: str | torch.device = "cpu") -> nn.Module:
-        """Materialise layer ``index`` on ``device`` (a resident one is only moved there)."""
-        layer = self._layers[self._check(index)]
-        if self.is_resident(index):
-            return layer.to(device)
-        prefix = self.family.layer_prefix(index)
-        for name, value in self._read(index).items():
-            _assign(layer, name[len(prefix) :], value.to(device))
-        return layer
-
-    def unload(self, index: int) -> None:
-        """Put layer ``index`` back on the meta device, freeing its memory — unless pinned."""
-        if index in self._pinned:
-            return
-        layer, prefix = self._layers[self._check(index)], self.family.layer_prefix(index)
-        for name, spec in self._entries[index].items():
-            _assign(layer, name[len(prefix) :], torch.empty_like(spec, device="meta"))
-
-    def pin(self, index: int) -> None:
-        """Keep resident layer ``index`` in memory (its weights changed) until :meth:`unpin`."""
-        if not self.is_resident(index):
-            raise RuntimeError(f"layer {index} is not loaded: load it before pinning it")
-        self._pinned.add(index)
-
-    def unpin(self, index: int) -> None:
-        """Let :meth:`unload` free layer ``index`` again (it stays resident until then)."""
-        self._pinned.discard(self._check(index))
-
-    # ------------------------------------------------------------------ disk values
-
-    def tensors(self, index: int, *, original: bool = False) -> dict[str, torch.Tensor]:
-        """Layer ``index``'s tensors as on disk (CPU, model dtype), by full name.
-
-        The replacement file if one was written, else the base checkpoint; ``original=True``
-        reads the base checkpoint always (e.g. dense weights to check a client's reply
-        against). Does not materialise the module, and ignores unsaved in-memory changes.
-        """
-        return self._read(self._check(index), original=original)
-
-    def replace(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Persist new values for (some of) layer ``index``'s tensors, by full name.
-
-        The rest of the layer keeps its current values (the resident module's, else the
-        disk's); the whole layer goes into ``<work dir>/layer-<index>.safetensors``, which
-        later loads read. A resident layer is updated in place.
-        """
-        entries = self._entries[self._check(index)]
-        unknown = sorted(set(tensors) - set(entries))
-        if unknown:
-            raise ValueError(f"layer {index} has no tensors {unknown}")
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(entries[name].shape):
-                raise ValueError(
-                    f"{name}: shape {tuple(value.shape)} != the model's "
-                    f"{tuple(entries[name].shape)}"
-                )
-        resident = self.is_resident(index)
-        merged = self._current(index) if resident else self._read(index)
-        for name, value in tensors.items():
-            merged[name] = value.detach().to("cpu", entries[name].dtype).contiguous()
-        path = self._folder() / f"layer-{index:05d}.safetensors"
-        _save_atomically(merged, path, {"format": "pt", "layer": str(index)})
-        self._replaced[index] = path
-        if resident:
-            current = self._module_tensors(index)
-            for name in tensors:
-                current[name].data.copy_(merged[name])
-
-    # ---------------------------------------------------------------------- saving
-
-    def save_pretrained(
-        self, folder: Path, tokenizer: PreTrainedTokenizerBase | None = None
-    ) -> None:
-        """Write a Hugging Face model folder, one decoder layer in memory at a time.
-
-        ``config.json`` (and the generation config), the tokenizer if given, one shard of the
-        non-layer tensors and one shard per decoder layer, and ``model.safetensors.index.json``.
-        Layer values are the resident module's if loaded, else the disk's (replacement or base).
-        """
-        folder = Path(folder)
-        protected = {path.parent.resolve() for path, _ in self._sources.values()}
-        protected |= {path.parent.resolve() for path in self._replaced.values()}
-        if folder.resolve() in protected:
-            raise ValueError(f"save_pretrained: {folder} holds this store's own files")
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
-            stale.unlink(missing_ok=True)  # a stale model.safetensors would win over the index
-        model = self.model
-        # As PreTrainedModel.save_pretrained does: record dtype and class in the config.
-        model.config.dtype = str(model.dtype).split(".")[1]
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(folder)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        count = 1 + len(self)  # the non-layer shard, then one shard per decoder layer
-        weight_map, total_size = {}, 0
-        for number in range(count):
-            tensors = self._outer_state() if number == 0 else self._latest(number - 1)
-            file = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
-            safetensors.torch.save_file(
-                {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-                str(folder / file),
-                metadata={"format": "pt"},
-            )
-            weight_map.update({name: file for name in tensors})
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors  # one layer in memory at a time
-        index = {
-            "metadata": {"total_size": total_size, "total_parameters": model.num_parameters()},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-    # -------------------------------------------------------------------- internals
-
-    def _check(self, index: int) -> int:
-        if not 0 <= index < len(self._layers):
-            raise IndexError(f"layer {index} out of range: the model has layers 0..{len(self) - 1}")
-        return index
-
-    def _guard(self, index: int, layer: nn.Module) -> None:
-        """A pre-hook on the layer and each module owning its tensors: use before load fails."""
-
-        def check(module: nn.Module, _args) -> None:
-            tensors = [*module.parameters(), *module.buffers()]
-            if any(tensor.is_meta for tensor in tensors):
-                raise LayerNotLoadedError(
-                    f"decoder layer {index} of this lazy model is not loaded (its weights are on "
-                    f"the meta device): use llm_pruning.lazy.on_device(model, {index}, device) "
-                    f"or layer_store(model).load({index}, device)"
-                )
-
-        for module in layer.modules():
-            if module is layer or module._parameters or module._buffers:
-                module.register_forward_pre_hook(check)
-
-    def _module_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        prefix = self.family.layer_prefix(index)
-        return {prefix + name: t for name, t in _state_entries(self._layers[index]).items()}
-
-    def _current(self, index: int) -> dict[str, torch.Tensor]:
-        """A resident layer's values, on the CPU."""
-        return {name: t.detach().cpu() for name, t in self._module_tensors(index).items()}
-
-    def _latest(self, index: int) -> dict[str, torch.Tensor]:
-        return self._current(index) if self.is_resident(index) else self._read(index)
-
-    def _read(self, index: int, *, original: bool = False) -> dict[str, torch.Tensor]:
-        entries = self._entries[index]
-        if not original and index in self._replaced:
-            with safe_open(str(self._replaced[index]), framework="pt") as handle:
-                return {name: handle.get_tensor(name) for name in entries}
-        by_file: dict[Path, list[str]] = {}
-        for name in entries:
-            by_file.setdefault(self._sources[name][0], []).append(name)
-        values = {}
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
-                for name in names:
-                    stored = handle.get_tensor(self._sources[name][1])
-                    if tuple(stored.shape) != tuple(entries[name].shape):
-                        raise ValueError(
-                            f"model: {name} has shape {tuple(stored.shape)} in {file.name}, "
-                            f"the config implies {tuple(entries[name].shape)}"
-                        )
-                    values[name] = stored.to(entries[name].dtype)  # as from_pretrained casts
-        return {name: values[name] for name in entries}
-
-    def _folder(self) -> Path:
-        if self._work_dir is not None:
-            self._work_dir.mkdir(parents=True, exist_ok=True)
-            return self._work_dir
-        if self._scratch is None:
-            if self._scratch_root is not None:
-                self._scratch_root.mkdir(parents=True, exist_ok=True)
-            self._scratch = tempfile.TemporaryDirectory(
-                prefix="fedspallm-layers-", dir=self._scratch_root
-            )
-        return Path(self._scratch.name)
-
-    def _outer_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor outside the decoder layers, tied copies dropped as HF drops them."""
-        layers_prefix = self.family.layers_prefix
-        outer = {
-            name: tensor
-            for name, tensor in self.model.state_dict().items()
-            if not name.startswith(layers_prefix)
-        }
-        kept: dict[int, str] = {}
-        for name in sorted(outer, key=lambda n: (n not in self._outer_keys, n)):
-            storage = outer[name].untyped_storage().data_ptr()
-            if storage in kept:  # tied to a tensor kept already (the checkpoint's own key)
-                del outer[name]
-            else:
-                kept[storage] = name
-        return outer
-
 
 # ------------------------------------------------------------------------------ loading
 
@@ -428,7 +83,7 @@ def load_lazy(
     if (location / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(location))
 
-    expected = _state_entries(model)
+    expected = state_entries(model)
     sources = _match_keys(files, expected, model.base_model_prefix, _key_renamings(model))
     layers_prefix = family.layers_prefix
     outer = {name: src for name, src in sources.items() if not name.startswith(layers_prefix)}
@@ -439,21 +94,21 @@ def load_lazy(
         with safe_open(str(file), framework="pt") as handle:
             for name in names:
                 stored = handle.get_tensor(outer[name][1])
-                _assign(model, name, stored.to(expected[name].dtype))
+                assign_tensor(model, name, stored.to(expected[name].dtype))
     missing = {
         name for name in expected if not name.startswith(layers_prefix) and name not in outer
     }
     _tie(model, missing)
     still_meta = sorted(
         name
-        for name, tensor in _state_entries(model).items()
+        for name, tensor in state_entries(model).items()
         if tensor.is_meta and not name.startswith(layers_prefix)
     )
     if still_meta:
         raise ValueError(f"model: the checkpoint in {location} lacks tensors {still_meta}")
 
     store = LayerStore(model, sources, work_dir=work_dir, scratch_root=scratch_root)
-    setattr(model, _STORE_ATTRIBUTE, store)
+    attach_store(model, store)
     model.eval()
     return model, tokenizer
 
@@ -575,7 +230,7 @@ def layer_tensors(model: PreTrainedModel, index: int) -> dict[str, torch.Tensor]
     family = family_of(model)
     prefix = family.layer_prefix(index)
     layer = family.layers_of(model)[index]
-    return {prefix + name: t.detach() for name, t in _state_entries(layer).items()}
+    return {prefix + name: t.detach() for name, t in state_entries(layer).items()}
 
 
 def update_layer(model: PreTrainedModel, index: int, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors
-from llm_pruning.models import num_layers, prunable_weights
 from llm_pruning.pruners import PRUNERS, SparsityPattern, num_to_prune
 from llm_pruning.pruners.masks import prune_counts
 from llm_pruning.pruners.wanda import ColumnNormStats, wanda_score

@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from llm_pruning.models import _remove_tree, byte_tokenizer
+from llm_pruning.cache import remove_tree
+from llm_pruning.tiny import byte_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def write_synthetic(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if staging.exists():  # left by a crashed run of a process that had our pid
-        _remove_tree(staging)
+        remove_tree(staging)
     staging.mkdir()
     try:
         weight_map: dict[str, str] = {}
@@ -176,14 +177,14 @@ def write_synthetic(
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     except BaseException:
-        _remove_tree(staging)
+        remove_tree(staging)
         raise
     try:
         staging.rename(target)
     except OSError:  # another process won the race; its copy is identical
         if not (target / "config.json").is_file():
             raise
-        _remove_tree(staging)
+        remove_tree(staging)
     return target
 
 

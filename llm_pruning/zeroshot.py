@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_pruning.lazy import layer_store
-from llm_pruning.models import num_layers
+from llm_pruning.families import num_layers
+from llm_pruning.layer_store import layer_store
 
 log = logging.getLogger(__name__)
 

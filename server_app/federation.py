@@ -18,7 +18,8 @@ from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_s
 from fedspallm_strategy.grids import StreamingReplies
 from fedspallm_strategy.registry import STRATEGIES, RunSetup
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
-from llm_pruning.models import load_model, max_context, prunable_weights
+from llm_pruning.families import max_context, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.zeroshot import TaskError, check_tasks
 from server_app.model_card import check_hub_access, push_model
 from server_app.nodes import HealthyNodes

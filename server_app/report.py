@@ -18,8 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedspallm_strategy.config import ConfigError, RunConfig
 from llm_pruning.data import eval_tokens
 from llm_pruning.evaluate import perplexity, sparsity_report
-from llm_pruning.lazy import layer_store
-from llm_pruning.models import model_summary
+from llm_pruning.families import model_summary
+from llm_pruning.layer_store import layer_store
 from llm_pruning.zeroshot import TaskError, TaskSuite
 from server_app.model_card import write_model_files
 

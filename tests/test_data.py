@@ -20,7 +20,7 @@ from llm_pruning.data import (
     shard_documents,
     tokenize,
 )
-from llm_pruning.models import byte_tokenizer
+from llm_pruning.tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -453,7 +453,8 @@ def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation,
 
     from fedspallm_strategy.config import RunConfig
     from fedspallm_strategy.strategy import MergeStrategy
-    from llm_pruning.models import load_model, prunable_weights
+    from llm_pruning.families import prunable_weights
+    from llm_pruning.models import load_model
     from server_app.inprocess import _set_task_identity
 
     attacks = list(ATTACKS)

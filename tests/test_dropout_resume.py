@@ -144,7 +144,7 @@ def check_sparse_model(model_dir: Path) -> dict[str, torch.Tensor]:
     """The saved model loads with transformers; every prunable matrix is exactly 50 % zeros."""
     from transformers import AutoModelForCausalLM
 
-    from llm_pruning.models import num_layers, prunable_weights
+    from llm_pruning.families import num_layers, prunable_weights
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert num_layers(model) == NUM_LAYERS

@@ -10,7 +10,8 @@ import torch
 from llm_pruning.data import calibration_segments, eval_tokens
 from llm_pruning.engine import LayerwiseCalibrator, check_layer_ids, prune_model
 from llm_pruning.evaluate import perplexity
-from llm_pruning.models import family_of, load_model, num_layers, prunable_weights
+from llm_pruning.families import family_of, num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.pruners import PRUNERS, ColumnNormStats, SparsityPattern, get_pruner
 
 SEQLEN = 32

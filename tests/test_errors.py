@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from client_app.app import app as client_app
 from fedspallm_strategy import checkpoint
 from fedspallm_strategy.config import ConfigError, RunConfig
-from llm_pruning.models import prunable_weights
+from llm_pruning.families import prunable_weights
 from llm_pruning.pruners import SparsityPattern
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
@@ -31,7 +31,7 @@ def gpt2_dir(tmp_path):
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)
     path = tmp_path / "gpt2"
     GPT2LMHeadModel(config).save_pretrained(path)
-    from llm_pruning.models import byte_tokenizer
+    from llm_pruning.tiny import byte_tokenizer
 
     byte_tokenizer().save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm_pruning.evaluate import evaluation_windows, perplexity, sparsity_report
-from llm_pruning.models import prunable_weights
+from llm_pruning.families import prunable_weights
 
 SEQLEN = 16
 

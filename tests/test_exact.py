@@ -23,7 +23,8 @@ from fedspallm_strategy.stats_payload import (
 )
 from fedspallm_strategy.strategy import PAYLOAD_KEY
 from fedspallm_strategy.wire import EXACT_KEY, EXACT_MESSAGE_TYPE, PREVIOUS_KEY, SPEC_KEY
-from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.pruners import ColumnNormStats, HessianStats
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid

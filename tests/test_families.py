@@ -22,8 +22,10 @@ from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.wire import request_from_record, request_record
 from llm_pruning.engine import LayerwiseCalibrator, prune_model
 from llm_pruning.evaluate import perplexity
-from llm_pruning.models import byte_tokenizer, family_of, load_model, num_layers, prunable_weights
+from llm_pruning.families import family_of, num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.pruners import SparsityPattern, get_pruner
+from llm_pruning.tiny import byte_tokenizer
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 

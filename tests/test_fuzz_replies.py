@@ -21,7 +21,8 @@ from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.payload import PayloadError, decode, encode, validate_layer
 from fedspallm_strategy.plausibility import change_bound, relative_change
 from fedspallm_strategy.strategy import PAYLOAD_KEY, MergeStrategy
-from llm_pruning.models import load_model, prunable_weights
+from llm_pruning.families import prunable_weights
+from llm_pruning.models import load_model
 from server_app.inprocess import _set_task_identity
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # shared with the bench

@@ -27,7 +27,8 @@ from fedspallm_strategy.values_payload import Expected, decode_values, encode_va
 from fedspallm_strategy.wire import RESOLVED_KEY, bytes_record
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
-from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.pruners import HessianStats, SparsityPattern, get_pruner, sparsegpt_prune
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid

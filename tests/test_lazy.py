@@ -15,16 +15,10 @@ from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.payload import encode
 from llm_pruning.engine import LayerwiseCalibrator, prune_model
 from llm_pruning.evaluate import perplexity, sparsity_report
-from llm_pruning.lazy import (
-    INDEX_FILE,
-    LayerNotLoadedError,
-    LayerStore,
-    layer_store,
-    load_lazy,
-    on_device,
-    pin_layer,
-)
-from llm_pruning.models import _safetensors_folder, family_of, load_model, prunable_weights
+from llm_pruning.families import family_of, prunable_weights
+from llm_pruning.layer_store import INDEX_FILE, LayerNotLoadedError, LayerStore, layer_store
+from llm_pruning.lazy import load_lazy, on_device, pin_layer
+from llm_pruning.models import _safetensors_folder, load_model
 from llm_pruning.pruners import SparsityPattern, get_pruner
 
 FAMILIES = ["tiny-llama", "tiny-opt"]

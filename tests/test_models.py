@@ -10,14 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from llm_pruning import models
-from llm_pruning.models import (
-    FAMILIES,
-    byte_tokenizer,
-    family_of,
-    load_model,
-    num_layers,
-    prunable_weights,
-)
+from llm_pruning.families import FAMILIES, family_of, num_layers, prunable_weights
+from llm_pruning.models import load_model
+from llm_pruning.tiny import byte_tokenizer
 
 LLAMA_LINEARS = [
     "self_attn.q_proj",
@@ -147,7 +142,7 @@ def test_gguf_files_with_the_same_name_get_separate_conversions(
         targets.append((gguf_path, target))
         return tiny_cache / "models" / "tiny-llama"
 
-    monkeypatch.setattr(models, "_cached_gguf", fake_conversion)
+    monkeypatch.setattr(models, "cached_gguf", fake_conversion)
     for folder in ("a", "b", "a"):
         (tmp_path / folder).mkdir(exist_ok=True)
         gguf = tmp_path / folder / "model.gguf"

@@ -17,7 +17,8 @@ from fedspallm_strategy.strategy import MergeStrategy
 from fedspallm_strategy.wire import PROFILE_KEY, request_record, request_sparsities
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
-from llm_pruning.models import load_model, num_layers, prunable_weights
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model
 from llm_pruning.owl import (
     check_layer_sparsities,
     largest_remainder,

@@ -11,8 +11,9 @@ from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.payload import payload_limit
 from fedspallm_strategy.strategy import matrix_specs
-from llm_pruning import lazy
-from llm_pruning.models import load_model, num_layers
+from llm_pruning import layer_store
+from llm_pruning.families import num_layers
+from llm_pruning.models import load_model
 from server_app import federation
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
@@ -67,13 +68,13 @@ def test_a_lazy_server_writes_the_model_an_eager_server_writes(tmp_path, monkeyp
 
 def test_the_server_holds_one_group_of_layers_at_a_time(tmp_path, monkeypatch):
     most = {"resident": 0}
-    real_pin = lazy.LayerStore.pin
+    real_pin = layer_store.LayerStore.pin
 
     def pin(self, index):
         real_pin(self, index)
         most["resident"] = max(most["resident"], len(self.resident()))
 
-    monkeypatch.setattr(lazy.LayerStore, "pin", pin)
+    monkeypatch.setattr(layer_store.LayerStore, "pin", pin)
     run(tmp_path, 3, **{"layers-per-round": 1, "resolve": False})
     assert most["resident"] == 1  # tiny-llama has 4 layers; each round merges one
 

@@ -16,7 +16,8 @@ from fedspallm_strategy.expansion import expand_mask
 from fedspallm_strategy.payload import decode
 from fedspallm_strategy.strategy import PAYLOAD_KEY, MergeStrategy
 from fedspallm_strategy.wire import SPEC_KEY
-from llm_pruning.models import load_model, prunable_weights
+from llm_pruning.families import prunable_weights
+from llm_pruning.models import load_model
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 

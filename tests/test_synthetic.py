@@ -16,13 +16,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm_pruning import models, synthetic
-from llm_pruning.models import BUILTIN_MODELS, _cached_builtin, byte_tokenizer, load_model
+from llm_pruning.builtin import BUILTIN_MODELS, cached_builtin
+from llm_pruning.models import load_model
 from llm_pruning.synthetic import (
     SYNTHETIC_MODELS,
     parameter_shapes,
     synthetic_config,
     write_synthetic,
 )
+from llm_pruning.tiny import byte_tokenizer
 
 TINY = dict(
     vocab_size=300,
@@ -271,6 +273,6 @@ def test_load_model_writes_a_synthetic_builtin_once_then_reuses_the_cache(
     assert writes == ["synthetic-tiny"]
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
     assert len(tokenizer) == 257
-    assert _cached_builtin("synthetic-tiny", tmp_path) == tmp_path / "models" / "synthetic-tiny"
+    assert cached_builtin("synthetic-tiny", tmp_path) == tmp_path / "models" / "synthetic-tiny"
     load_model("synthetic-tiny", dtype=torch.bfloat16, cache=tmp_path)
     assert writes == ["synthetic-tiny"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, RunConfig
 from llm_pruning.evaluate import perplexity
-from llm_pruning.lazy import layer_store
+from llm_pruning.layer_store import layer_store
 from llm_pruning.models import load_model
 from llm_pruning.zeroshot import TaskError, TaskSuite, zero_shot
 from server_app.federation import run_federation
