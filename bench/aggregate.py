@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from fedspallm_strategy.aggregation import L0Accumulator  # noqa: E402
-from fedspallm_strategy.expansion import expand_mask  # noqa: E402
-from fedspallm_strategy.payload import decode, encode  # noqa: E402
+from fedspallm_strategy.merge.aggregation import L0Accumulator  # noqa: E402
+from fedspallm_strategy.merge.expansion import expand_mask  # noqa: E402
+from fedspallm_strategy.wire.payload import decode, encode  # noqa: E402
 
 MIB = 2**20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedspallm_strategy.wire import PAYLOAD_KEY
+from fedspallm_strategy.wire.protocol import PAYLOAD_KEY
 from llm_pruning.families import prunable_weights
 
 LAYERS = [0, 1, 2, 3]

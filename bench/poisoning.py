@@ -38,8 +38,8 @@ from attacks import forge, lying_records, payload_content, reply, semantic_attac
 
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
-from fedspallm_strategy.plausibility import change_bound
-from fedspallm_strategy.strategy import MergeStrategy
+from fedspallm_strategy.merge.plausibility import change_bound
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.models import load_model
 from server_app.inprocess import _set_task_identity

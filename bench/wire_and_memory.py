@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 from _common import machine, write_results  # noqa: E402
 
 from fedspallm_strategy.config import NodeConfig, RunConfig  # noqa: E402
-from fedspallm_strategy.payload import encode  # noqa: E402
+from fedspallm_strategy.wire.payload import encode  # noqa: E402
 from llm_pruning.families import num_layers, prunable_weights  # noqa: E402
 from llm_pruning.models import load_model  # noqa: E402
 from llm_pruning.pruners import SparsityPattern, get_pruner  # noqa: E402
@@ -127,7 +127,7 @@ def config_for(args, pattern: SparsityPattern, pruner: str) -> RunConfig:
 
 
 def wire(args) -> list[dict]:
-    from fedspallm_strategy.wire import request_record
+    from fedspallm_strategy.wire.protocol import request_record
 
     model, _ = load_model(args.model)
     layers = list(range(num_layers(model)))
@@ -259,7 +259,7 @@ def make_reply(node: int, data: bytes, round_id: int):
     import numpy as np
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-    from fedspallm_strategy.strategy import PAYLOAD_KEY
+    from fedspallm_strategy.wire.protocol import PAYLOAD_KEY
 
     request = Message(RecordDict(), message_type="train", dst_node_id=node, group_id=str(round_id))
     request.metadata.__dict__["_message_id"] = f"r{round_id}n{node}"
@@ -269,7 +269,7 @@ def make_reply(node: int, data: bytes, round_id: int):
 
 def server_worker(args) -> dict:
     """Child process: one round of K clients through ``MergeStrategy.aggregate_train``."""
-    from fedspallm_strategy.strategy import MergeStrategy
+    from fedspallm_strategy.strategies.one_shot import MergeStrategy
     from server_app.inprocess import _set_task_identity
 
     if args.threads:

@@ -14,10 +14,8 @@ from client_app.layerwise_task import run_round
 from client_app.profile_task import profile_layers
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
-from fedspallm_strategy.logs import share_flower_handlers
-from fedspallm_strategy.round_plan import RoundStep
-from fedspallm_strategy.secure_encoding import secure_vectors
-from fedspallm_strategy.wire import (
+from fedspallm_strategy.run.logs import share_flower_handlers
+from fedspallm_strategy.wire.protocol import (
     EXACT_KEY,
     GLOBAL_KEY,
     MASKS_KEY,
@@ -33,6 +31,8 @@ from fedspallm_strategy.wire import (
     request_from_record,
     request_sparsities,
 )
+from fedspallm_strategy.wire.round_plan import RoundStep
+from fedspallm_strategy.wire.secure_encoding import secure_vectors
 
 app = ClientApp()
 

@@ -22,7 +22,7 @@ from client_app.running_inputs import (
 )
 from client_app.task import PruneReply
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
-from fedspallm_strategy.stats_payload import encode_statistics, same_statistics
+from fedspallm_strategy.wire.stats_payload import encode_statistics, same_statistics
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import family_of, num_layers
 from llm_pruning.models import load_model

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client_app.exact_task import _shared
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
-from fedspallm_strategy.stats_payload import encode_statistics
+from fedspallm_strategy.wire.stats_payload import encode_statistics
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import family_of
 from llm_pruning.models import load_model

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
-from fedspallm_strategy.payload import encode
+from fedspallm_strategy.wire.payload import encode
 from llm_pruning.engine import prune_model
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model

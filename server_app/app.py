@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.logs import share_flower_handlers
+from fedspallm_strategy.run.logs import share_flower_handlers
 from server_app.federation import run_federation
 
 log = logging.getLogger(__name__)

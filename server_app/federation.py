@@ -13,10 +13,11 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
-from fedspallm_strategy.centralized import Centralized, pooled
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
-from fedspallm_strategy.grids import StreamingReplies
-from fedspallm_strategy.registry import STRATEGIES, RunSetup
+from fedspallm_strategy.strategies.centralized import Centralized, pooled
+from fedspallm_strategy.strategies.grids import StreamingReplies
+from fedspallm_strategy.strategies.registry import strategy_class
+from fedspallm_strategy.strategies.setup import RunSetup
 from llm_pruning.data import BUILTIN_CORPORA, load_documents
 from llm_pruning.families import max_context, prunable_weights
 from llm_pruning.models import load_model
@@ -37,11 +38,11 @@ def run_federation(
     """Run ``config`` over the nodes of ``grid``; returns the absolute run folder.
 
     ``evaluator`` lets a caller that runs many configurations share one (e.g. a caching one).
-    Everything that differs between strategies is the strategy's (``registry.STRATEGIES``).
+    Everything that differs between strategies is the strategy's (``strategies/registry.py``).
     """
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
-    kind = STRATEGIES[config.strategy]
+    kind = strategy_class(config)
     run_dir = (
         Path(config.resume_from).expanduser().resolve()
         if config.resume_from

@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable
 
 from flwr.serverapp import Grid
 
-from fedspallm_strategy.grids import GridView
+from fedspallm_strategy.strategies.grids import GridView
 
 
 class HealthyNodes(GridView):

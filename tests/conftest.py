@@ -24,6 +24,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_pruning.models import load_model
 
+# A local SuperLink that a test starts (``flwr run``) must run on this environment, not
+# re-install the app's dependencies per run (an unpinned CUDA torch; README, "Two commands").
+# Set here, at import, so the suite does not depend on the caller exporting it: the README's
+# test command does not, and `.ci/run` runs that command. A value already set is kept.
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
 ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 

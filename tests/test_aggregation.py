@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedspallm_strategy.aggregation import L0Accumulator, l0_aggregate
+from fedspallm_strategy.merge.aggregation import L0Accumulator, l0_aggregate
 
 
 def _mask(rows: list[list[int]]) -> torch.Tensor:

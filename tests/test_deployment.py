@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedspallm_strategy.payload import decode
+from fedspallm_strategy.wire.payload import decode
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_CERTS = ROOT / "docker" / "make_certs.py"
@@ -452,7 +452,7 @@ def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation,
     import torch
 
     from fedspallm_strategy.config import RunConfig
-    from fedspallm_strategy.strategy import MergeStrategy
+    from fedspallm_strategy.strategies.one_shot import MergeStrategy
     from llm_pruning.families import prunable_weights
     from llm_pruning.models import load_model
     from server_app.inprocess import _set_task_identity
@@ -523,7 +523,7 @@ def _stored_reply(node: int, data: bytes):
     import numpy as np
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-    from fedspallm_strategy.wire import PAYLOAD_KEY
+    from fedspallm_strategy.wire.protocol import PAYLOAD_KEY
 
     request = Message(RecordDict(), message_type="train", dst_node_id=node, group_id="1")
     request.metadata.__dict__["_message_id"] = f"stored-{node}"

@@ -32,7 +32,7 @@ from test_deployment import (  # tests/ is on sys.path under pytest
     write_private_texts,
 )
 
-from fedspallm_strategy.expansion import num_to_prune
+from fedspallm_strategy.merge.expansion import num_to_prune
 
 # The paper's one-shot rounds (resolve=false): a lost node's layers go to the others next
 # round, and the server checkpoints every round. Layer-wise runs keep no checkpoint yet.

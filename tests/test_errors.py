@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from client_app.app import app as client_app
-from fedspallm_strategy import checkpoint
 from fedspallm_strategy.config import ConfigError, RunConfig
+from fedspallm_strategy.run import checkpoint
 from llm_pruning.families import prunable_weights
 from llm_pruning.pruners import SparsityPattern
 from server_app.federation import run_federation

@@ -11,18 +11,23 @@ from flwr.app import Array, ArrayRecord
 
 from client_app.app import app as client_app
 from client_app.running_inputs import STATE_FILE, state_dir
-from fedspallm_strategy.centralized import Centralized, pooled
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact, plan_exact
-from fedspallm_strategy.payload import PayloadError, decode
-from fedspallm_strategy.stats_payload import (
+from fedspallm_strategy.strategies.centralized import Centralized, pooled
+from fedspallm_strategy.strategies.exact import Exact, plan_exact
+from fedspallm_strategy.wire.payload import PayloadError, decode
+from fedspallm_strategy.wire.protocol import (
+    EXACT_KEY,
+    EXACT_MESSAGE_TYPE,
+    PAYLOAD_KEY,
+    PREVIOUS_KEY,
+    SPEC_KEY,
+)
+from fedspallm_strategy.wire.stats_payload import (
     decode_statistics,
     encode_statistics,
     statistics_nbytes,
     validate_statistics,
 )
-from fedspallm_strategy.strategy import PAYLOAD_KEY
-from fedspallm_strategy.wire import EXACT_KEY, EXACT_MESSAGE_TYPE, PREVIOUS_KEY, SPEC_KEY
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.models import load_model
 from llm_pruning.pruners import ColumnNormStats, HessianStats

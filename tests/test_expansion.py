@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedspallm_strategy.expansion import expand_mask, expand_mask_nm, num_to_prune
+from fedspallm_strategy.merge.expansion import expand_mask, expand_mask_nm, num_to_prune
 
 
 def _reference_keep(weight: torch.Tensor, votes: torch.Tensor, n: int, s: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.wire import request_from_record, request_record
+from fedspallm_strategy.wire.protocol import request_from_record, request_record
 from llm_pruning.engine import LayerwiseCalibrator, prune_model
 from llm_pruning.evaluate import perplexity
 from llm_pruning.families import family_of, num_layers, prunable_weights

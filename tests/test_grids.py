@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.grids import StreamingReplies
-from fedspallm_strategy.strategy import MergeStrategy
+from fedspallm_strategy.strategies.grids import StreamingReplies
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
 from llm_pruning.models import load_model
 from server_app.inprocess import InProcessGrid
 

@@ -20,13 +20,13 @@ from flwr.app import RecordDict
 
 from client_app.exact_task import exact_statistics
 from client_app.task import prune_layers
-from fedspallm_strategy.aggregation import robust_centre
 from fedspallm_strategy.config import NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.payload import encode
-from fedspallm_strategy.plausibility import change_bound, relative_change
-from fedspallm_strategy.stats_payload import decode_statistics, encode_statistics
-from fedspallm_strategy.strategy import MergeStrategy
+from fedspallm_strategy.merge.aggregation import robust_centre
+from fedspallm_strategy.merge.plausibility import change_bound, relative_change
+from fedspallm_strategy.strategies.exact import Exact
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.wire.payload import encode
+from fedspallm_strategy.wire.stats_payload import decode_statistics, encode_statistics
 from llm_pruning.models import load_model
 from llm_pruning.pruners import num_to_prune
 from server_app.inprocess import _set_task_identity
@@ -387,7 +387,7 @@ def test_robust_aggregation_runs_end_to_end_with_sampling_and_resolve(aggregatio
 
 
 def test_clipping_scales_each_change_down_to_the_median_norm():
-    from fedspallm_strategy.aggregation import clip_to_median_norm
+    from fedspallm_strategy.merge.aggregation import clip_to_median_norm
 
     nan = float("nan")
     dense = torch.tensor([1.0, 1.0, 1.0])

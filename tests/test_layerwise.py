@@ -18,13 +18,13 @@ from flwr.app import ArrayRecord, Message
 from client_app.app import app as client_app
 from client_app.running_inputs import state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.layerwise import LayerwiseMerge, ResolveAverage
-from fedspallm_strategy.payload import PayloadError
-from fedspallm_strategy.replies import reply_bytes
-from fedspallm_strategy.round_plan import plan_rounds
-from fedspallm_strategy.strategy import MergeStrategy
-from fedspallm_strategy.values_payload import Expected, decode_values, encode_values
-from fedspallm_strategy.wire import RESOLVED_KEY, bytes_record
+from fedspallm_strategy.strategies.layerwise import LayerwiseMerge, ResolveAverage
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.wire.payload import PayloadError
+from fedspallm_strategy.wire.protocol import RESOLVED_KEY, bytes_record
+from fedspallm_strategy.wire.replies import reply_bytes
+from fedspallm_strategy.wire.round_plan import plan_rounds
+from fedspallm_strategy.wire.values_payload import Expected, decode_values, encode_values
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.families import num_layers, prunable_weights

@@ -7,15 +7,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
-    "fedspallm_strategy/strategy.py",
-    "fedspallm_strategy/centralized.py",
-    "fedspallm_strategy/exact.py",
-    "fedspallm_strategy/secure_exact.py",
-    "fedspallm_strategy/layerwise.py",
-    "fedspallm_strategy/owl_round.py",
-    "fedspallm_strategy/replies.py",
-    "fedspallm_strategy/grids.py",
-    "fedspallm_strategy/wire.py",
+    "fedspallm_strategy/strategies/base.py",
+    "fedspallm_strategy/strategies/one_shot.py",
+    "fedspallm_strategy/strategies/centralized.py",
+    "fedspallm_strategy/strategies/exact.py",
+    "fedspallm_strategy/strategies/secure_exact.py",
+    "fedspallm_strategy/strategies/layerwise.py",
+    "fedspallm_strategy/strategies/profile_round.py",
+    "fedspallm_strategy/wire/replies.py",
+    "fedspallm_strategy/strategies/grids.py",
+    "fedspallm_strategy/wire/protocol.py",
 }
 
 
@@ -37,19 +38,19 @@ def test_only_strategy_and_apps_import_flwr():
     ]
     assert offenders == []
     # The check itself can fail: the strategy module does import flwr.
-    assert _imports_flwr(ROOT / "fedspallm_strategy" / "strategy.py")
+    assert _imports_flwr(ROOT / "fedspallm_strategy" / "strategies" / "base.py")
 
 
 def test_public_api_imports_without_flower():
     code = (
         "import sys\n"
-        "from fedspallm_strategy.aggregation import l0_aggregate\n"
-        "from fedspallm_strategy.expansion import expand_mask\n"
-        "from fedspallm_strategy.payload import encode, decode, PayloadError\n"
-        "from fedspallm_strategy.merging import MatrixMerger\n"
-        "from fedspallm_strategy.round_plan import plan_rounds\n"
-        "from fedspallm_strategy.values_payload import decode_values\n"
-        "from fedspallm_strategy.plausibility import check_kept_values\n"
+        "from fedspallm_strategy.merge.aggregation import l0_aggregate\n"
+        "from fedspallm_strategy.merge.expansion import expand_mask\n"
+        "from fedspallm_strategy.wire.payload import encode, decode, PayloadError\n"
+        "from fedspallm_strategy.merge.merging import MatrixMerger\n"
+        "from fedspallm_strategy.wire.round_plan import plan_rounds\n"
+        "from fedspallm_strategy.wire.values_payload import decode_values\n"
+        "from fedspallm_strategy.merge.plausibility import check_kept_values\n"
         "import llm_pruning.engine, llm_pruning.evaluate\n"
         "assert 'flwr' not in sys.modules, 'flwr was imported'\n"
     )
@@ -59,14 +60,14 @@ def test_public_api_imports_without_flower():
 # What the ClientApp may use of the shared package: the wire protocol, its codecs, the run
 # and node config, the round plan and logging; never the server's strategies or maths.
 CLIENT_SIDE = {
-    "fedspallm_strategy.wire",
+    "fedspallm_strategy.wire.protocol",
     "fedspallm_strategy.config",
-    "fedspallm_strategy.payload",
-    "fedspallm_strategy.stats_payload",
-    "fedspallm_strategy.values_payload",
-    "fedspallm_strategy.secure_encoding",
-    "fedspallm_strategy.round_plan",
-    "fedspallm_strategy.logs",
+    "fedspallm_strategy.wire.payload",
+    "fedspallm_strategy.wire.stats_payload",
+    "fedspallm_strategy.wire.values_payload",
+    "fedspallm_strategy.wire.secure_encoding",
+    "fedspallm_strategy.wire.round_plan",
+    "fedspallm_strategy.run.logs",
 }
 
 

@@ -12,7 +12,7 @@ import client_app.task
 from client_app.running_inputs import apply_global_layers
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
-from fedspallm_strategy.payload import encode
+from fedspallm_strategy.wire.payload import encode
 from llm_pruning.engine import LayerwiseCalibrator, prune_model
 from llm_pruning.evaluate import perplexity, sparsity_report
 from llm_pruning.families import family_of, prunable_weights

@@ -199,7 +199,7 @@ def test_push_to_hub_refuses_what_is_not_owner_slash_name(repo):
 
 
 def test_push_to_hub_is_not_sent_to_clients():
-    from fedspallm_strategy.wire import CLIENT_KEYS
+    from fedspallm_strategy.wire.protocol import CLIENT_KEYS
 
     assert "push-to-hub" not in CLIENT_KEYS
 

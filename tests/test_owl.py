@@ -9,12 +9,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.owl_round import checked_counts
-from fedspallm_strategy.registry import STRATEGIES
-from fedspallm_strategy.replies import RejectedReply
-from fedspallm_strategy.strategy import MergeStrategy
-from fedspallm_strategy.wire import PROFILE_KEY, request_record, request_sparsities
+from fedspallm_strategy.strategies.exact import Exact
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.strategies.profile_round import checked_counts
+from fedspallm_strategy.strategies.registry import STRATEGIES
+from fedspallm_strategy.wire.protocol import PROFILE_KEY, request_record, request_sparsities
+from fedspallm_strategy.wire.replies import RejectedReply
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.families import num_layers, prunable_weights

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedspallm_strategy.sampling import layer_budget, sample_layers, sample_without_repair
+from fedspallm_strategy.merge.sampling import layer_budget, sample_layers, sample_without_repair
 
 # 30 layers; budgets at 30/50/70/100 % of them, keyed by non-contiguous node ids.
 UNEQUAL_BUDGETS = {17: 9, 3: 15, 250: 21, 42: 30}

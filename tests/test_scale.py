@@ -9,8 +9,8 @@ import torch
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.payload import payload_limit
-from fedspallm_strategy.strategy import matrix_specs
+from fedspallm_strategy.strategies.base import matrix_specs
+from fedspallm_strategy.wire.payload import payload_limit
 from llm_pruning import layer_store
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model
@@ -124,7 +124,8 @@ def test_standalone_eval_can_be_switched_off(tmp_path):
 )
 def test_the_registry_builds_each_strategy_from_the_run(tmp_path, settings, expected):
     from fedspallm_strategy.config import NodeConfig
-    from fedspallm_strategy.registry import STRATEGIES, RunSetup
+    from fedspallm_strategy.strategies.registry import strategy_class
+    from fedspallm_strategy.strategies.setup import RunSetup
 
     config = RunConfig.from_mapping({**TINY, **settings})
     model, tokenizer = load_model("tiny-llama")
@@ -132,6 +133,6 @@ def test_the_registry_builds_each_strategy_from_the_run(tmp_path, settings, expe
         n: NodeConfig.from_mapping({"partition-id": n - 1, "num-partitions": 2}) for n in (1, 2)
     }
     run = RunSetup(config, model, tokenizer, nodes, tmp_path, evaluate=None, clock=None)
-    strategy = STRATEGIES[config.strategy].for_run(run)
+    strategy = strategy_class(config).for_run(run)
     assert type(strategy).__name__ == expected
     strategy.check_rounds(sorted(nodes), run.budgets)  # two nodes cover tiny-llama's 4 layers

@@ -13,8 +13,9 @@ from test_flwr_run import flower_home, flwr_env, flwr_run  # noqa: F401 - a fixt
 import client_app.app as client_module
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.secure_encoding import (
+from fedspallm_strategy.strategies.exact import Exact
+from fedspallm_strategy.strategies.secure_exact import SecureExact
+from fedspallm_strategy.wire.secure_encoding import (
     DIGITS,
     count_scale,
     from_digit_sums,
@@ -22,8 +23,7 @@ from fedspallm_strategy.secure_encoding import (
     secure_vectors,
     to_digits,
 )
-from fedspallm_strategy.secure_exact import SecureExact
-from fedspallm_strategy.stats_payload import flat_sums
+from fedspallm_strategy.wire.stats_payload import flat_sums
 from llm_pruning.models import load_model
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid

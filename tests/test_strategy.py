@@ -10,12 +10,12 @@ from flwr.app import Array, ArrayRecord, Message
 from transformers import AutoModelForCausalLM
 
 from client_app.app import app as client_app
-from fedspallm_strategy.aggregation import l0_aggregate
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.expansion import expand_mask
-from fedspallm_strategy.payload import decode
-from fedspallm_strategy.strategy import PAYLOAD_KEY, MergeStrategy
-from fedspallm_strategy.wire import SPEC_KEY
+from fedspallm_strategy.merge.aggregation import l0_aggregate
+from fedspallm_strategy.merge.expansion import expand_mask
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.wire.payload import decode
+from fedspallm_strategy.wire.protocol import PAYLOAD_KEY, SPEC_KEY
 from llm_pruning.families import prunable_weights
 from llm_pruning.models import load_model
 from server_app.federation import run_federation

@@ -21,9 +21,17 @@ from llm_pruning.zeroshot import TaskError, TaskSuite, zero_shot
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
-# lm-eval is the `eval` extra; these tests need it, the pre-flight ones further down do not.
+# lm-eval is the `eval` extra; these tests need it (they skip without it, saying so). The
+# pre-flight ones further down need it only where they say so: without it a run refuses first,
+# and the tests of that refusal hide lm-eval themselves, so they run on every machine.
+LM_EVAL_MISSING = "needs lm-eval (the eval extra): pip install 'fedspallm[eval]'"
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="pip install 'fedspallm[eval]'"
+    importlib.util.find_spec("lm_eval") is None, reason=LM_EVAL_MISSING
+)
+# What a run with eval-tasks says, before any node works, when lm-eval cannot be imported.
+REFUSAL = (
+    r"^eval-tasks: zero-shot evaluation needs lm-eval, not installed: "
+    r"pip install 'fedspallm\[eval\]'$"
 )
 
 TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 2, "eval-windows": 2}
@@ -67,7 +75,7 @@ def choice_loglikelihoods(model, tokenizer, question: str, choices: list[str]) -
 def task(tmp_path, tiny_llama):
     """A task YAML over six documents whose answers are set from the dense model's own
     log-likelihoods; returns (path, hit per document for acc, and for acc_norm)."""
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=LM_EVAL_MISSING)
     model, tokenizer = tiny_llama
     docs, hits, norm_hits = [], [], []
     for number, (question, choices) in enumerate(zip(QUESTIONS, CHOICES, strict=True)):
@@ -169,12 +177,26 @@ def test_without_lm_eval_a_run_with_tasks_fails_naming_the_extra(tmp_path, monke
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
     config = RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), "eval-tasks": str(path)})
     grid = InProcessGrid.simulation(client_app, 2, {})
-    with pytest.raises(ConfigError, match=r"^eval-tasks: .*pip install 'fedspallm\[eval\]'"):
+    with pytest.raises(ConfigError, match=REFUSAL):
         run_federation(grid, config, run_id=1)
     assert not grid.sent  # not even the resources query
     assert not list(tmp_path.glob("*-fedspallm-*"))
 
 
+def test_without_lm_eval_a_missing_task_file_is_refused_for_lm_eval_first(tmp_path, monkeypatch):
+    # lm-eval is checked before the task files: a user without the extra learns that first.
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
+    missing = tmp_path / "no-such-task.yaml"
+    config = RunConfig.from_mapping(
+        {**TINY, "output-dir": str(tmp_path), "eval-tasks": f"{missing}"}
+    )
+    grid = InProcessGrid.simulation(client_app, 2, {})
+    with pytest.raises(ConfigError, match=REFUSAL):
+        run_federation(grid, config, run_id=1)
+    assert not grid.sent
+
+
+@needs_lm_eval
 def test_a_missing_task_file_fails_before_any_node_works(tmp_path):
     missing = tmp_path / "no-such-task.yaml"
     config = RunConfig.from_mapping(

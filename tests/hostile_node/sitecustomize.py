@@ -21,7 +21,7 @@ ATTACK = os.environ.get("FEDSPALLM_HOSTILE", "")
 def _poison_task(module) -> None:
     import torch
 
-    from fedspallm_strategy.payload import encode
+    from fedspallm_strategy.wire.payload import encode
 
     honest = module.encode_pruned
 
@@ -53,7 +53,7 @@ def _poison_wire(module) -> None:
     module.Array = lying_array
 
 
-PATCHES = {"client_app.task": _poison_task, "fedspallm_strategy.wire": _poison_wire}
+PATCHES = {"client_app.task": _poison_task, "fedspallm_strategy.wire.protocol": _poison_wire}
 
 
 class _Patcher(importlib.abc.MetaPathFinder):

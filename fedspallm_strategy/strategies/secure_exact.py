@@ -35,17 +35,17 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.grids import GridView
-from fedspallm_strategy.payload import PayloadError
-from fedspallm_strategy.secure_encoding import (
+from fedspallm_strategy.strategies.exact import Exact
+from fedspallm_strategy.strategies.grids import GridView
+from fedspallm_strategy.wire.payload import PayloadError
+from fedspallm_strategy.wire.protocol import request_to_fitins
+from fedspallm_strategy.wire.secure_encoding import (
     MODULUS,
     masked_bytes,
     quantization_range,
     statistics_from_secure_sum,
     vector_lengths,
 )
-from fedspallm_strategy.wire import request_to_fitins
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,4 @@
-"""Strategies by run-config name, as ``PRUNERS`` holds the pruners, and what building one takes.
-
-The run orchestration (``server_app/federation.py``) looks a strategy up here and asks it
-everything that differs between strategies: whether a run can resume, whether its rounds can
-cover the model, and, after the rounds, its part of the report and the model to save.
-"""
+"""What building a strategy takes, and where it reports after the rounds."""
 
 from __future__ import annotations
 
@@ -13,11 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedspallm_strategy.centralized import Centralized
-from fedspallm_strategy.config import STRATEGIES as STRATEGY_NAMES
 from fedspallm_strategy.config import NodeConfig, RunConfig
-from fedspallm_strategy.exact import Exact
-from fedspallm_strategy.strategy import MergeStrategy, ServerEvaluated
 
 
 @dataclass
@@ -41,14 +32,3 @@ class RunSetup:
     @property
     def names(self) -> dict[int, str]:
         return {node: nc.name for node, nc in self.node_configs.items()}
-
-
-STRATEGIES: dict[str, type[ServerEvaluated]] = {
-    "fedspallm": MergeStrategy,
-    "fedavg": MergeStrategy,
-    "fedprllm": MergeStrategy,
-    "standalone": MergeStrategy,
-    "centralized": Centralized,
-    "exact": Exact,
-}
-assert tuple(STRATEGIES) == STRATEGY_NAMES, "config.STRATEGIES and the registry must agree"

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.payload import decode
+from fedspallm_strategy.wire.payload import decode
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
 from llm_pruning.models import load_model

@@ -35,19 +35,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
-from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.payload import encode
-from fedspallm_strategy.replies import reply_bytes, reply_metrics, screen
-from fedspallm_strategy.secure_encoding import masked_bytes, vector_lengths
-from fedspallm_strategy.stats_payload import (
-    decode_statistics,
-    kind_of,
-    statistics_limit,
-    statistics_nbytes,
-)
-from fedspallm_strategy.strategy import ServerEvaluated
-from fedspallm_strategy.wire import (
+from fedspallm_strategy.run.accounting import Accounting
+from fedspallm_strategy.strategies.base import ServerEvaluated
+from fedspallm_strategy.wire.payload import encode
+from fedspallm_strategy.wire.protocol import (
     EXACT_KEY,
     EXACT_MESSAGE_TYPE,
     PAYLOAD_KEY,
@@ -56,13 +48,21 @@ from fedspallm_strategy.wire import (
     bytes_record,
     request_record,
 )
+from fedspallm_strategy.wire.replies import reply_bytes, reply_metrics, screen
+from fedspallm_strategy.wire.secure_encoding import masked_bytes, vector_lengths
+from fedspallm_strategy.wire.stats_payload import (
+    decode_statistics,
+    kind_of,
+    statistics_limit,
+    statistics_nbytes,
+)
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.lazy import resident_layers
 from llm_pruning.pruners import Pruner, Stats, get_pruner, num_to_prune
 
 if TYPE_CHECKING:
-    from fedspallm_strategy.registry import RunSetup
+    from fedspallm_strategy.strategies.setup import RunSetup
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +247,7 @@ class Exact(ServerEvaluated):
 
     @classmethod
     def for_run(cls, run: RunSetup) -> Exact:
-        from fedspallm_strategy.secure_exact import SecureExact  # a subclass of this one
-
-        kind = SecureExact if run.config.secure_aggregation else cls
-        return kind(run.model, run.config, node_names=run.names)
+        return cls(run.model, run.config, node_names=run.names)
 
     profile_kind = "statistics"  # owl: the pooled dense column norms, as centralized has
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.aggregation import L0Accumulator, make_accumulator
-from fedspallm_strategy.expansion import expand_mask, expand_mask_nm
+from fedspallm_strategy.merge.aggregation import L0Accumulator, make_accumulator
+from fedspallm_strategy.merge.expansion import expand_mask, expand_mask_nm
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 MERGE_RULES = ("fedspallm", "fedavg", "fedprllm")

@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.payload import (
+from fedspallm_strategy.wire.payload import (
     _DTYPE_NAMES,
     _DTYPES,
     HEADER_ALLOWANCE,

@@ -16,13 +16,13 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard
-from fedspallm_strategy.strategy import ServerEvaluated
+from fedspallm_strategy.strategies.base import ServerEvaluated
 from llm_pruning.families import num_layers
 from llm_pruning.owl import profile_model
 from llm_pruning.pruners import get_pruner
 
 if TYPE_CHECKING:
-    from fedspallm_strategy.registry import RunSetup
+    from fedspallm_strategy.strategies.setup import RunSetup
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from fedspallm_strategy.stats_payload import SharedStats, flat_sums, statistics_from_sums
+from fedspallm_strategy.wire.stats_payload import SharedStats, flat_sums, statistics_from_sums
 from llm_pruning.pruners import Stats
 
 MODULUS = 2**32  # Flower's largest modulus_range: masks and sums live modulo 2**32

@@ -33,15 +33,15 @@ from collections.abc import Mapping
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedspallm_strategy.replies import RejectedReply, reply_bytes, reply_metrics, screen
-from fedspallm_strategy.stats_payload import decode_statistics, statistics_limit
-from fedspallm_strategy.wire import (
+from fedspallm_strategy.wire.protocol import (
     PAYLOAD_KEY,
     PROFILE_KEY,
     PROFILE_MESSAGE_TYPE,
     SPEC_KEY,
     request_record,
 )
+from fedspallm_strategy.wire.replies import RejectedReply, reply_bytes, reply_metrics, screen
+from fedspallm_strategy.wire.stats_payload import decode_statistics, statistics_limit
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors
 from llm_pruning.owl import (

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from fedspallm_strategy.accounting import Accounting
 from fedspallm_strategy.config import ConfigError
-from fedspallm_strategy.payload import PayloadError, parse_guarded
+from fedspallm_strategy.run.accounting import Accounting
+from fedspallm_strategy.wire.payload import PayloadError, parse_guarded
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.pruners import SparsityPattern, num_to_prune
 from llm_pruning.pruners.masks import nm_group_counts

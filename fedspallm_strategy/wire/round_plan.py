@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CALIBRATIONS = ("local", "global")
+from fedspallm_strategy.config import CALIBRATIONS
 
 
 @dataclass(frozen=True)

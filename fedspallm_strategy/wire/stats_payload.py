@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.payload import (
+from fedspallm_strategy.wire.payload import (
     HEADER_ALLOWANCE,
     HEADER_ALLOWANCE_PER_MATRIX,
     PayloadError,

@@ -27,16 +27,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
-from fedspallm_strategy.aggregation import clip_to_median_norm, robust_centre
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.merging import MatrixMerger
-from fedspallm_strategy.payload import encode
-from fedspallm_strategy.plausibility import check_kept_values
-from fedspallm_strategy.replies import reply_bytes, reply_metrics, screen
-from fedspallm_strategy.round_plan import RoundStep, plan_rounds
-from fedspallm_strategy.strategy import MergeStrategy
-from fedspallm_strategy.values_payload import Expected, decode_values, values_limit
-from fedspallm_strategy.wire import (
+from fedspallm_strategy.merge.aggregation import clip_to_median_norm, robust_centre
+from fedspallm_strategy.merge.merging import MatrixMerger
+from fedspallm_strategy.merge.plausibility import check_kept_values
+from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.wire.payload import encode
+from fedspallm_strategy.wire.protocol import (
     GLOBAL_KEY,
     LAYERWISE_MESSAGE_TYPE,
     MASKS_KEY,
@@ -46,11 +43,14 @@ from fedspallm_strategy.wire import (
     bytes_record,
     request_record,
 )
+from fedspallm_strategy.wire.replies import reply_bytes, reply_metrics, screen
+from fedspallm_strategy.wire.round_plan import RoundStep, plan_rounds
+from fedspallm_strategy.wire.values_payload import Expected, decode_values, values_limit
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, resident_layers
 
 if TYPE_CHECKING:
-    from fedspallm_strategy.registry import RunSetup
+    from fedspallm_strategy.strategies.setup import RunSetup
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from fedspallm_strategy.round_plan import CALIBRATIONS
 from llm_pruning.data import PARTITIONS, calibration_segments
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
@@ -24,6 +23,7 @@ STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "e
 # Strategies that merge the clients' pruned layers: calibration and layers-per-round apply to
 # them (the others prune once, alone, or centrally: the keys do not apply there).
 LAYERWISE_STRATEGIES = ("fedspallm", "fedavg", "fedprllm")
+CALIBRATIONS = ("local", "global")  # local: the paper's; global: on the merged layers below
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 SPARSITY_PROFILES = ("uniform", "owl")  # owl: outlier-weighed layer-wise (llm_pruning/owl.py)
