@@ -288,12 +288,23 @@ class Table:
         return cls(columns, [summarize(run, sets) for run in runs], sets)
 
     def text(self) -> str:
-        """Aligned for a terminal: text left, numbers right, blank where absent."""
+        """Aligned for a terminal: text left, numbers right, blank where absent; two header
+        lines (a group over its short column names: the eval set over its perplexities)."""
         cells = [[_shown(column, row.get(column)) for column in self.columns] for row in self.rows]
+        groups = [_header(column) for column in self.columns]
         widths = [
-            max([len(column), *(len(line[i]) for line in cells)])
-            for i, column in enumerate(self.columns)
+            max([len(label), *(len(line[i]) for line in cells)])
+            for i, (_, label) in enumerate(groups)
         ]
+        spans = []  # (group, first column, last column)
+        for i, (group, _) in enumerate(groups):
+            if spans and group and spans[-1][0] == group:
+                spans[-1][2] = i
+            else:
+                spans.append([group, i, i])
+        for group, first, last in spans:  # a group name wider than its columns widens the last
+            span = sum(widths[first : last + 1]) + 2 * (last - first)
+            widths[last] += max(0, len(group) - span)
         numeric = [
             any(isinstance(row.get(column), int | float) for row in self.rows)
             for column in self.columns
@@ -306,8 +317,13 @@ class Table:
             ]
             return "  ".join(parts).rstrip()
 
+        top = "  ".join(
+            group.ljust(sum(widths[first : last + 1]) + 2 * (last - first))
+            for group, first, last in spans
+        ).rstrip()
         rule = "  ".join("-" * width for width in widths)
-        return "\n".join([line(self.columns), rule, *(line(row) for row in cells)])
+        labels = line([label for _, label in groups])
+        return "\n".join([top, labels, rule, *(line(row) for row in cells)])
 
     def write_csv(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,18 +361,31 @@ class Table:
             for x, value in zip(positions, global_, strict=True):
                 if value is not None:
                     axis.annotate(
-                        f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=8
+                        f"{value:.2f}",
+                        (x, value),
+                        xytext=(0, 3),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
                     )
-            axis.plot(
-                positions,
-                [math.nan if value is None else value for value in dense],
-                color="black",
-                linestyle="--",
-                marker="o",
-                label="dense",
-            )
+            marks = [(x, value) for x, value in zip(positions, dense, strict=True) if value]
+            if marks:  # dense: a dashed line across each run's bar
+                axis.hlines(
+                    [value for _, value in marks],
+                    [x - 0.45 for x, _ in marks],
+                    [x + 0.45 for x, _ in marks],
+                    colors="black",
+                    linestyles="--",
+                    label="dense",
+                )
+            shown = [v for v in [*global_, *dense] if v is not None]
+            if shown:  # differences of a few tenths matter: the axis starts near the lowest
+                low, high = min(shown), max(shown)
+                pad = max(0.5 * (high - low), 0.02 * high)
+                axis.set_ylim(max(0.0, low - pad), high + pad)
             axis.set_title(f"perplexity on {eval_set}" if eval_set else "perplexity")
-            axis.set_ylabel("perplexity")
+            axis.set_ylabel("perplexity (lower is better)")
             axis.set_xticks(positions)
             axis.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
             axis.legend(fontsize=8)
@@ -364,6 +393,25 @@ class Table:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=120)
         return True
+
+
+HEADERS = {  # the terminal's (group, label) of each column but the perplexities
+    "target_sparsity": ("sparsity", "target"),
+    "sparsity": ("sparsity", "achieved"),
+    "up_MB_per_client": ("MB per client", "up"),
+    "down_MB_per_client": ("MB per client", "down"),
+    "wall_s": ("seconds", "wall"),
+    "federation_s": ("seconds", "federation"),
+    "rejections": ("", "rejected"),
+}
+PPL_LABELS = {"standalone_mean": "standalone mean"}
+
+
+def _header(column: str) -> tuple[str, str]:
+    if column.startswith("ppl_"):
+        model, _, eval_set = column[len("ppl_") : -1].partition("[")
+        return f"perplexity on {eval_set}", PPL_LABELS.get(model, model)
+    return HEADERS.get(column, ("", column))
 
 
 def _shown(column: str, value: object) -> str:
@@ -410,8 +458,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if not logging.getLogger().handlers:  # our warnings and notes; others' warnings only
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+        log.setLevel(logging.INFO)
     outputs = set() if args.no_files else {args.csv.resolve(), args.plot.resolve()}
     # `compare runs/*` with the outputs inside runs/ lists them again on the next call.
     paths = [path for path in args.runs if path.resolve() not in outputs]
