@@ -26,7 +26,8 @@ from client_app.running_inputs import (
 )
 from client_app.task import encode_pruned, wire_values
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
-from fedspallm_strategy.wire.payload import decode, validate_layer
+from fedspallm_strategy.wire.payload import decode
+from fedspallm_strategy.wire.payload_spec import validate_layer
 from fedspallm_strategy.wire.round_plan import RoundStep
 from fedspallm_strategy.wire.values_payload import encode_values, kept_values
 from llm_pruning.engine import LayerwiseCalibrator

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import NodeConfig
-from fedspallm_strategy.wire.payload import decode, validate_layer
+from fedspallm_strategy.wire.payload import decode
+from fedspallm_strategy.wire.payload_spec import validate_layer
 from llm_pruning.cache import cache_dir
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import family_of, prunable_weights

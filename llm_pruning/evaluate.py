@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_pruning.engine import LayerwiseCalibrator, logits_after_layers
+from llm_pruning.capture import logits_after_layers
+from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.layer_store import layer_store
 from llm_pruning.lazy import layer_tensors

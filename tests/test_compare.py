@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from server_app import compare
-from server_app.compare import Table, load_run, load_runs, main
+from server_app.compare import Table, main
+from server_app.run_table import load_run, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI, DOCS = "wikitext2", "/data/docs.txt"

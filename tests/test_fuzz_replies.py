@@ -20,8 +20,10 @@ from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.merge.plausibility import change_bound, relative_change
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
-from fedspallm_strategy.wire.payload import PayloadError, decode, encode, validate_layer
+from fedspallm_strategy.wire.payload import decode, encode
+from fedspallm_strategy.wire.payload_spec import validate_layer
 from fedspallm_strategy.wire.protocol import PAYLOAD_KEY
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from llm_pruning.families import prunable_weights
 from llm_pruning.models import load_model
 from server_app.inprocess import _set_task_identity

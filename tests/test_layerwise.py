@@ -20,10 +20,10 @@ from client_app.running_inputs import state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.strategies.layerwise import LayerwiseMerge, ResolveAverage
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
-from fedspallm_strategy.wire.payload import PayloadError
 from fedspallm_strategy.wire.protocol import RESOLVED_KEY, bytes_record
 from fedspallm_strategy.wire.replies import reply_bytes
 from fedspallm_strategy.wire.round_plan import plan_rounds
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from fedspallm_strategy.wire.values_payload import Expected, decode_values, encode_values
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model

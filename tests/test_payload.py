@@ -11,7 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from fedspallm_strategy.wire.payload import PayloadError, decode, encode, validate_layer
+from fedspallm_strategy.wire.payload import decode, encode
+from fedspallm_strategy.wire.payload_spec import validate_layer
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 
 Q_PROJ = "model.layers.3.self_attn.q_proj.weight"
 DOWN_PROJ = "model.layers.3.mlp.down_proj.weight"

@@ -9,8 +9,8 @@ import torch
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import RunConfig
-from fedspallm_strategy.strategies.base import matrix_specs
-from fedspallm_strategy.wire.payload import payload_limit
+from fedspallm_strategy.strategies.reply_specs import matrix_specs
+from fedspallm_strategy.wire.payload_spec import payload_limit
 from llm_pruning import layer_store
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model

@@ -5,16 +5,18 @@
 naming the key and what it allows.
 """
 
+from fedspallm_strategy.config.node_config import (
+    NodeConfig,
+    load_shard,
+    node_device,
+    private_data_path,
+)
 from fedspallm_strategy.config.run_config import (
     CALIBRATIONS,
     HUB_REPO_ID,
     STRATEGIES,
     ConfigError,
-    NodeConfig,
     RunConfig,
-    load_shard,
-    node_device,
-    private_data_path,
 )
 
 __all__ = [

@@ -17,7 +17,7 @@ import math
 
 from torch import Tensor
 
-from fedspallm_strategy.wire.payload import PayloadError
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from llm_pruning.pruners import SparsityPattern
 
 # At sparsity 0 nothing is compensated, only rounded to the wire dtype (bf16: 2⁻⁸ relative).

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError
 from fedspallm_strategy.run.accounting import Accounting
-from fedspallm_strategy.wire.payload import PayloadError, parse_guarded
+from fedspallm_strategy.wire.safetensors_reader import PayloadError, parse_guarded
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.pruners import SparsityPattern, num_to_prune
 from llm_pruning.pruners.masks import nm_group_counts

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
@@ -24,39 +23,16 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.run.accounting import Accounting
 from fedspallm_strategy.strategies.profile_round import run_profile_round
-from fedspallm_strategy.wire.payload import MatrixSpec, PayloadError
 from fedspallm_strategy.wire.replies import RejectedReply
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.owl import SparsityProfile, profile_patterns
-from llm_pruning.pruners import SparsityPattern, get_pruner
+from llm_pruning.pruners import SparsityPattern
 
 if TYPE_CHECKING:
     from fedspallm_strategy.strategies.setup import RunSetup
 
 log = logging.getLogger(__name__)
-
-
-def matrix_specs(
-    model,
-    layers: Iterable[int],
-    config: RunConfig,
-    patterns: Mapping[str, SparsityPattern] | None = None,
-) -> dict[str, MatrixSpec]:
-    """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and value
-    dtype (the model's, or ``payload-dtype``; none for mask-only pruners), known before it is
-    read. ``patterns`` (weight name -> pattern) overrides the run's per matrix (owl)."""
-    patterns = patterns or {}
-    updates = get_pruner(config.pruner).updates_weights
-    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
-    return {
-        name: MatrixSpec(
-            tuple(linear.weight.shape),
-            patterns.get(name, config.sparsity_pattern),
-            (wire or linear.weight.dtype) if updates else None,
-        )
-        for layer in layers
-        for name, linear in prunable_weights(model, layer).items()
-    }
 
 
 def reject_reply(
@@ -88,7 +64,7 @@ class ServerEvaluated(Strategy):
     # sparsity-profile='owl': the profile, and every matrix's pattern under it (else empty)
     profile: SparsityProfile | None = None
     patterns: Mapping[str, SparsityPattern] = MappingProxyType({})
-    profile_kind = "counts"  # what the profile round asks the nodes for (owl_round.py)
+    profile_kind = "counts"  # what the profile round asks the nodes for (profile_round.py)
     node_names: Mapping[int, str] = MappingProxyType({})
 
     # ------------------------------------------------------------------- owl
@@ -141,7 +117,7 @@ class ServerEvaluated(Strategy):
     # ------------------------------------------------------------- the run's hooks
     @classmethod
     def for_run(cls, run: RunSetup) -> ServerEvaluated:
-        """The strategy for ``run`` (``registry.STRATEGIES`` maps run-config names here)."""
+        """The strategy for ``run`` (``registry.strategy_class`` picks the class)."""
         raise NotImplementedError
 
     @classmethod

@@ -28,16 +28,18 @@ from fedspallm_strategy.merge.plausibility import change_bound, check_kept_value
 from fedspallm_strategy.merge.sampling import layer_budget, sample_layers
 from fedspallm_strategy.run import checkpoint
 from fedspallm_strategy.run.accounting import Accounting
-from fedspallm_strategy.strategies.base import ServerEvaluated, matrix_specs
+from fedspallm_strategy.strategies.base import ServerEvaluated
 from fedspallm_strategy.strategies.profile_round import declared_patterns
+from fedspallm_strategy.strategies.reply_specs import check_payload_cap, matrix_specs
 from fedspallm_strategy.strategies.standalone import best_standalone, standalone_perplexities
-from fedspallm_strategy.wire.payload import decode, payload_limit
+from fedspallm_strategy.wire.payload import decode
+from fedspallm_strategy.wire.payload_spec import payload_limit
 from fedspallm_strategy.wire.protocol import PAYLOAD_KEY, SPEC_KEY, request_record
 from fedspallm_strategy.wire.replies import reply_bytes, reply_metrics, screen
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import resident_layers, update_layer
 from llm_pruning.owl import profile_patterns
-from llm_pruning.pruners import SparsityPattern, get_pruner
+from llm_pruning.pruners import get_pruner
 
 if TYPE_CHECKING:
     from fedspallm_strategy.strategies.setup import RunSetup
@@ -412,25 +414,4 @@ class MergeStrategy(ServerEvaluated):
         self.completed_rounds = saved.completed_round
         log.info(
             "resumed after round %d: %d layers pending", self.completed_rounds, len(self.remaining)
-        )
-
-
-def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) -> None:
-    """Refuse a run whose largest reply would exceed ``max-payload-mb`` before any work: the
-    server would reject it only after the client pruned. A node prunes at most ``budget``
-    layers of a round's group (``layers-per-round``; all layers in the one-shot round)."""
-    total = num_layers(model)
-    group = config.layers_per_round or (1 if config.calibration == "global" else total)
-    layers = min(budget, group, total) if config.layerwise else min(budget, total)
-    densest = None  # owl: no layer keeps more than at target - lambda (and its rounding)
-    if config.sparsity_profile == "owl":
-        lowest = SparsityPattern(max(0.0, config.sparsity - config.owl_lambda - 0.01))
-        densest = {name: lowest for i in range(total) for name in prunable_weights(model, i)}
-    per_layer = max(payload_limit(matrix_specs(model, [i], config, densest)) for i in range(total))
-    largest = per_layer * layers
-    if largest > config.max_payload_mb * 2**20:
-        raise ConfigError(
-            f"max-payload-mb={config.max_payload_mb:g}: a node's reply of {layers} layer(s) would "
-            f"be up to {largest / 2**20:.1f} MiB ({per_layer / 2**20:.2f} MiB per layer); raise "
-            f"max-payload-mb, or set layers-per-round (a reply then carries one group of layers)"
         )

@@ -37,8 +37,8 @@ from flwr.serverapp.strategy import Result
 
 from fedspallm_strategy.strategies.exact import Exact
 from fedspallm_strategy.strategies.grids import GridView
-from fedspallm_strategy.wire.payload import PayloadError
 from fedspallm_strategy.wire.protocol import request_to_fitins
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from fedspallm_strategy.wire.secure_encoding import (
     MODULUS,
     masked_bytes,

@@ -27,16 +27,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Mapping
 
 import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor
 
-from llm_pruning.pruners import SparsityPattern, num_to_prune
+from fedspallm_strategy.wire.payload_spec import MatrixSpec, payload_limit
+from fedspallm_strategy.wire.safetensors_reader import (
+    DTYPE_NAMES,
+    DTYPES,
+    PayloadError,
+    check_names,
+    parse_guarded,
+    read_header,
+    unique_keys,
+)
 from llm_pruning.pruners.masks import nm_group_counts
 
 logger = logging.getLogger(__name__)
@@ -46,62 +53,12 @@ VERSION = "1"
 MASK_PREFIX = "mask/"
 VALUES_PREFIX = "values/"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _METADATA_KEYS = {"format", "version", "values", "matrices"}
 _SAFETENSORS_CODES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16"}
 _SAFETENSORS_CODES[torch.bfloat16] = "BF16"
 _CODE_SIZES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
-# Room for the JSON header beyond the tensor data: a fixed part plus a generous share per
-# matrix (its names appear three times, with shapes and offsets).
-HEADER_ALLOWANCE = 4096
-HEADER_ALLOWANCE_PER_MATRIX = 1024
 
 
-T = TypeVar("T")
-
-
-class PayloadError(ValueError):
-    """A payload is malformed, inconsistent, too large, or not what the server expects."""
-
-
-@dataclass(frozen=True)
-class MatrixSpec:
-    """What the server's assignment implies one matrix of a reply holds, known before the
-    reply is read: its shape, the pattern it was pruned to, and the dtype of its kept values
-    (``None``: the pruner keeps the dense values, so the payload is mask-only)."""
-
-    shape: tuple[int, int]
-    pattern: SparsityPattern
-    dtype: torch.dtype | None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def kept(self) -> int:
-        """Entries the pattern keeps: every pruner prunes exactly this many of the others."""
-        if self.pattern.is_nm:
-            return self.numel // self.pattern.m * self.pattern.n
-        return self.numel - num_to_prune(self.numel, self.pattern.sparsity)
-
-    @property
-    def mask_bytes(self) -> int:
-        return (self.numel + 7) // 8
-
-    @property
-    def nbytes(self) -> int:
-        """Tensor bytes of this matrix in a payload (values, if any, plus the packed mask)."""
-        values = 0 if self.dtype is None else self.kept * self.dtype.itemsize
-        return values + self.mask_bytes
-
-
-def payload_limit(expected: Mapping[str, MatrixSpec]) -> int:
-    """The most bytes a valid payload of ``expected`` can take: its exact tensor data plus a
-    generous header allowance."""
-    data = sum(spec.nbytes for spec in expected.values())
-    return data + 8 + HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MATRIX * len(expected)
 
 
 # --------------------------------------------------------------------------- encode
@@ -110,7 +67,7 @@ def payload_limit(expected: Mapping[str, MatrixSpec]) -> int:
 def _values_of(name: str, tensor: Tensor, mask: Tensor) -> Tensor:
     if tensor.shape != mask.shape:
         raise ValueError(f"{name}: tensor shape {tuple(tensor.shape)} != mask {tuple(mask.shape)}")
-    if tensor.dtype not in _DTYPE_NAMES:
+    if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"{name}: dtype {tensor.dtype} is not float32, float16 or bfloat16")
     values = tensor.detach()[mask.to(tensor.device)].cpu().contiguous()
     if not bool(torch.isfinite(values).all()):
@@ -153,7 +110,7 @@ def encode(tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor]) ->
         matrices[name] = {"shape": list(mask.shape)}
         if tensors is not None:
             entries[VALUES_PREFIX + name] = _values_of(name, tensors[name], mask)
-            matrices[name]["dtype"] = _DTYPE_NAMES[tensors[name].dtype]
+            matrices[name]["dtype"] = DTYPE_NAMES[tensors[name].dtype]
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -164,45 +121,6 @@ def encode(tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor]) ->
 
 
 # --------------------------------------------------------------------------- decode
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """JSON object hook that rejects duplicate keys (parsers disagree on which wins)."""
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise PayloadError(f"duplicate key {key!r} in payload header")
-        result[key] = value
-    return result
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """Parse the safetensors header ourselves: ``safetensors.torch.load`` drops metadata."""
-    return _read_header(data)[1]["__metadata__"]
-
-
-def _read_header(data: bytes) -> tuple[int, dict]:
-    """``(header length, header)`` of a safetensors buffer, ``__metadata__`` checked to be
-    a str -> str object."""
-    if len(data) < 8:
-        raise PayloadError(f"payload of {len(data)} bytes is too short for a safetensors header")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise PayloadError(f"header length {header_len} exceeds the {len(data)}-byte payload")
-    try:
-        header = json.loads(
-            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_unique_keys
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PayloadError(f"payload header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise PayloadError("payload header is not a JSON object")
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict):
-        raise PayloadError("payload has no __metadata__")
-    if not all(isinstance(value, str) for value in metadata.values()):
-        raise PayloadError("__metadata__ values must be strings")
-    return header_len, header
 
 
 def _parse_shape(name: str, shape: object) -> tuple[int, ...]:
@@ -228,7 +146,7 @@ def _parse_matrices(metadata: Mapping[str, str]) -> tuple[bool, dict[str, tuple]
         )
     has_values = metadata["values"] == "true"
     try:
-        matrices = json.loads(metadata.get("matrices", ""), object_pairs_hook=_unique_keys)
+        matrices = json.loads(metadata.get("matrices", ""), object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"metadata 'matrices' is not valid JSON: {exc}") from exc
     if not isinstance(matrices, dict):
@@ -242,9 +160,9 @@ def _parse_matrices(metadata: Mapping[str, str]) -> tuple[bool, dict[str, tuple]
             raise PayloadError(f"{name}: metadata keys {sorted(entry)} != {sorted(expected_keys)}")
         dtype = None
         if has_values:
-            if entry["dtype"] not in _DTYPES:
+            if entry["dtype"] not in DTYPES:
                 raise PayloadError(f"{name}: value dtype {entry['dtype']!r} is not a float dtype")
-            dtype = _DTYPES[entry["dtype"]]
+            dtype = DTYPES[entry["dtype"]]
         specs[name] = (_parse_shape(name, entry["shape"]), dtype)
     return has_values, specs
 
@@ -290,22 +208,6 @@ def _dense_from(name: str, values: Tensor, mask: Tensor, dtype: torch.dtype) -> 
     if not bool(torch.isfinite(values).all()):
         raise PayloadError(f"{name}: values are not all finite")
     return torch.zeros(mask.shape, dtype=dtype).masked_scatter_(mask, values)
-
-
-def parse_guarded(parse: Callable[[], T], what: str) -> T:
-    """Call ``parse``, turning any failure into :class:`PayloadError` ("malformed <what>: ...")."""
-    try:
-        return parse()
-    except (PayloadError, MemoryError):
-        raise
-    except Exception as exc:
-        raise PayloadError(f"malformed {what}: {type(exc).__name__}: {exc}") from exc
-    except BaseException as exc:
-        # A Rust panic inside safetensors surfaces as pyo3's PanicException, which derives
-        # from BaseException; it is still a malformed payload, not a signal.
-        if type(exc).__name__ == "PanicException":
-            raise PayloadError(f"malformed {what}: safetensors panicked: {exc}") from exc
-        raise
 
 
 def _check_declared(
@@ -399,7 +301,7 @@ def _decode_unchecked(
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     data = bytes(data)
-    header_len, header = _read_header(data)
+    header_len, header = read_header(data)
     has_values, specs = _parse_matrices(header["__metadata__"])
     if expected is not None:
         _check_declared(has_values, specs, expected)
@@ -451,51 +353,3 @@ def decode(
 
 
 # --------------------------------------------------------------------------- validate
-
-
-def check_names(what: str, found: Mapping, expected: Mapping) -> None:
-    """``found`` names exactly the ``expected`` matrices: none missing, none extra."""
-    if missing := sorted(set(expected) - set(found)):
-        raise PayloadError(f"payload lacks {what} for matrices {missing}")
-    if unexpected := sorted(set(found) - set(expected)):
-        raise PayloadError(f"payload has {what} for unexpected matrices {unexpected}")
-
-
-def _check_names_and_shapes(
-    kind: str, found: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]
-) -> None:
-    check_names(kind, found, expected)
-    for name, shape in expected.items():
-        if tuple(found[name].shape) != tuple(shape):
-            raise PayloadError(
-                f"{name}: {kind} shape {tuple(found[name].shape)} != expected {tuple(shape)}"
-            )
-
-
-def validate_layer(
-    tensors: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-    *,
-    require_values: bool,
-) -> None:
-    """Check a decoded payload against the matrices the server asked for.
-
-    Parameters
-    ----------
-    tensors, masks
-        What :func:`decode` returned.
-    expected
-        Name -> shape of every matrix the payload must hold, and nothing else.
-    require_values
-        Whether values must be present (pruners that update weights). Values sent when
-        not required are still checked.
-
-    Raises
-    ------
-    PayloadError
-        If a name is missing or unexpected, or a shape differs.
-    """
-    _check_names_and_shapes("masks", masks, expected)
-    if require_values or tensors:
-        _check_names_and_shapes("values", tensors, expected)

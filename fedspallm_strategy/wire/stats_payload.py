@@ -30,14 +30,14 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.wire.payload import (
+from fedspallm_strategy.wire.safetensors_reader import (
     HEADER_ALLOWANCE,
     HEADER_ALLOWANCE_PER_MATRIX,
     PayloadError,
-    _read_metadata,
-    _unique_keys,
     check_names,
     parse_guarded,
+    read_metadata,
+    unique_keys,
 )
 from llm_pruning.pruners import ColumnNormStats, HessianStats, Stats
 
@@ -181,7 +181,7 @@ def _parse_metadata(metadata: Mapping[str, str]) -> tuple[str, dict[str, dict]]:
     if kind not in KINDS:
         raise PayloadError(f"statistics kind {kind!r} is not one of {sorted(KINDS)}")
     try:
-        matrices = json.loads(metadata["matrices"], object_pairs_hook=_unique_keys)
+        matrices = json.loads(metadata["matrices"], object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"metadata 'matrices' is not valid JSON: {exc}") from exc
     if not isinstance(matrices, dict) or not matrices:
@@ -289,7 +289,7 @@ def _decode_unchecked(
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     data = bytes(data)
-    kind, matrices = _parse_metadata(_read_metadata(data))
+    kind, matrices = _parse_metadata(read_metadata(data))
     if expected is not None:
         _check_declared(kind, matrices, *expected)
         needed = sum(statistics_nbytes(kind, entry["inputs"]) for entry in matrices.values())

@@ -22,16 +22,16 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.wire.payload import (
-    _DTYPE_NAMES,
-    _DTYPES,
+from fedspallm_strategy.wire.payload import VALUES_PREFIX
+from fedspallm_strategy.wire.safetensors_reader import (
+    DTYPE_NAMES,
+    DTYPES,
     HEADER_ALLOWANCE,
     HEADER_ALLOWANCE_PER_MATRIX,
-    VALUES_PREFIX,
     PayloadError,
-    _read_metadata,
-    _unique_keys,
     parse_guarded,
+    read_metadata,
+    unique_keys,
 )
 
 FORMAT = "fedspallm-resolved-values"
@@ -63,12 +63,12 @@ def encode_values(
     """
     entries, matrices = {}, {}
     for name, tensor in values.items():
-        if tensor.dim() != 1 or tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dim() != 1 or tensor.dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: values must be a 1-D float tensor, got {tensor.dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name}: re-solved values are not all finite")
         entries[VALUES_PREFIX + name] = tensor.detach().cpu().contiguous()
-        matrices[name] = {"count": int(tensor.numel()), "dtype": _DTYPE_NAMES[tensor.dtype]}
+        matrices[name] = {"count": int(tensor.numel()), "dtype": DTYPE_NAMES[tensor.dtype]}
         if column_weights is not None:
             weights = column_weights[name].detach().to("cpu", torch.float32).contiguous()
             entries[WEIGHTS_PREFIX + name] = weights
@@ -91,7 +91,7 @@ def _check_declared(metadata: Mapping[str, str], expected: Mapping[str, int]) ->
             f"unsupported values payload {metadata['format']!r} version {metadata['version']!r}"
         )
     try:
-        matrices = json.loads(metadata["matrices"], object_pairs_hook=_unique_keys)
+        matrices = json.loads(metadata["matrices"], object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"metadata 'matrices' is not valid JSON: {exc}") from exc
     if not isinstance(matrices, dict):
@@ -114,7 +114,7 @@ def _check_declared(metadata: Mapping[str, str], expected: Mapping[str, int]) ->
                 f"{name}: {entry['columns']!r} column weights, the matrix has "
                 f"{expected[name].columns} columns"
             )
-        if entry["dtype"] not in _DTYPES:
+        if entry["dtype"] not in DTYPES:
             raise PayloadError(f"{name}: value dtype {entry['dtype']!r} is not a float dtype")
         dtypes[name] = entry["dtype"]
     return dtypes
@@ -128,10 +128,10 @@ def _decode_unchecked(
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"values payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     data = bytes(data)
-    dtypes = _check_declared(_read_metadata(data), expected)
+    dtypes = _check_declared(read_metadata(data), expected)
     # The size the declared counts imply, checked before any tensor is materialised.
     needed = sum(
-        expected[n].count * _DTYPES[d].itemsize + 4 * (expected[n].columns or 0)
+        expected[n].count * DTYPES[d].itemsize + 4 * (expected[n].columns or 0)
         for n, d in dtypes.items()
     )
     header = 8 + int.from_bytes(data[:8], "little")
@@ -148,7 +148,7 @@ def _decode_unchecked(
     values, weights = {}, {}
     for name, dtype in dtypes.items():
         values[name] = _checked(
-            name, "values", loaded[VALUES_PREFIX + name], _DTYPES[dtype], expected[name].count
+            name, "values", loaded[VALUES_PREFIX + name], DTYPES[dtype], expected[name].count
         )
         if expected[name].columns is not None:
             weights[name] = _checked(
