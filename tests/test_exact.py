@@ -13,8 +13,9 @@ from client_app.app import app as client_app
 from client_app.running_inputs import STATE_FILE, state_dir
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
 from fedspallm_strategy.strategies.centralized import Centralized, pooled
-from fedspallm_strategy.strategies.exact import Exact, plan_exact
-from fedspallm_strategy.wire.payload import PayloadError, decode
+from fedspallm_strategy.strategies.exact import Exact
+from fedspallm_strategy.strategies.exact_plan import plan_exact
+from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.protocol import (
     EXACT_KEY,
     EXACT_MESSAGE_TYPE,
@@ -22,6 +23,7 @@ from fedspallm_strategy.wire.protocol import (
     PREVIOUS_KEY,
     SPEC_KEY,
 )
+from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from fedspallm_strategy.wire.stats_payload import (
     decode_statistics,
     encode_statistics,
@@ -212,6 +214,163 @@ def compare(first, second, layers=None):
     return flips, worst
 
 
+# The float32 unit roundoff, 2^-24: one rounding moves a value by at most this, relatively.
+UNIT = torch.finfo(torch.float32).eps / 2
+
+
+def rounding_bound(stats) -> float:
+    """``ε``: two float32 evaluations of one layer's pruning whose statistics were summed in
+    different orders differ in ``H = Σ xᵀx`` entry ``(i, k)`` by at most ``ε·g_i·g_k``, with
+    ``g_i = sqrt(H_ii + λ)`` (λ SparseGPT's dampening), and in Wanda's ``Σ x²`` by ``ε·Σ x²``.
+
+    Each run's sum of ``n`` products is off by at most ``γ_n·Σ|x_i x_k| ≤ γ_n·g_i·g_k``
+    (Cauchy-Schwarz), ``γ_n = n·u / (1 - n·u)``; SparseGPT's Cholesky and triangular inverse of
+    the ``d x d`` damped ``H`` add backward errors of the same form, ``γ_{d+1}`` each; two runs.
+    """
+    terms = stats.count + 2 * (stats.num_inputs + 1)
+    return 2 * terms * UNIT / (1 - terms * UNIT)
+
+
+def within_rounding(stats, pooled) -> bool:
+    """Whether one run's statistics are the other's up to the order of their sums."""
+    eps = rounding_bound(pooled)
+    if isinstance(pooled, HessianStats):
+        g = damped(pooled.xtx.double()).diagonal().sqrt()
+        return bool(((stats.xtx.double() - pooled.xtx).abs() <= eps * torch.outer(g, g)).all())
+    return bool(((stats.sq_norm.double() - pooled.sq_norm).abs() <= eps * pooled.sq_norm).all())
+
+
+def damped(hessian):
+    """``H + λI`` as ``sparsegpt_prune`` factors it: dead inputs get a unit diagonal first."""
+    hessian = hessian + torch.diag((hessian.diagonal() == 0).to(hessian.dtype))
+    eye = torch.eye(len(hessian), dtype=hessian.dtype)
+    return hessian + 0.01 * hessian.diagonal().mean() * eye
+
+
+def obs_factor(hessian):
+    """The upper factor ``U`` of ``(H + λI)^{-1}`` that SparseGPT sweeps with, in float64 and
+    differentiable (``inverse_hessian_factor``: reversed Cholesky, triangular inverse)."""
+    lower = torch.linalg.cholesky(damped(hessian).flip(0, 1))
+    eye = torch.eye(len(hessian), dtype=hessian.dtype)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+
+
+def obs_reached(hessian, row, keep, start):
+    """One row's values as SparseGPT's sweep reaches column ``start``: every earlier column
+    pruned as ``keep`` says has passed its error ``w_j / U_jj`` on through row ``j`` of ``U``."""
+    factor = obs_factor(hessian)
+    values = row.double() * (hessian.diagonal() != 0)  # dead inputs' weights are zeroed
+    later = torch.arange(len(values))
+    for j in range(start):
+        if not keep[j]:
+            values = values - values[j] / factor[j, j] * torch.where(later > j, factor[j], 0)
+    return values
+
+
+def obs_group_scores(hessian, row, keep, start, m):
+    """SparseGPT's N:M saliencies ``(w / U_jj)²`` of one row's group at ``start``."""
+    reached = obs_reached(hessian, row, keep, start)[start : start + m]
+    return (reached / obs_factor(hessian).diagonal()[start : start + m]) ** 2
+
+
+def first_order_tolerance(scores, hessian, eps):
+    """How far ``scores(H')`` can be from ``scores(H)`` when ``|H' - H| ≤ eps·g gᵀ``
+    (``rounding_bound``), to first order: ``Σ_ik |∂score/∂H_ik|·eps·g_i·g_k``."""
+    g = damped(hessian).diagonal().sqrt()
+    jacobian = torch.autograd.functional.jacobian(scores, hessian)  # (scores, d, d)
+    return (jacobian.abs() * (eps * torch.outer(g, g))).sum(dim=(-2, -1))
+
+
+def uncrossable(scores, tolerance, keep, differs):
+    """Rows are selection sets (each keeps its highest scores): the differing entries that no
+    change of every score within its tolerance can carry across their set's boundary."""
+    infinity = torch.tensor(math.inf, dtype=scores.dtype)
+    highest_pruned = torch.where(keep, -infinity, scores + tolerance).amax(dim=1, keepdim=True)
+    lowest_kept = torch.where(keep, scores - tolerance, infinity).amin(dim=1, keepdim=True)
+    # The mask must rank these scores, up to their tolerance: else they are not the scores it
+    # was chosen on, and every flip would look like a tie.
+    pruned_floor = torch.where(keep, -infinity, scores - tolerance).amax(dim=1)
+    kept_ceiling = torch.where(keep, scores + tolerance, infinity).amin(dim=1)
+    assert (pruned_floor <= kept_ceiling).all(), "the mask does not rank these scores"
+    crossable = torch.where(
+        keep, scores - tolerance <= highest_pruned, scores + tolerance >= lowest_kept
+    )
+    return differs & ~crossable
+
+
+def unexplained_flips(pruner, pattern, weight, stats, keep, differs) -> int:
+    """How many of the mask entries ``differs`` (where the other run's mask differs from
+    ``keep``, chosen on ``stats``) are not near-ties: their scores are further from their
+    selection set's boundary than statistics within ``rounding_bound`` can move them.
+
+    The scores are what the pruner ranks. Wanda: ``|W_ij|·sqrt(Σx_j² / n)``, per row
+    (unstructured) or group of ``m`` (N:M). SparseGPT unstructured: ``W_ij² / U_jj²`` of the
+    dense weight over the whole matrix (one block of 128 columns). SparseGPT N:M: per group, on
+    the values the sweep reaches; a flip changes the rest of its row, so only each row's first
+    differing group is a near-tie to check (the weights of rows with a flip are not compared).
+    """
+    if not differs.any():
+        return 0
+    eps, keep, differs = rounding_bound(stats), keep.cpu(), differs.cpu()
+    m = 0 if pattern == "unstructured" else int(pattern.split(":")[1])
+    if pruner == "wanda":  # a relative error ε of Σx², halved by the root
+        scores = weight.abs().double() * (stats.sq_norm.double() / stats.count).sqrt()
+        shape = (weight.shape[0], -1) if m == 0 else (-1, m)  # rows, or groups of m
+        sets = (scores, eps * scores, keep, differs)
+        return int(uncrossable(*(t.reshape(shape) for t in sets)).sum())
+    hessian = stats.xtx.double()
+    if m == 0:
+        assert weight.shape[1] <= 128  # one block: its scores are the dense weight's
+        squares = (weight.double() * (hessian.diagonal() != 0)).square()
+
+        def per_column(h):
+            return obs_factor(h).diagonal() ** -2
+
+        tolerance = squares * first_order_tolerance(per_column, hessian, eps)
+        sets = (squares * per_column(hessian), tolerance, keep, differs)
+        return int(uncrossable(*(t.reshape(1, -1) for t in sets)).sum())
+    unexplained = 0
+    for r in differs.any(dim=1).nonzero().flatten().tolist():
+        start = int(differs[r].nonzero()[0]) // m * m  # the row's first differing group
+        group = slice(start, start + m)
+
+        def scores(h, row=weight[r], row_keep=keep[r], start=start):
+            return obs_group_scores(h, row, row_keep, start, m)
+
+        tolerance = first_order_tolerance(scores, hessian, eps)
+        sets = (scores(hessian), tolerance, keep[r, group], differs[r, group])
+        unexplained += int(uncrossable(*(t[None] for t in sets)).sum())
+    return unexplained
+
+
+def record_pruning(monkeypatch, name, replay=None) -> list:
+    """Record every ``prune`` call of pruner ``name`` as ``(weight, stats, new weight, mask)``.
+
+    With ``replay`` (an earlier recording), call ``i`` returns that run's result ``i`` instead
+    of its own: the model goes on exactly as in that run, so every later matrix is pruned on
+    the same inputs and only the order of the sums differs.
+    """
+    import copy
+    import dataclasses
+
+    from llm_pruning.pruners import PRUNERS  # what get_pruner reads
+
+    real = PRUNERS[name]
+    calls = []
+
+    def prune(weight, stats, pattern, **given):
+        new_weight, keep = real.prune(weight, stats, pattern, **given)
+        calls.append((weight.clone(), copy.deepcopy(stats), new_weight.clone(), keep.clone()))
+        if replay is None:
+            return new_weight, keep
+        dense, _, their_weight, their_keep = replay[len(calls) - 1]
+        assert torch.equal(weight, dense)  # the same matrix, in the same order
+        return their_weight.clone(), their_keep.clone()
+
+    monkeypatch.setitem(PRUNERS, name, dataclasses.replace(real, prune=prune))
+    return calls
+
+
 @pytest.mark.parametrize(
     ("model", "pruner", "pattern", "sparsity"),
     [
@@ -223,21 +382,106 @@ def compare(first, second, layers=None):
     ],
 )
 def test_exact_with_three_clients_is_centralized_on_their_pooled_shards(
-    tmp_path, model, pruner, pattern, sparsity
+    tmp_path, monkeypatch, model, pruner, pattern, sparsity
 ):
     config = make_config(tmp_path, model=model, pruner=pruner, pattern=pattern, sparsity=sparsity)
+    exact = record_pruning(monkeypatch, pruner)
     strategy, grid = run_exact(config, run_id=101)
     assert not strategy.remaining and strategy.contributors == {r: [1, 2, 3] for r in (1, 2, 3, 4)}
-    flips, worst = compare(strategy.model, centralized(config, grid))
-    # The sums run in another order (per client, then across clients), so Hessians and
-    # column norms differ in the last float32 bits. A score within that of a tie could flip a
-    # mask entry; none does on these models, and a handful would still mean "the same model".
-    assert flips <= 2
-    # Wanda keeps values untouched (identical); SparseGPT's updates differ by rounding only.
+    # The centralized pruner on the pooled shards, matrix by matrix, each on the model exact had
+    # pruned so far (it goes on with exact's result). End to end, one near-tie flip would change
+    # every later layer's inputs by more than rounding, and no bound would hold.
+    monkeypatch.undo()  # the real pruner again, to be wrapped anew
+    central = record_pruning(monkeypatch, pruner, replay=exact)
+    assert compare(strategy.model, centralized(config, grid)) == (0, 0.0)
+    pruned = strategy.model
+    matrices = sum(len(prunable_weights(pruned, layer)) for layer in range(num_layers(pruned)))
+    assert len(exact) == len(central) == matrices
+    worst = 0.0
+    for (dense, summed, weight, keep), (_, pooled_stats, central_weight, central_keep) in zip(
+        exact, central, strict=True
+    ):
+        # The sums run in another order (per client, then across clients): the statistics are
+        # the pooled shards' up to float32 summation error...
+        assert summed.count == pooled_stats.count and within_rounding(summed, pooled_stats)
+        # ...so a mask entry may differ only where its score is within that error of a tie.
+        differs = keep != central_keep
+        assert unexplained_flips(pruner, pattern, dense, pooled_stats, central_keep, differs) == 0
+        # Wanda keeps values untouched (identical); SparseGPT's updates differ by rounding only.
+        # SparseGPT and Wanda treat the rows of a matrix independently: a flip moves only its row.
+        rows = ~differs.any(dim=1)
+        if rows.any():
+            worst = max(worst, float((weight[rows] - central_weight[rows]).abs().max()))
     assert worst < 1e-5
     # Control: the tolerance is tight. Leaving one client's shard out changes the model.
+    monkeypatch.undo()  # the real pruner again
     flips_without, worst_without = compare(strategy.model, centralized(config, grid, {1, 2}))
     assert flips_without > 100 or worst_without > 1e-3
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_the_near_tie_check_excuses_rounding_and_nothing_more(pattern):
+    """``unexplained_flips`` on a matrix SparseGPT prunes: its scores rank as the pruner's do, a
+    flip between two scores a millionth apart is a near-tie, a swap across the ranking is not."""
+    from llm_pruning.pruners import SparsityPattern, sparsegpt_prune
+
+    generator = torch.Generator().manual_seed(0)
+    stats = HessianStats(16)  # correlated inputs: the error propagation matters
+    stats.add(torch.randn(256, 16, generator=generator) @ torch.randn(16, 16, generator=generator))
+    weight = torch.randn(8, 16, generator=generator)
+    rule = SparsityPattern.parse(pattern, 0.5)
+    hessian = stats.xtx.double()
+    diagonal = obs_factor(hessian).diagonal()
+    # One set of scores the pruner ranks: the whole matrix's, or those of row 1's second group
+    # on the values the sweep reaches after pruning its first group.
+    if pattern == "unstructured":
+        entries = [(r, c) for r in range(8) for c in range(16)]
+    else:
+        entries = [(1, c) for c in range(4, 8)]
+    columns = torch.tensor([c for _, c in entries])
+
+    def scored():
+        _, keep = sparsegpt_prune(weight, stats, rule)
+        if pattern == "unstructured":
+            values = weight.double().flatten()
+        else:
+            values = obs_reached(hessian, weight[1], keep[1], 4)[4:8]
+        kept = torch.tensor([bool(keep[entry]) for entry in entries])
+        return keep, values, (values / diagonal[columns]) ** 2, kept
+
+    def unexplained(keep, *swapped):
+        differs = torch.zeros_like(keep)
+        for i in swapped:
+            differs[entries[i]] = True
+        return unexplained_flips("sparsegpt", pattern, weight, stats, keep, differs)
+
+    keep, values, scores, kept = scored()
+    # These are the pruner's scores: its mask keeps the highest of every set.
+    if pattern == "unstructured":
+        sets = [(scores, kept)]
+    else:
+        sets = [
+            (obs_group_scores(hessian, weight[r], keep[r], start, 4), keep[r, start : start + 4])
+            for r in range(8)
+            for start in range(0, 16, 4)
+        ]
+    for set_scores, set_kept in sets:
+        assert set_kept[set_scores.argsort(descending=True)[: int(set_kept.sum())]].all()
+    order = scores.argsort().tolist()
+    pruned_order, kept_order = [i for i in order if not kept[i]], [i for i in order if kept[i]]
+    # A near-tie: the lowest kept score set to a millionth above the highest pruned one.
+    a, b = kept_order[0], pruned_order[-1]
+    target = values[b].abs() * diagonal[columns[a]] / diagonal[columns[b]] * (1 + 1e-6)
+    weight[entries[a]] += float(torch.copysign(target, values[a]) - values[a])
+    keep, values, scores, kept = scored()
+    assert (scores[a] / scores[b] - 1).abs() < 1e-5
+    # With the tie too, the pruner's mask is these scores' ranking, up to the tie.
+    ranked = torch.zeros_like(kept)
+    ranked[scores.argsort(descending=True)[: int(kept.sum())]] = True
+    assert unexplained(keep, *(ranked != kept).nonzero().flatten().tolist()) == 0
+    assert unexplained(keep, a, b) == 0  # a flip of the tie: rounding can do that
+    # Swapping the lowest pruned with the highest kept score: the highest is no tie.
+    assert unexplained(keep, pruned_order[0], kept_order[-1]) > 0
 
 
 def test_messages_carry_the_previous_pruned_layers_and_state_lives_on_disk(tmp_path):
