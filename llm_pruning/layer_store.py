@@ -26,11 +26,10 @@ from transformers import (
 )
 
 from llm_pruning.families import family_of
+from llm_pruning.model_folder import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, write_weights
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _STORE_ATTRIBUTE = "_fedspallm_layer_store"
 
 
@@ -253,12 +252,17 @@ class LayerStore:
     # ---------------------------------------------------------------------- saving
 
     def save_pretrained(
-        self, folder: Path, tokenizer: PreTrainedTokenizerBase | None = None
+        self,
+        folder: Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> None:
-        """Write a Hugging Face model folder, one decoder layer in memory at a time.
+        """Write a Hugging Face model folder as ``PreTrainedModel.save_pretrained`` writes it
+        (its shards, their names, the index), one decoder layer in memory at a time.
 
-        ``config.json`` (and the generation config), the tokenizer if given, one shard of the
-        non-layer tensors and one shard per decoder layer, and ``model.safetensors.index.json``.
+        ``config.json`` (and the generation config), the tokenizer if given, and the weights
+        split at ``max_shard_size`` (see :func:`llm_pruning.model_folder.write_weights`).
         Layer values are the resident module's if loaded, else the disk's (replacement or base).
         """
         folder = Path(folder)
@@ -267,8 +271,6 @@ class LayerStore:
         if folder.resolve() in protected:
             raise ValueError(f"save_pretrained: {folder} holds this store's own files")
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
-            stale.unlink(missing_ok=True)  # a stale model.safetensors would win over the index
         model = self.model
         # As PreTrainedModel.save_pretrained does: record dtype and class in the config.
         model.config.dtype = str(model.dtype).split(".")[1]
@@ -278,24 +280,26 @@ class LayerStore:
             model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        count = 1 + len(self)  # the non-layer shard, then one shard per decoder layer
-        weight_map, total_size = {}, 0
-        for number in range(count):
-            tensors = self._outer_state() if number == 0 else self._latest(number - 1)
-            file = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
-            safetensors.torch.save_file(
-                {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-                str(folder / file),
-                metadata={"format": "pt"},
-            )
-            weight_map.update({name: file for name in tensors})
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors  # one layer in memory at a time
-        index = {
-            "metadata": {"total_size": total_size, "total_parameters": model.num_parameters()},
-            "weight_map": dict(sorted(weight_map.items())),
+        outer = self._outer_state()
+        layer_of = {name: index for index, names in enumerate(self._entries) for name in names}
+        specs = {  # what save_pretrained writes; meta tensors (shape, dtype) for layer ones
+            name: outer[name] if name in outer else self._entries[layer_of[name]][name]
+            for name in model.state_dict()
+            if name in outer or name in layer_of
         }
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        cached: dict[int, dict[str, torch.Tensor]] = {}  # the one layer in memory
+
+        def fetch(name: str) -> torch.Tensor:
+            if name in outer:
+                return outer[name]
+            index = layer_of[name]
+            if index not in cached:
+                cached.clear()  # drop the previous layer before reading the next
+                cached[index] = self._latest(index)
+            return cached[index][name]
+
+        total = model.num_parameters()
+        write_weights(folder, specs, fetch, max_shard_size=max_shard_size, total_parameters=total)
 
     # -------------------------------------------------------------------- internals
 

@@ -159,10 +159,14 @@ def save_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
         store = layer_store(model)
+        # Split into files of at most max-shard-size, as save_pretrained splits.
+        shard_size = config.max_shard_size
         if store is not None:  # one layer at a time, from the run's layers on disk
-            store.save_pretrained(run_dir / "model", tokenizer)
+            store.save_pretrained(run_dir / "model", tokenizer, max_shard_size=shard_size)
         else:
-            model.save_pretrained(run_dir / "model", safe_serialization=True)
+            model.save_pretrained(
+                run_dir / "model", safe_serialization=True, max_shard_size=shard_size
+            )
             tokenizer.save_pretrained(run_dir / "model")
         report["sparsity"] = {
             "target": config.sparsity,

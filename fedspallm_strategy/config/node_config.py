@@ -22,8 +22,8 @@ from llm_pruning.data import calibration_segments
 class NodeConfig:
     """What one SuperNode says about itself (``--node-config``): its data and its resources."""
 
-    partition_id: int = 0
-    num_partitions: int = 1
+    partition_id: int = 0  # this node's shard of the run's calib-data (simulation: Flower sets it)
+    num_partitions: int = 1  # how many shards calib-data is cut into (simulation: Flower sets it)
     data_path: str | None = None  # private text; replaces the run's calib-data partition
     layer_budget: int | None = None  # decoder layers this node can prune per round
     device: str | None = None  # overrides the run's device on this node

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+# The parser save_pretrained's max_shard_size goes through (transformers 5 hands the string to
+# huggingface_hub's split_torch_state_dict_into_shards); not exported by huggingface_hub.
+from huggingface_hub.serialization._base import parse_size_to_int
+
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
@@ -56,8 +60,8 @@ class RunConfig:
     eval_data: tuple[str, ...] = ("python-docs",)  # comma-separated list in run config
     eval_windows: int = 8  # at most this many windows per eval set (0 = all)
     eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML paths (the eval extra)
-    seed: int = 0
-    output_dir: str = "runs"
+    seed: int = 0  # seeds shards, layer sampling and tie-breaks: same seed, same model
+    output_dir: str = "runs"  # where run folders go (relative: to where the SuperLink started)
     device: str = "cpu"  # server-side evaluation device; nodes may override in node config
     compare_centralized: bool = False  # also prune centrally on the pooled shards (simulation)
     standalone_eval: bool = True  # also score each client's own pruned model (one eval each)
@@ -82,6 +86,7 @@ class RunConfig:
     owl_m: float = 5.0  # owl: a Wanda score above owl-m x its layer's mean is an outlier
     owl_lambda: float = 0.08  # owl: the most a layer's sparsity may differ from the target
     push_to_hub: str = ""  # server only: a hub repo id (owner/name) to push model/ to, or ""
+    max_shard_size: str = "50GB"  # split model/'s weights into files of at most this, e.g. 500MB
 
     @property
     def resolves(self) -> bool:
@@ -124,6 +129,7 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
+        _check_shard_size(self.max_shard_size)
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
         _one_of("partition", self.partition, PARTITIONS)
@@ -258,6 +264,20 @@ def check_device(key: str, device: str) -> str:
     if not _DEVICE.match(device):
         raise ConfigError(f"{key} must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     return device
+
+
+def _check_shard_size(size: str) -> None:
+    """``max-shard-size`` as ``save_pretrained`` reads it (huggingface_hub's parser): a number
+    and a unit of KB, MB, GB or TB (powers of 1000), positive."""
+    try:
+        limit = parse_size_to_int(size)
+    except (ValueError, OverflowError):  # OverflowError: "infGB"
+        limit = 0
+    if limit <= 0:
+        raise ConfigError(
+            f"max-shard-size must be a positive size with a unit of KB, MB, GB or TB "
+            f"(powers of 1000), such as '50GB' or '500MB'; got {size!r}"
+        )
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
