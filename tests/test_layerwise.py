@@ -7,6 +7,7 @@ identical shards give identical re-solves, one client equals standalone SparseGP
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,32 @@ def test_global_calibration_with_resolve_gives_the_exact_sparsity_and_a_report(t
         assert int((weight == 0).sum()) == int(np.ceil(0.6 * weight.numel() - 1e-9)), name
     assert report["rejected"] == []
     assert "global" in report["perplexity"]
+
+
+def test_each_rounds_bytes_are_that_rounds_and_add_up_to_the_totals(tmp_path):
+    config = make_config(tmp_path, resolve=True)  # local calibration: prune, then re-solve
+    run_dir = run_federation(InProcessGrid.simulation(client_app, 2, {}), config, run_id=32)
+    report = json.loads((run_dir / "report.json").read_text())
+    communication, rounds = report["communication"], report["layerwise"]["per_round"]
+    per_round = communication["per_round"]
+    assert sorted(per_round) == ["1", "2"]
+    for kind, label in (("bytes_up", "bytes-up"), ("bytes_down", "bytes-down")):
+        for node, total in communication[kind].items():
+            assert sum(per_round[r][kind].get(node, 0) for r in per_round) == total
+        # the round's metric is that round alone, not the running total
+        assert [entry[label] for entry in rounds] == [
+            sum(per_round[str(entry["round"])][kind].values()) for entry in rounds
+        ]
+    pruned, resolved = (sum(per_round[r]["bytes_up"].values()) for r in ("1", "2"))
+    # round 1 carries kept values and mask bits, round 2 the kept values alone (float32)
+    model, _ = load_model("tiny-llama")
+    kept = sum(
+        math.ceil(linear.weight.numel() / 2)  # sparsity 0.5: half of each matrix kept
+        for layer in range(num_layers(model))
+        for linear in prunable_weights(model, layer).values()
+    )
+    assert resolved < pruned < resolved + kept  # mask bits are a sixteenth of fp16 values
+    assert communication["total_up"] == pruned + resolved
 
 
 def test_a_resolve_reply_that_does_not_match_the_sent_mask_is_rejected(tmp_path):

@@ -21,6 +21,10 @@ class Accounting:
     assignments: dict[int, dict[int, list[int]]] = field(
         default_factory=dict
     )  # round -> node -> layers
+    # round -> {"bytes_up": node -> bytes, "bytes_down": node -> bytes}: that round alone
+    # (bytes_up and bytes_down above are each node's totals over the run)
+    per_round: dict[int, dict[str, dict[int, int]]] = field(default_factory=dict)
+    current_round: int = 0  # the round that add_up and add_down count into
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -39,11 +43,41 @@ class Accounting:
             largest_up=data.get("largest_up", 0),
             client_metrics=ints(data["client_metrics"]),
             assignments={int(r): ints(a) for r, a in data["assignments"].items()},
+            per_round={
+                int(r): {kind: ints(sizes) for kind, sizes in moved.items()}
+                for r, moved in data.get("per_round", {}).items()
+            },
+            current_round=data.get("current_round", 0),
         )
 
+    def start_round(self, server_round: int) -> None:
+        """Count the bytes from now on into ``server_round`` (0: the profile round)."""
+        self.current_round = server_round
+        self.per_round.setdefault(server_round, {"bytes_up": {}, "bytes_down": {}})
+
+    def _count(self, kind: str, node: int, size: int) -> None:
+        totals = getattr(self, kind)
+        totals[node] = totals.get(node, 0) + size
+        this_round = self.per_round.setdefault(
+            self.current_round, {"bytes_up": {}, "bytes_down": {}}
+        )[kind]
+        this_round[node] = this_round.get(node, 0) + size
+
+    def add_down(self, node: int, size: int) -> None:
+        """A message of ``size`` bytes sent to ``node`` in the current round."""
+        self._count("bytes_down", node, size)
+
+    def round_bytes(self, server_round: int) -> dict[str, int]:
+        """``bytes-up`` and ``bytes-down`` of ``server_round`` alone, over every node."""
+        moved = self.per_round.get(server_round, {})
+        return {
+            "bytes-up": sum(moved.get("bytes_up", {}).values()),
+            "bytes-down": sum(moved.get("bytes_down", {}).values()),
+        }
+
     def add_up(self, node: int, size: int) -> None:
-        """An accepted reply of ``size`` bytes from ``node``."""
-        self.bytes_up[node] = self.bytes_up.get(node, 0) + size
+        """An accepted reply of ``size`` bytes from ``node``, in the current round."""
+        self._count("bytes_up", node, size)
         self.largest_up = max(self.largest_up, size)
 
     def add_metrics(self, node: int, metrics: dict) -> None:

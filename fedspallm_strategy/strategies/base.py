@@ -159,6 +159,13 @@ class ServerEvaluated(Strategy):
                 "total_up": sum(accounting.bytes_up.values()),
                 "total_down": sum(accounting.bytes_down.values()),
                 "largest_up": accounting.largest_up,
+                # what each round alone moved (the sections above are totals over the run)
+                "per_round": {
+                    str(r): {
+                        kind: {str(n): b for n, b in sizes.items()} for kind, sizes in moved.items()
+                    }
+                    for r, moved in sorted(accounting.per_round.items())
+                },
                 "dense_fp16_bytes_all_layers": dense_fp16,
             },
             "rejected": accounting.rejected,

@@ -153,6 +153,7 @@ class Exact(ServerEvaluated):
         if server_round > self.rounds or not self.remaining:
             return []
         self._round_start = time.perf_counter()
+        self.accounting.start_round(server_round)
         layers = list(self.plan.rounds[server_round - 1])
         if self.participants is None:
             self.participants = sorted(grid.get_node_ids(), key=lambda n: (self._name(n), n))
@@ -178,7 +179,7 @@ class Exact(ServerEvaluated):
             if previous:
                 content[PREVIOUS_KEY] = bytes_record(previous, PREVIOUS_KEY)
             down = len(spec.deflate()) + len(extra.deflate()) + len(previous)
-            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + down
+            self.accounting.add_down(node, down)
             self.assignments[node] = layers
             messages.append(
                 Message(
@@ -260,7 +261,7 @@ class Exact(ServerEvaluated):
             "rejected": len(failed),
             "layers-done": len(layers),
             "layers-pending": len(self.remaining),
-            "bytes-up": sum(self.accounting.bytes_up.values()),
+            **self.accounting.round_bytes(server_round),
             "prune-seconds": round(time.perf_counter() - start, 3),
         }
         return MetricRecord(metrics)

@@ -187,6 +187,7 @@ class LayerwiseMerge(MergeStrategy):
         if server_round > self.rounds:
             return []
         step = self.plan[server_round - 1]
+        self.accounting.start_round(server_round)
         connected = set(grid.get_node_ids())
         if self.owned is None:  # sample once: every node's layers for the whole run
             self.owned = self.assign_layers(sorted(connected))
@@ -219,7 +220,7 @@ class LayerwiseMerge(MergeStrategy):
                 sent += len(masks)
             if down:
                 content[GLOBAL_KEY] = bytes_record(down, GLOBAL_KEY)
-            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + sent
+            self.accounting.add_down(node, sent)
             self.assignments[node], self.steps[node] = list(prune), mine
             messages.append(
                 Message(
@@ -318,7 +319,7 @@ class LayerwiseMerge(MergeStrategy):
             "layers-pruned": len(step.prune),
             "layers-resolved": len(step.resolve),
             "layers-pending": len(self.remaining),
-            "bytes-up": sum(self.accounting.bytes_up.values()),
+            **self.accounting.round_bytes(server_round),
             "aggregation-seconds": round(time.perf_counter() - start, 3),
         }
         self.round_log.append({"round": server_round, **step.as_dict(), **metrics})

@@ -189,12 +189,11 @@ class MergeStrategy(ServerEvaluated):
             return []
         self.assignments = self.assign_layers(list(grid.get_node_ids()))
         self.accounting.assignments[self._round(server_round)] = self.assignments
+        self.accounting.start_round(self._round(server_round))
         messages = []
         for node, layers in self.assignments.items():
             record = request_record(self.config, layers, self.layer_sparsities(layers))
-            self.accounting.bytes_down[node] = self.accounting.bytes_down.get(node, 0) + len(
-                record.deflate()
-            )
+            self.accounting.add_down(node, len(record.deflate()))
             content = RecordDict({SPEC_KEY: record})
             messages.append(
                 Message(content, message_type="train", dst_node_id=node, group_id=str(server_round))
@@ -289,7 +288,7 @@ class MergeStrategy(ServerEvaluated):
             "rejected": len(self.accounting.rejected_in(this_round)),
             "layers-done": len(delivered),
             "layers-pending": len(self.remaining),
-            "bytes-up": sum(self.accounting.bytes_up.values()),
+            **self.accounting.round_bytes(this_round),
             "aggregation-seconds": round(time.perf_counter() - start, 3),
         }
         if self.checkpoint_dir is not None:

@@ -81,10 +81,11 @@ def run_profile_round(strategy, grid: Grid, timeout: float) -> SparsityProfile:
         )
         for node in nodes
     ]
+    strategy.accounting.start_round(PROFILE_ROUND)
     for message in messages:
         down = sum(len(record.deflate()) for record in message.content.config_records.values())
         node = message.metadata.dst_node_id
-        strategy.accounting.bytes_down[node] = strategy.accounting.bytes_down.get(node, 0) + down
+        strategy.accounting.add_down(node, down)
     strategy.assignments, strategy.sent = {node: [] for node in nodes}, messages
     log.info("owl: profile round (%s) over %d nodes", kind, len(nodes))
     replies = grid.send_and_receive(messages, timeout=timeout)
