@@ -1,0 +1,894 @@
+"""Write docs/results.md from the benchmark results in bench/results/*.json.
+
+    python bench/results_page.py            # (re)write docs/results.md
+    python bench/results_page.py --check    # exit 1 if docs/results.md is not what it would write
+
+The page has one environment header, built from what the result files record (their
+``machine`` and ``measured`` fields), then one section per file in ``SECTIONS``: a sentence
+on what it measures, its tables, and the command that wrote the file. Every command's
+``--flag value`` pairs are checked against the ``args`` the file recorded, and every JSON in
+bench/results/ must be either in ``SECTIONS`` or in ``EXCLUDED`` (with the reason as a
+comment), so a new result is never left off silently and the page cannot go stale unnoticed
+(tests/test_results_page.py). A missing field raises ``ResultError`` naming the file.
+
+Standard library only, and nothing from the project: the page builds without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "results.md"
+GENERATOR = "python bench/results_page.py"
+
+# Result files that are not on the page (reasons for developers; the page never lists them).
+EXCLUDED = frozenset(
+    {
+        # Perplexities scored on the first `eval-windows` windows of the text (measured
+        # 2026-11-23 to 2026-12-01, before the evenly spaced windows); re-run to include.
+        "compare_strategies.json",
+        # Same: first-windows perplexities (the 4x2/4x4/4x8 sweep and the layer-wise rows).
+        "data_scarcity.json",
+        # Same: first-windows perplexities (eval_windows 16); also records no run date.
+        "poisoning.json",
+        # Same: first-windows perplexities on python-docs (2 clients), and torch ran with
+        # 1 thread where the header's runs use 2.
+        "secure_exact.json",
+        # Same as secure_exact.json, 3 clients.
+        "secure_exact_3clients.json",
+    }
+)
+
+
+class ResultError(ValueError):
+    """A result file that the page cannot be built from; the message names the file."""
+
+
+def _where(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+class Result:
+    """One bench/results/*.json, with field access that names the file when a field is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = _where(path)
+        try:
+            self.data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ResultError(f"{self.where}: cannot be read as JSON ({error})") from error
+        if not isinstance(self.data, dict):
+            raise ResultError(f"{self.where}: not a JSON object")
+
+    def error(self, message: str) -> ResultError:
+        return ResultError(f"{self.where}: {message}")
+
+    def get(self, *keys: str | int):
+        value = self.data
+        for depth, key in enumerate(keys):
+            try:
+                value = value[key]
+            except (KeyError, IndexError, TypeError):
+                name = ".".join(str(k) for k in keys[: depth + 1])
+                raise self.error(f"missing required field {name!r}") from None
+        return value
+
+    def num(self, *keys: str | int) -> float:
+        value = self.get(*keys)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            name = ".".join(str(k) for k in keys)
+            raise self.error(f"field {name!r} is not a number: {value!r}")
+        return value
+
+    def arg(self, name: str):
+        return self.get("args", name)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+PRUNERS = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude"}
+
+
+def sparsity_label(value: str | float) -> str:
+    """0.7 -> 70 %; an N:M pattern stays as it is."""
+    text = str(value)
+    if ":" in text:
+        return text
+    return f"{float(text) * 100:g} %"
+
+
+def shape_label(text: str) -> str:
+    return text.replace("x", " × ")
+
+
+def completed(r: Result, run: dict, where: str) -> None:
+    if run.get("status", "finished:completed") != "finished:completed":
+        raise r.error(f"{where} did not complete (status {run.get('status')!r})")
+
+
+# ---------------------------------------------------------------- sections
+
+
+def profiles_section(r: Result) -> list[str]:
+    data = r.arg("data")
+    first_eval = f"{data}/persuasion.txt"
+    strategies = r.arg("profile_strategies").split(",")
+    profiles = r.arg("profiles").split(",")
+    results = r.get("results")
+    columns = list(results)
+    if not columns:
+        raise r.error("missing required field 'results' (no columns)")
+    seqlen = r.arg("seqlen")
+
+    def ppl(column: str, row: str) -> str:
+        return f1(r.num("results", column, row, first_eval))
+
+    header = ["strategy, profile"] + [
+        f"{PRUNERS.get(c.split()[0], c.split()[0])} {sparsity_label(c.split()[1])}" for c in columns
+    ]
+    rows = [["dense"] + [ppl(c, "dense") for c in columns]]
+    rows += [
+        [f"{s}, {p}"] + [ppl(c, f"{s} {p}") for c in columns] for s in strategies for p in profiles
+    ]
+    overall = []
+    for c in columns:
+        shares = {
+            round(r.num("results", c, f"{s} {p}-overall-sparsity"), 6)
+            for s in strategies
+            for p in profiles
+        }
+        if len(shares) == 1:
+            overall.append(f"{shares.pop():.6f} at {sparsity_label(c.split()[1])}")
+    requested = [
+        f"{p} {s}" for p in r.arg("pruners").split(",") for s in r.arg("sparsities").split(",")
+    ]
+    missing = [c for c in requested if c not in results]
+    notes = []
+    if overall:
+        notes.append(
+            "Every row of a column prunes the same number of weights (overall sparsity "
+            + ", ".join(overall)
+            + ")."
+        )
+    if missing:
+        notes.append(
+            "The results file holds no column for "
+            + ", ".join(
+                f"{PRUNERS.get(c.split()[0], c.split()[0])} {sparsity_label(c.split()[1])}"
+                for c in missing
+            )
+            + "."
+        )
+    return [
+        f"Perplexity (lower is better) on Jane Austen's *Persuasion* ({r.arg('eval_windows')} "
+        f"windows of {seqlen} tokens spread evenly over the text) of `{r.arg('model')}` pruned "
+        f"by {', '.join(f'`{s}`' for s in strategies)} under a uniform and an OWL sparsity "
+        f"profile (OWL M = {r.num('args', 'owl_m'):g}, λ = {r.num('args', 'owl_lambda'):g}), "
+        f"with one client for each of the other Austen novels, {r.arg('segments')} × {seqlen} "
+        "calibration tokens each.",
+        table(header, rows),
+        " ".join(notes),
+    ]
+
+
+def parallel_section(r: Result) -> list[str]:
+    clients = r.num("args", "clients")
+    cores = r.num("machine", "cpus_usable")
+    rows = []
+    for i, run in enumerate(r.get("rows")):
+        completed(r, run, f"rows[{i}]")
+        cpus = r.num("rows", i, "client_cpus")
+        per_client = sorted(
+            r.num("rows", i, "perplexity", "standalone", "per_client", node, "python-docs")
+            for node in r.get("rows", i, "perplexity", "standalone", "per_client")
+        )
+        rows.append(
+            [
+                str(cpus),
+                str(int(min(clients, max(1, cores // cpus)))),
+                f1(r.num("rows", i, "wall_s")),
+                f1(r.num("rows", i, "report_timings", "federation")),
+                f2(r.num("rows", i, "perplexity", "dense", "python-docs")),
+                " / ".join(f2(x) for x in per_client),
+                f2(r.num("rows", i, "perplexity", "standalone", "mean", "python-docs")),
+                f2(r.num("rows", i, "perplexity", "global", "python-docs")),
+            ]
+        )
+    header = [
+        "`client-resources-num-cpus`",
+        "clients at once",
+        "wall s",
+        "federation stage s",
+        "dense ppl",
+        "each client alone, ppl",
+        "clients' mean ppl",
+        "global ppl",
+    ]
+    return [
+        f"Wall time and held-out `python-docs` perplexity of the app's default job on "
+        f"`{r.arg('model')}` with {clients:g} simulated clients, run by `flwr run .` on an "
+        "already running local SuperLink, once per `client-resources-num-cpus` value: each "
+        "ClientApp gets that many CPUs and torch threads, and Ray runs as many at once as the "
+        "cores allow.",
+        table(header, rows),
+    ]
+
+
+def reference_section(r: Result) -> list[str]:
+    pattern = r.arg("pattern")
+    scheme = (
+        f"{sparsity_label(r.num('args', 'sparsity'))} unstructured"
+        if pattern == "unstructured"
+        else pattern
+    )
+    layers = int(r.num("args", "layers"))
+
+    def total_row(label: str, *base: str) -> list[str]:
+        count = range(len(r.get(*base)))
+        ours = sum(r.num(*base, i, "ours_min_s") for i in count)
+        ref = sum(r.num(*base, i, "ref_min_s") for i in count)
+        ours_err = sum(r.num(*base, i, "ours_err") for i in count)
+        ref_err = sum(r.num(*base, i, "ref_err") for i in count)
+        ratios = [r.num(*base, i, "err_ratio") for i in count]
+        return [
+            label,
+            f"{ours:.3f}",
+            f"{ref:.3f}",
+            f"**{ref / ours:.2f}×**",
+            f"{ours_err / ref_err:.4f} (per matrix {min(ratios):.4f}–{max(ratios):.4f})",
+        ]
+
+    n_model = len(r.get("results", "sparsegpt", "matrices"))
+    model_rows = ("results", "sparsegpt", "matrices")
+    rows = [total_row(f"`{r.arg('model')}` layers 0–{layers - 1}, {n_model} matrices", *model_rows)]
+    shapes = r.get("shapes")
+    for i in range(len(shapes)):
+        ours, ref = r.num("shapes", i, "ours_min_s"), r.num("shapes", i, "ref_min_s")
+        rows.append(
+            [
+                shape_label(r.get("shapes", i, "matrix")),
+                f"{ours:.3f}",
+                f"{ref:.3f}",
+                f"{ref / ours:.2f}×",
+                f"{r.num('shapes', i, 'err_ratio'):.4f}",
+            ]
+        )
+    if shapes:
+        rows.append(total_row(f"the {len(shapes)} random shapes together", "shapes"))
+    header = ["matrices", "ours s", "reference s", "reference / ours", "error, ours / reference"]
+    return [
+        f"Seconds to prune with this project's SparseGPT and with the reference "
+        "`SparseGPT.fasterprune` (github.com/IST-DASLab/sparsegpt) on the same inputs and "
+        f"Hessian, {scheme}, best of {r.arg('timing_repeats')} alternating runs per matrix: the "
+        f"first {layers} decoder layers of `{r.arg('model')}` calibrated on "
+        f"{r.arg('segments')} × {r.arg('seqlen')} `{r.arg('calib_data')}` tokens, and random "
+        "matrices on one shared Hessian; the error is the reconstruction error "
+        "‖WX − ŴX‖² on the calibration inputs.",
+        table(header, rows),
+    ]
+
+
+def whole_client_section(r: Result) -> list[str]:
+    rows = []
+    for pruner in r.get("results"):
+        timing = ("results", pruner, "timings")
+        layers = r.num("results", pruner, "layers")
+        total = r.num("results", pruner, "total_s")
+        rows.append(
+            [PRUNERS.get(pruner, pruner), f"{layers:g}"]
+            + [f2(r.num(*timing, stage)) for stage in ("capture", "statistics", "prune", "forward")]
+            + [f2(total), f2(total / layers)]
+        )
+    header = [
+        "pruner",
+        "layers",
+        "capture s",
+        "statistics s",
+        "prune s",
+        "forward s",
+        "total s",
+        "per layer s",
+    ]
+    pattern = r.arg("pattern")
+    scheme = (
+        f"{sparsity_label(r.num('args', 'sparsity'))} unstructured"
+        if pattern == "unstructured"
+        else pattern
+    )
+    return [
+        f"Seconds per stage when one client prunes every decoder layer of `{r.arg('model')}` "
+        f"layer by layer at {scheme}, calibrated on {r.arg('segments')} × {r.arg('seqlen')} "
+        f"`{r.arg('calib_data')}` tokens: capturing the first layer's inputs, the statistics "
+        "forward through each dense layer, pruning, and the forward through the pruned layer "
+        "to the next.",
+        table(header, rows),
+    ]
+
+
+def wire_memory_section(r: Result) -> list[str]:
+    wire = r.get("results", "wire")
+    if not wire:
+        raise r.error("missing required field 'results.wire' (empty)")
+    shared = {}
+    for key in ("matrices", "numel", "dense_fp16_bytes", "model_dtype"):
+        values = {json.dumps(r.get("results", "wire", i, key)) for i in range(len(wire))}
+        if len(values) != 1:
+            raise r.error(f"results.wire rows disagree on {key!r}")
+        shared[key] = r.get("results", "wire", 0, key)
+    dtype = shared["model_dtype"]
+    dense = shared["dense_fp16_bytes"]
+    rows = []
+    for i in range(len(wire)):
+        values = r.get("results", "wire", i, "values")
+        native = r.num("results", "wire", i, "payload_model_dtype_bytes")
+        half = r.num("results", "wire", i, "payload_fp16_bytes")
+        rows.append(
+            [
+                PRUNERS.get(r.get("results", "wire", i, "pruner"), "?"),
+                sparsity_label(r.get("results", "wire", i, "sparsity")),
+                "kept values + mask" if values else "mask only",
+                mb(native),
+                mb(half),
+                f"{native / dense:.3f}× / {half / dense:.3f}×",
+                f"{r.num('results', 'wire', i, 'down_bytes_all_layers'):g}",
+            ]
+        )
+    wire_header = [
+        "pruner",
+        "sparsity",
+        "payload",
+        f"up MB, {dtype} values",
+        "up MB, fp16 values",
+        f"vs dense fp16 ({dtype} / fp16)",
+        "down bytes",
+    ]
+    blocks = [
+        f"Bytes one client sends up after pruning all {shared['matrices']} prunable matrices "
+        f"({shared['numel'] / 1e6:.1f} M weights) of `{r.arg('model')}`, against the same "
+        f"matrices dense in fp16 ({mb(dense)} MB), and the bytes the server sends down for all "
+        "layers (MB = 10⁶ bytes).",
+        table(wire_header, rows),
+    ]
+    server = r.get("results", "server")
+    if server:
+        server_rows = [
+            [
+                f"{r.num('results', 'server', i, 'clients'):g}",
+                f"{r.num('results', 'server', i, 'layers'):g}",
+                gib(r.num("results", "server", i, "baseline_rss")),
+                gib(r.num("results", "server", i, "peak_rss")),
+            ]
+            for i in range(len(server))
+        ]
+        blocks += [
+            "Peak RSS (`VmHWM`) of a server process that merges the replies of K clients "
+            f"(SparseGPT-sized, {sparsity_label(r.arg('server_sparsity'))}) for every layer of "
+            f"`{r.arg('model')}` through the strategy's aggregation, the replies streamed one "
+            "at a time (GiB = 2³⁰ bytes).",
+            table(["clients K", "layers", "RSS before the round GiB", "peak RSS GiB"], server_rows),
+        ]
+    return blocks
+
+
+def client_memory_section(r: Result) -> list[str]:
+    base = ("results", "client")
+    threads = r.num("args", "threads") or r.num("machine", "torch_threads")
+    row = [
+        f"{r.num(*base, 'layers'):g}",
+        f"{r.num(*base, 'metrics', 'tokens'):g}",
+        f"{threads:g}",
+        f1(r.num(*base, "seconds")),
+        mb(r.num(*base, "payload_bytes")),
+        gib(r.num(*base, "peak_rss")),
+    ]
+    header = ["layers", "calibration tokens", "torch threads", "s", "payload MB", "peak RSS GiB"]
+    return [
+        "Peak RSS (`VmHWM`, whole process) of one client process that prunes "
+        f"{r.num(*base, 'layers'):g} decoder layers of `{r.arg('model')}` with SparseGPT on "
+        f"{r.arg('client_segments')} × {r.arg('client_seqlen')} `python-docs` tokens "
+        "(GiB = 2³⁰ bytes, MB = 10⁶ bytes).",
+        table(header, [row]),
+    ]
+
+
+WAYS = {
+    "inprocess": "in-process",
+    "flwr_cold": "`flwr run .`, SuperLink started by the run",
+    "flwr_warm": "`flwr run .`, SuperLink already running",
+}
+
+
+def overhead_section(r: Result) -> list[str]:
+    rows = []
+    for i, repeat in enumerate(r.get("rows")):
+        base_wall = r.num("rows", i, "inprocess", "wall_s")
+        base_timings = r.get("rows", i, "inprocess", "report_timings")
+        base_in_run = sum(r.num("rows", i, "inprocess", "report_timings", k) for k in base_timings)
+        for way, label in WAYS.items():
+            if way not in repeat:
+                continue
+            completed(r, repeat[way], f"rows[{i}].{way}")
+            wall = r.num("rows", i, way, "wall_s")
+            timings = r.get("rows", i, way, "report_timings")
+            in_run = sum(r.num("rows", i, way, "report_timings", k) for k in timings)
+            flwr = way != "inprocess"
+            rows.append(
+                [
+                    f"{r.num('rows', i, 'repeat'):g}",
+                    label,
+                    f1(wall),
+                    f1(wall - base_wall) if flwr else "–",
+                    f1(in_run),
+                    f"{in_run / base_in_run:.2f}" if flwr else "1",
+                    f1(r.num("rows", i, way, "report_timings", "federation")),
+                ]
+            )
+    header = [
+        "repeat",
+        "way",
+        "wall s",
+        "wall − in-process wall s",
+        "in-run s",
+        "in-run / in-process in-run",
+        "federation stage s",
+    ]
+    return [
+        f"Wall time of one run plan (`{r.arg('model')}`, {r.arg('clients')} clients, "
+        f"{r.arg('calib_samples')} × {r.arg('seqlen')} calibration tokens, "
+        f"{r.arg('eval_windows')} evaluation windows) executed in-process (imports included) "
+        "and by `flwr run .`; in-run is the sum of the run's own report timings (model load, "
+        "evaluations and the federation stage).",
+        table(header, rows),
+    ]
+
+
+ROLES = (("superlink", "SuperLink"), ("serverapp", "ServerApp"), ("clientapp", "ClientApp"))
+
+
+def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
+    runs = r.get("rows")
+    named = [v for command in commands for v in _flags(command).get("runs", [])]
+    recorded = [r.get("rows", i, "run") for i in range(len(runs))]
+    if sorted(named) != sorted(recorded):
+        raise r.error(f"rows {recorded} are not the runs its commands name ({named})")
+    rows = []
+    for i, run in enumerate(runs):
+        completed(r, run, f"rows[{i}]")
+
+        def role(name: str, i: int = i) -> str:
+            roles = r.get("rows", i, "roles")
+            return gb(r.num("rows", i, "roles", name, "peak_rss_bytes")) if name in roles else "–"
+
+        rows.append(
+            [
+                r.get("rows", i, "run"),
+                r.get("rows", i, "model"),
+                f"{r.num('rows', i, 'clients'):g}",
+                f"{r.num('rows', i, 'wall_s'):.0f}",
+                *(role(name) for name, _ in ROLES),
+                role("supernode"),
+                mb(r.num("rows", i, "largest_message_bytes")),
+                mb(r.num("rows", i, "bytes_per_round_max")),
+                f"{r.num('rows', i, 'rounds'):g}",
+                f"{r.num('rows', i, 'rejected'):g}",
+            ]
+        )
+    header = (
+        ["run", "model", "K", "wall s"]
+        + [f"{title} GB" for _, title in ROLES]
+        + ["SuperNode GB", "largest message MB", "bytes/round max MB", "rounds", "rejected"]
+    )
+    configs = [r.get("rows", i, "config") for i in range(len(runs))]
+    pruners = sorted({str(r.get("rows", i, "config", "pruner")) for i in range(len(runs))})
+    per_round = sorted({str(c.get("layers-per-round")) for c in configs})
+    dtypes = sorted({str(c.get("dtype")) for c in configs})
+    fractions = sorted(
+        {(c["model"], c["layer-fraction"]) for c in configs if "layer-fraction" in c}
+    )
+    fraction_text = "".join(
+        f"; on `{model}` each client prunes a {share:g} share of the layers"
+        for model, share in fractions
+    )
+    sizes = r.get("message_sizes")
+    size_rows = [
+        [
+            r.get("message_sizes", i, "model"),
+            PRUNERS.get(r.get("message_sizes", i, "pruner"), "?"),
+            mb(r.num("message_sizes", i, "layer")),
+            mb(r.num("message_sizes", i, "model_all")),
+        ]
+        for i in range(len(sizes))
+    ]
+    fits = r.get("extrapolation")
+    fit_rows = [
+        [
+            r.get("extrapolation", i, "role"),
+            r.get("extrapolation", i, "way"),
+            f"{r.num('extrapolation', i, 'clients'):g}",
+            f2(r.num("extrapolation", i, "measured_1b_gb")),
+            f2(r.num("extrapolation", i, "measured_7b_gb")),
+            f2(r.num("extrapolation", i, "extrapolated_70b_gb")),
+        ]
+        for i in range(len(fits))
+    ]
+    return [
+        "Peak RSS (`VmHWM`) per process role, message sizes and wall time of real federations "
+        "of the built-in `synthetic-1b` and `synthetic-7b` models (LLaMA-3.2-1B and LLaMA-2-7B "
+        "shapes, seeded random weights): `flwr run .` in simulation (`sim`) or a loopback "
+        "deployment with one SuperNode process per client (`deploy`), "
+        f"`layers-per-round` {', '.join(per_round)}, `dtype` {', '.join(dtypes)}, pruner "
+        f"{', '.join(pruners)}{fraction_text} (GB = 10⁹ bytes, MB = 10⁶ bytes; a role with "
+        "several processes shows the largest).",
+        table(header, rows),
+        "The exact size of a valid reply, one layer and all layers in one reply, as the server "
+        "enforces it (computed, not run).",
+        table(
+            ["model", "pruner", "one layer MB", "all layers in one reply MB"],
+            size_rows,
+        ),
+        "Peak RSS per role fitted on the 1B and 7B runs above of the same way and K as "
+        "base + a × (bytes outside the decoder layers) + b × (bytes of one layer), with base "
+        f"{gb(r.num('baseline_rss_bytes'))} GB (a process that only imported torch, "
+        "transformers and flwr), and evaluated at LLaMA-2-70B's sizes (computed, not run).",
+        table(["role", "way", "K", "1B GB", "7B GB", "70B GB (extrapolated)"], fit_rows),
+    ]
+
+
+class Section(NamedTuple):
+    file: str
+    title: str
+    commands: tuple[str, ...]
+    render: Callable[..., list[str]]
+    records_machine: bool = True
+    # False where the file's machine record is not the measuring invocation's (its load
+    # average would describe another moment)
+    load_of_measurement: bool = True
+    # args that may differ from a command's flags: the output path, and flags whose values
+    # the renderer checks itself
+    unchecked: tuple[str, ...] = ("out",)
+    commands_note: str = ""
+
+
+ENGINE_SHAPES = "576x576,1536x576,576x1536,2048x2048"
+REFERENCE = "git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref_sparsegpt"
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "compare_strategies_profiles.json",
+        "Uniform and OWL sparsity profiles",
+        (
+            "python bench/compare_strategies.py --sparsities 0.7,0.8,0.6 --pruners sparsegpt "
+            "--profiles uniform,owl --profile-strategies centralized,fedspallm,exact "
+            "--segments 4 --eval-windows 8",
+        ),
+        profiles_section,
+        records_machine=False,
+    ),
+    Section(
+        "parallel_clients.json",
+        "Simulated clients one after another or side by side",
+        ("python bench/parallel_clients.py",),
+        parallel_section,
+    ),
+    Section(
+        "engine_speed.json",
+        "SparseGPT against the reference implementation, unstructured",
+        (
+            REFERENCE,
+            "python bench/engine_speed.py --layers 2 --pruners sparsegpt "
+            f"--reference /tmp/ref_sparsegpt --shapes {ENGINE_SHAPES}",
+        ),
+        reference_section,
+        commands_note="the first line fetches the reference implementation, outside the project",
+    ),
+    Section(
+        "engine_speed_2of4.json",
+        "SparseGPT against the reference implementation, 2:4",
+        (
+            REFERENCE,
+            "python bench/engine_speed.py --layers 2 --pruners sparsegpt --pattern 2:4 "
+            f"--reference /tmp/ref_sparsegpt --shapes {ENGINE_SHAPES} "
+            "--out bench/results/engine_speed_2of4.json",
+        ),
+        reference_section,
+        commands_note="the first line fetches the reference implementation, outside the project",
+    ),
+    Section(
+        "engine_speed_whole.json",
+        "The whole client, per layer",
+        (
+            "python bench/engine_speed.py --layers 0 --pruners sparsegpt,wanda "
+            "--out bench/results/engine_speed_whole.json",
+        ),
+        whole_client_section,
+    ),
+    Section(
+        "wire_and_memory.json",
+        "Bytes on the wire and server memory",
+        ("python bench/wire_and_memory.py --client-layers -1",),
+        wire_memory_section,
+    ),
+    Section(
+        "client_memory.json",
+        "Client memory",
+        (
+            "python bench/wire_and_memory.py --skip-wire --clients --client-layers 30 "
+            "--threads 1 --out bench/results/client_memory.json",
+        ),
+        client_memory_section,
+    ),
+    Section(
+        "federation_overhead.json",
+        "What `flwr run` adds, tiny model",
+        ("python bench/federation_overhead.py",),
+        overhead_section,
+    ),
+    Section(
+        "federation_overhead_smollm2.json",
+        "What `flwr run` adds, SmolLM2-135M",
+        (
+            "python bench/federation_overhead.py --model smollm2-135m --seqlen 256 "
+            "--calib-samples 4 --repeats 1 --out bench/results/federation_overhead_smollm2.json",
+        ),
+        overhead_section,
+    ),
+    Section(
+        "scale.json",
+        "Scale: 1B- and 7B-shaped federations",
+        (
+            "python bench/scale.py --runs sim-1b-2 sim-1b-4 sim-1b-8 deploy-1b-2",
+            "python bench/scale.py --runs sim-7b-4",
+        ),
+        scale_section,
+        unchecked=("out", "runs"),
+        # every invocation rewrites `machine`; the file's last one may have measured nothing
+        load_of_measurement=False,
+        commands_note="the second adds its row to the file the first wrote",
+    ),
+)
+
+
+# ---------------------------------------------------------------- commands and environment
+
+
+def _flags(command: str) -> dict[str, list[str]]:
+    """`--name value...` pairs of a `python bench/x.py ...` command line, names as in args."""
+    tokens = shlex.split(command)
+    flags: dict[str, list[str]] = {}
+    name = None
+    for token in tokens[2:]:
+        if token.startswith("--"):
+            name = token[2:].replace("-", "_")
+            flags[name] = []
+        elif name is None:
+            raise ValueError(f"{command!r}: {token!r} is not a --flag value")
+        else:
+            flags[name].append(token)
+    return flags
+
+
+def check_command(r: Result, section: Section, command: str) -> None:
+    """The bench script exists and each flag's value is the one the file recorded."""
+    tokens = shlex.split(command)
+    if tokens[0] != "python":
+        return  # a setup line
+    if len(tokens) < 2 or not (ROOT / tokens[1]).is_file():
+        raise r.error(f"command {command!r} names no bench script of this project")
+    args = r.get("args")
+    for name, values in _flags(command).items():
+        if name in section.unchecked:
+            continue
+        if name not in args:
+            raise r.error(f"command flag --{name.replace('_', '-')} is not in the recorded args")
+        recorded = args[name]
+        if isinstance(recorded, bool):
+            same = recorded and values == []
+        elif isinstance(recorded, list):
+            same = [str(v) for v in recorded] == values
+        elif isinstance(recorded, int | float) and len(values) == 1:
+            try:
+                same = float(values[0]) == recorded
+            except ValueError:
+                same = False
+        else:
+            same = len(values) == 1 and str(recorded) == values[0]
+        if not same:
+            raise r.error(
+                f"command flag --{name.replace('_', '-')} {' '.join(values)!s} does not match "
+                f"the recorded args ({recorded!r})"
+            )
+
+
+_PLATFORM = re.compile(
+    r"^(?P<system>[A-Za-z]+)-(?P<release>\d+(?:\.\d+)+)\S*?-"
+    r"(?P<arch>x86_64|aarch64|arm64|i686|ppc64le|s390x|riscv64)"
+    r"(?:-with-(?P<libc>[a-z]+)(?P<libc_version>[\d.]+))?$"
+)
+
+
+def platform_label(text: str) -> str:
+    """Linux-6.18.44-fc-v657-x86_64-with-glibc2.36 -> Linux 6.18.44, x86_64, glibc 2.36.
+
+    The kernel's build suffix (``-fc-v657``) is left out: it names the build of one virtual
+    machine, not a different kernel version.
+    """
+    match = _PLATFORM.match(text)
+    if not match:
+        return text
+    label = f"{match['system']} {match['release']}, {match['arch']}"
+    if match["libc"]:
+        label += f", {match['libc']} {match['libc_version']}"
+    return label
+
+
+def _same(results: list[Result], field: str, convert=str) -> str | None:
+    """One value of machine.<field> across the files, None if none records it."""
+    values = {}
+    for r in results:
+        machine = r.get("machine")
+        if field in machine:
+            values[r.where] = convert(machine[field])
+    if not values:
+        return None
+    if len(values) != len(results) or len(set(values.values())) != 1:
+        found = ", ".join(f"{r.where}: {values.get(r.where, 'not recorded')}" for r in results)
+        raise ResultError(
+            f"machine.{field} differs between the result files ({found}); the page has one "
+            "environment header: re-run them or exclude one"
+        )
+    return next(iter(values.values()))
+
+
+def environment(pairs: list[tuple[Section, Result]]) -> list[str]:
+    measured = sorted({str(r.get("measured")) for _, r in pairs})
+    for _, r in pairs:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(r.get("measured"))):
+            raise r.error(f"field 'measured' is not a YYYY-MM-DD date: {r.get('measured')!r}")
+    recorded = [r for section, r in pairs if section.records_machine]
+    for r in recorded:
+        r.get("machine")
+    cores = _same(recorded, "cpu_count")
+    usable = _same(recorded, "cpus_usable")
+    torch = _same(recorded, "torch")
+    cpu_text = f"{cores} CPU cores" if usable == cores else f"{cores} CPUs ({usable} usable)"
+    if torch and torch.endswith("+cpu"):
+        cpu_text += ", CPU only (a CPU build of torch)"
+    versions = [
+        ("Python", _same(recorded, "python")),
+        ("torch", torch),
+        ("transformers", _same(recorded, "transformers")),
+        ("flwr", _same(recorded, "flwr")),
+    ]
+    known = ", ".join(f"{name} {version}" for name, version in versions if version)
+    unknown = [name for name, version in versions if not version]
+    if unknown:
+        known += f"; {' and '.join(unknown)}: not recorded by these runs"
+    dates = measured[0] if len(measured) == 1 else f"{', '.join(measured[:-1])} and {measured[-1]}"
+    facts = [
+        f"Machine: {cpu_text}; {_same(recorded, 'platform', platform_label) or 'not recorded'}",
+        f"Versions: {known}",
+        f"Measured on {dates}",
+    ]
+    return [
+        "# Results",
+        "All numbers on this page come from the JSON files in `bench/results/`: "
+        f"`{GENERATOR}` writes the page from them, and each section gives the bench command "
+        "that wrote its file. Perplexities are scored on evaluation windows spread evenly over "
+        "the evaluation text. Times are wall-clock seconds on the machine below; where "
+        "recorded, the load average when the bench started is given with its tables (a load "
+        "above the core count means other jobs shared the cores).",
+        "\n".join(f"- {fact}" for fact in facts),
+    ]
+
+
+# ---------------------------------------------------------------- the page
+
+
+def load(results_dir: Path = RESULTS) -> list[tuple[Section, Result]]:
+    present = {p.name for p in results_dir.glob("*.json")}
+    known = {s.file for s in SECTIONS} | EXCLUDED
+    unknown = sorted(present - known)
+    if unknown:
+        raise ResultError(
+            ", ".join(_where(results_dir / name) for name in unknown)
+            + ": result files that bench/results_page.py neither shows nor excludes; add each "
+            "to SECTIONS or to EXCLUDED (with the reason)"
+        )
+    pairs = []
+    for section in SECTIONS:
+        path = results_dir / section.file
+        if not path.exists():
+            raise ResultError(f"{_where(path)}: missing (bench/results_page.py shows it)")
+        pairs.append((section, Result(path)))
+    return pairs
+
+
+def render(results_dir: Path = RESULTS) -> str:
+    pairs = load(results_dir)
+    blocks = environment(pairs)
+    for section, r in pairs:
+        for command in section.commands:
+            check_command(r, section, command)
+        if section.render is scale_section:
+            body = section.render(r, section.commands)
+        else:
+            body = section.render(r)
+        blocks.append(f"## {section.title}")
+        blocks += [b for b in body if b]
+        if not section.records_machine:
+            blocks.append("This run did not record its machine or versions.")
+        elif section.load_of_measurement:
+            load_avg = r.num("machine", "loadavg_at_start", 0)
+            blocks.append(f"Load average when the bench started: {load_avg:.2f}.")
+        note = f" ({section.commands_note})" if section.commands_note else ""
+        word = "Command" if len(section.commands) == 1 else "Commands"
+        blocks.append(f"{word}{note}:\n\n```bash\n" + "\n".join(section.commands) + "\n```")
+    return "\n\n".join(blocks) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/results.md is not up to date"
+    )
+    args = parser.parse_args(argv)
+    try:
+        page = render()
+    except ResultError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if not PAGE.exists() or PAGE.read_text() != page:
+            print(f"{_where(PAGE)} is stale: run `{GENERATOR}`", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(page)
+    print(f"wrote {_where(PAGE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

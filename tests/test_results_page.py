@@ -1,0 +1,108 @@
+"""docs/results.md is what bench/results_page.py writes from bench/results/*.json, now."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "results_page.py"
+PAGE = ROOT / "docs" / "results.md"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("results_page", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+page_module = _load_generator()
+
+
+def test_committed_page_is_what_the_generator_writes_now() -> None:
+    assert PAGE.read_text() == page_module.render(), (
+        "docs/results.md is stale: run `python bench/results_page.py`"
+    )
+
+
+def test_check_flag_passes_on_the_committed_page() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_table_rows_are_the_values_in_the_json() -> None:
+    page = PAGE.read_text()
+    # compare_strategies_profiles.json, by hand: sparsegpt 0.7 / centralized uniform = 154.7295,
+    # sparsegpt 0.8 / centralized uniform = 554.7701
+    profiles = json.loads((ROOT / "bench/results/compare_strategies_profiles.json").read_text())
+    persuasion = "/work/shared/data/austen/persuasion.txt"
+    assert profiles["results"]["sparsegpt 0.7"]["centralized uniform"][persuasion] == 154.7295
+    assert "| centralized, uniform | 154.7 | 554.8 |" in page
+    # parallel_clients.json, by hand: client-resources-num-cpus 2 ran 232.34 s wall, federation
+    # stage 149.043 s, global perplexity 22.4559
+    clients = json.loads((ROOT / "bench/results/parallel_clients.json").read_text())
+    assert clients["rows"][0]["perplexity"]["global"]["python-docs"] == 22.4559
+    assert "| 2 | 1 | 232.3 | 149.0 | 15.09 | 22.70 / 23.70 | 23.20 | 22.46 |" in page
+
+
+def test_every_section_names_its_command() -> None:
+    page = PAGE.read_text()
+    sections = page.split("\n## ")[1:]
+    assert len(sections) == len(page_module.SECTIONS)
+    for section in sections:
+        assert "\npython bench/" in section.split("```bash")[-1], section[:80]
+
+
+def _copy_results(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "bench" / "results", results)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("engine_speed_whole.json", ("results", "sparsegpt", "timings", "prune")),
+        ("scale.json", ("measured",)),
+        ("parallel_clients.json", ("machine",)),
+    ],
+)
+def test_a_result_missing_a_required_field_is_refused_by_name(
+    tmp_path: Path, name: str, path: tuple[str, ...]
+) -> None:
+    results = _copy_results(tmp_path)
+    data = json.loads((results / name).read_text())
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    (results / name).write_text(json.dumps(data, indent=1))
+    with pytest.raises(page_module.ResultError, match=name.replace(".", r"\.")) as raised:
+        page_module.render(results)
+    assert path[-1] in str(raised.value)
+
+
+def test_an_unlisted_result_file_is_refused_by_name(tmp_path: Path) -> None:
+    results = _copy_results(tmp_path)
+    (results / "new_bench.json").write_text("{}")
+    with pytest.raises(page_module.ResultError, match=r"new_bench\.json"):
+        page_module.render(results)
+
+
+def test_a_command_that_disagrees_with_the_recorded_args_is_refused(tmp_path: Path) -> None:
+    results = _copy_results(tmp_path)
+    name = "federation_overhead_smollm2.json"
+    data = json.loads((results / name).read_text())
+    data["args"]["seqlen"] = 512  # the section's command says --seqlen 256
+    (results / name).write_text(json.dumps(data, indent=1))
+    with pytest.raises(page_module.ResultError, match=r"federation_overhead_smollm2\.json.*seqlen"):
+        page_module.render(results)
