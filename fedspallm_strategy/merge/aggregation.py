@@ -5,7 +5,12 @@ For one matrix pruned by clients i = 1..N with keep-masks ``M_i`` (True = kept):
     W_g[j] = sum_i M_i[j] * W_i[j] / sum_i M_i[j]      (0 where no client kept j)
 
 A weight is the mean over the clients that *kept* it, never diluted by clients that
-zeroed it. The server streams clients into an :class:`L0Accumulator`, which holds only
+zeroed it. Nor by a client that kept it at 0 in an input column its calibration never reached
+(SparseGPT's dead-input rule, :func:`dead_input_columns`): that keep still counts as a vote for
+the mask, but its 0 is no value, so ``add`` takes a ``value_mask`` that leaves it out of the
+mean (0 where every keeper's column was dead).
+
+The server streams clients into an :class:`L0Accumulator`, which holds only
 ``sum M*W`` and ``sum M`` for the matrix, so memory does not grow with the number of
 clients; the prune-vote count ``C_j = N - sum_i M_i[j]`` used by mask expansion is
 derived from the kept count rather than stored a second time.
@@ -63,6 +68,9 @@ class L0Accumulator:
         self.shape = torch.Size(shape)
         self.device = torch.device(device)
         self._kept_count = torch.zeros(self.shape, dtype=torch.int16, device=self.device)
+        # Keepers whose value counts; None while that is every keeper (no value_mask left any
+        # out), so the common case costs no second count.
+        self._value_count: Tensor | None = None
         self._weighted_sum: Tensor | None = None
         self._weight_dtype: torch.dtype | None = None
         self._num_clients = 0
@@ -82,7 +90,7 @@ class L0Accumulator:
         """``sum_i M_i[j]``: how many of the added clients kept each entry (int32)."""
         return self._kept_count.to(torch.int32)
 
-    def add(self, weight: Tensor, keep_mask: Tensor) -> None:
+    def add(self, weight: Tensor, keep_mask: Tensor, value_mask: Tensor | None = None) -> None:
         """Add one client's matrix and keep-mask.
 
         Parameters
@@ -91,6 +99,11 @@ class L0Accumulator:
             The client's matrix; values at pruned positions are ignored.
         keep_mask
             Bool tensor of the same shape, True where the client kept the entry.
+        value_mask
+            Bool tensor of (or broadcastable to) that shape, False where a kept value is no
+            evidence (a dead
+            input's 0) and stays out of the mean; the keep vote counts all the same. None:
+            every kept value counts.
 
         Raises
         ------
@@ -106,19 +119,26 @@ class L0Accumulator:
             acc_dtype = _accumulator_dtype(weight.dtype)
             self._weighted_sum = torch.zeros(self.shape, dtype=acc_dtype, device=self.device)
         keep_mask = keep_mask.to(self.device)
+        counted = keep_mask
+        if value_mask is not None:
+            counted = keep_mask & value_mask.to(self.device)
+            if self._value_count is None and not torch.equal(counted, keep_mask):
+                self._value_count = self._kept_count.clone()  # every earlier keeper counted
         # where(), not multiplication: a pruned entry may hold anything (even inf).
-        contribution = torch.where(keep_mask, weight.to(self.device, self._weighted_sum.dtype), 0)
+        contribution = torch.where(counted, weight.to(self.device, self._weighted_sum.dtype), 0)
         if not bool(torch.isfinite(contribution).all()):
             raise ValueError("weight has non-finite values at kept positions")
         self._weighted_sum.add_(contribution)
         self._kept_count.add_(keep_mask)
+        if self._value_count is not None:
+            self._value_count.add_(counted)
         self._num_clients += 1
 
     def finish(self) -> Tensor:
         """Return the aggregate ``W_g`` in the dtype of the added weights.
 
-        Entries that no client kept are 0. The accumulator is left unchanged, so more
-        clients can still be added afterwards.
+        Entries that no client kept, or whose every keeper's value was left out, are 0. The
+        accumulator is left unchanged, so more clients can still be added afterwards.
 
         Raises
         ------
@@ -128,7 +148,8 @@ class L0Accumulator:
         if self._weighted_sum is None or self._weight_dtype is None:
             raise ValueError("L0Accumulator.finish() called before any client was added")
         # Where nobody kept j the sum is 0 too, so dividing by max(count, 1) yields 0.
-        denominator = self._kept_count.clamp(min=1).to(self._weighted_sum.dtype)
+        counts = self._kept_count if self._value_count is None else self._value_count
+        denominator = counts.clamp(min=1).to(self._weighted_sum.dtype)
         return (self._weighted_sum / denominator).to(self._weight_dtype)
 
     def _check_inputs(self, weight: Tensor, keep_mask: Tensor) -> None:
@@ -144,6 +165,20 @@ class L0Accumulator:
             raise ValueError(
                 f"weight dtype {weight.dtype} differs from earlier clients' {self._weight_dtype}"
             )
+
+
+def dead_input_columns(weight: Tensor, keep_mask: Tensor, dense: Tensor) -> Tensor:
+    """``(in,)`` bool: the input columns a client's pruned ``weight`` shows it never reached.
+
+    SparseGPT zeroes the weights of an input whose ``diag H`` is 0 (no calibration input
+    reached it) and prunes them first; only when they outnumber a block's prune budget does the
+    client keep some, at 0. So: columns where the client kept an entry, every kept value is
+    exactly 0, and the dense weights there are not all 0 (an honest value of a reached column
+    is exactly 0 with probability 0; where the dense weights are 0, a 0 is a value).
+    """
+    kept_nonzero = (keep_mask & (weight != 0)).any(dim=0)
+    dense_nonzero = (keep_mask & (dense.to(weight.device) != 0)).any(dim=0)
+    return dense_nonzero & ~kept_nonzero
 
 
 ROBUST_RULES = ("trimmed-mean", "median")
@@ -241,9 +276,10 @@ class RobustAccumulator(L0Accumulator):
         self.rule, self.trim_fraction, self.dense = rule, trim_fraction, dense
         self._values: list[Tensor] = []
 
-    def add(self, weight: Tensor, keep_mask: Tensor) -> None:
-        super().add(weight, keep_mask)
-        kept = torch.where(keep_mask, weight.to(self.device), float("nan"))
+    def add(self, weight: Tensor, keep_mask: Tensor, value_mask: Tensor | None = None) -> None:
+        super().add(weight, keep_mask, value_mask)
+        counted = keep_mask if value_mask is None else keep_mask & value_mask
+        kept = torch.where(counted.to(self.device), weight.to(self.device), float("nan"))
         self._values.append(kept)
 
     def finish(self) -> Tensor:

@@ -3,7 +3,9 @@
 All rules stream: a client's matrices are added to one :class:`L0Accumulator` per matrix and
 dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the client count.
 
-- ``fedspallm`` (Bai et al. 2025): l0-norm aggregation, then adaptive mask expansion.
+- ``fedspallm`` (Bai et al. 2025): l0-norm aggregation, then adaptive mask expansion. A
+  client's kept entries in an input column its calibration never reached (all kept values 0,
+  ``dead_input_columns``) vote for the mask but stay out of the mean.
 - ``fedavg``: plain mean over the clients (a pruned weight counts as 0), then magnitude
   re-pruning to the target: the naive baseline.
 - ``fedprllm`` (Guo et al. 2025): masks only; keep the entries with the fewest prune votes,
@@ -22,7 +24,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedspallm_strategy.merge.aggregation import L0Accumulator, make_accumulator
+from fedspallm_strategy.merge.aggregation import (
+    L0Accumulator,
+    dead_input_columns,
+    make_accumulator,
+)
 from fedspallm_strategy.merge.expansion import expand_mask, expand_mask_nm
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
@@ -61,7 +67,10 @@ class MatrixMerger:
                 self.accumulators[name] = make_accumulator(
                     keep.shape, self.aggregation, self.trim_fraction, self.dense[name]
                 )
-            self.accumulators[name].add(weight.to(self.dense[name].dtype), keep)
+            counted = None
+            if tensors and self.rule == "fedspallm":  # fedavg counts a pruned weight as 0
+                counted = ~dead_input_columns(weight, keep, self.dense[name]).unsqueeze(0)
+            self.accumulators[name].add(weight.to(self.dense[name].dtype), keep, counted)
 
     def finish(self, name: str) -> tuple[Tensor, Tensor]:
         """The merged matrix ``name`` and its keep-mask; frees its accumulator."""

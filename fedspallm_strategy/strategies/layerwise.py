@@ -28,9 +28,9 @@ from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.merge.aggregation import clip_to_median_norm, robust_centre
 from fedspallm_strategy.merge.merging import MatrixMerger
 from fedspallm_strategy.merge.plausibility import check_kept_values
+from fedspallm_strategy.merge.resolve_average import ResolveAverage
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
@@ -53,66 +53,6 @@ if TYPE_CHECKING:
     from fedspallm_strategy.strategies.setup import RunSetup
 
 log = logging.getLogger(__name__)
-
-
-class ResolveAverage:
-    """Streams the clients' re-solved values of a round into per-entry means.
-
-    Uniform: the plain mean over the clients that re-solved the matrix. With column weights
-    (each client's ``diag H``), entry (r, j) is ``Σ_i h_ij w_i,rj / Σ_i h_ij``: the diagonal
-    of the pooled-Hessian solution ``(Σ H_i)^-1 Σ H_i ŵ_i``, which is what centralized
-    pruning would give if each ŵ_i solved its client's least squares exactly. Entries whose
-    column no client's input reached fall back to the plain mean. With ``aggregation`` =
-    ``trimmed-mean`` or ``median`` each client's change is clipped to the median norm and
-    each entry is that robust centre of the clients' values.
-    """
-
-    def __init__(
-        self,
-        masks: dict[str, torch.Tensor],
-        names,
-        aggregation: str = "mean",
-        trim_fraction: float = 0.25,
-    ) -> None:
-        # The input column of every kept entry, in the row-major order values travel in.
-        self.columns = {n: masks[n].nonzero(as_tuple=True)[1] for n in names or []}
-        self.aggregation, self.trim_fraction = aggregation, trim_fraction
-        self.plain: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.weighted: dict[str, torch.Tensor] = {}
-        self.weights: dict[str, torch.Tensor] = {}
-        self.every: dict[str, list[torch.Tensor]] = {}  # robust rules: each client's values
-
-    def add(self, values: dict[str, torch.Tensor], column_weights: dict[str, torch.Tensor]):
-        for name, kept in values.items():
-            if self.aggregation != "mean":  # a robust centre needs the values, not their sums
-                self.every.setdefault(name, []).append(kept)
-                continue
-            kept = kept.double()
-            self.plain[name] = self.plain.get(name, 0) + kept
-            self.counts[name] = self.counts.get(name, 0) + 1
-            if name in column_weights:
-                weight = column_weights[name].double()[self.columns[name]]
-                self.weighted[name] = self.weighted.get(name, 0) + weight * kept
-                self.weights[name] = self.weights.get(name, 0) + weight
-
-    def finish(self, name: str, dense: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The merged kept values of ``name`` (float64), or None if nobody re-solved it.
-        A robust rule first clips each client's change from ``dense`` (the dense weights
-        under the mask) to the median norm."""
-        if name in self.every:
-            stacked = torch.stack(self.every.pop(name))
-            if dense is not None:
-                stacked = clip_to_median_norm(stacked, dense)
-            return robust_centre(stacked, self.aggregation, self.trim_fraction)
-        if name not in self.plain:
-            return None
-        mean = self.plain.pop(name) / self.counts.pop(name)
-        if name in self.weighted:
-            weights = self.weights.pop(name)
-            weighted = self.weighted.pop(name) / weights.clamp_min(torch.finfo(torch.float64).tiny)
-            mean = torch.where(weights > 0, weighted, mean)
-        return mean
 
 
 class LayerwiseMerge(MergeStrategy):
@@ -259,7 +199,10 @@ class LayerwiseMerge(MergeStrategy):
             return b""
         merged = {n: t for layer in layers for n, t in layer_tensors(self.model, layer).items()}
         masks = {n: self.global_masks.pop(n) for n in names}
-        values = {n: merged[n] for n in names} if self.pruner.updates_weights else None
+        # Mask only where the clients rebuild the merged layer as dense * mask: a mask-only
+        # pruner's l0 mean or fedprllm's pick is the dense values, fedavg's re-pruned mean is not.
+        send = self.pruner.updates_weights or self.rule == "fedavg"
+        values = {n: merged[n] for n in names} if send else None
         return encode(values, masks)
 
     def aggregate_train(
