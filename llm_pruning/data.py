@@ -8,7 +8,8 @@ A text source is one of:
 - a local ``.txt`` file (one document), ``.jsonl`` file (one document per line, field
   ``text``), or a directory of them (files in sorted name order);
 - ``wikitext2``, ``c4``, ``ptb`` (the loaders used by SparseGPT and Wanda) or any other
-  ``datasets`` name with a ``text`` column (needs the network).
+  ``datasets`` name with a ``text`` column (needs the network; a federated run takes these as
+  ``owner/name`` ids and refuses any other one-word name before a node works).
 
 Shards are deterministic functions of ``(seed, partition_id, num_partitions)``: every node
 computes its own without talking to anyone.
@@ -31,7 +32,8 @@ BUILTIN_CORPORA = ("python-docs",)
 PARTITIONS = ("by-document", "iid")
 # python-docs: topics 2, 7, 12, ... (sorted by name) are evaluation-only, ~0.1 M characters.
 HELD_OUT_EVERY, HELD_OUT_OFFSET = 5, 2
-_HUB_DATASETS = ("wikitext2", "c4", "ptb")
+# The hub datasets loaded by their short names (any other: its `datasets` id, owner/name).
+HUB_DATASETS = ("wikitext2", "c4", "ptb")
 
 
 def load_documents(source: str, *, split: str = "train") -> list[str]:

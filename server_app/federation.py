@@ -18,7 +18,7 @@ from fedspallm_strategy.strategies.centralized import Centralized, pooled
 from fedspallm_strategy.strategies.grids import StreamingReplies
 from fedspallm_strategy.strategies.registry import strategy_class
 from fedspallm_strategy.strategies.setup import RunSetup
-from llm_pruning.data import BUILTIN_CORPORA, load_documents
+from llm_pruning.data import BUILTIN_CORPORA, HUB_DATASETS, load_documents
 from llm_pruning.families import max_context, prunable_weights
 from llm_pruning.models import load_model
 from llm_pruning.zeroshot import TaskError, check_tasks
@@ -57,6 +57,7 @@ def run_federation(
         check_writable("resume-from", run_dir)
     else:
         check_writable("output-dir", config.output_path())
+    check_calib_data_name(config.calib_data)
     check_local_text(config)
     check_eval_tasks(config)
     if config.push_to_hub:  # no token or no hub would fail only after every client pruned
@@ -165,6 +166,34 @@ def is_local_text(source: str) -> bool:
     return path.exists() or path.suffix in (".txt", ".jsonl") or source.startswith((".", "/", "~"))
 
 
+def is_hub_dataset_id(source: str) -> bool:
+    """Whether ``source`` has the form of a ``datasets`` hub id, ``owner/name``."""
+    owner, slash, name = source.partition("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return bool(slash and owner and name) and set(owner + name) <= allowed
+
+
+def check_calib_data_name(source: str) -> None:
+    """A ``calib-data`` that is none of the sources ``load_documents`` knows fails here, not on
+    every node after it loaded the model.
+
+    Built-in corpora, the hub datasets known by short name, and anything that looks like a
+    path pass (``check_local_text`` reads those). A hub id ``owner/name`` passes too: the server
+    cannot tell one it cannot reach (offline, private to the nodes) from a typo, and a node
+    that fails to load it says ``calib-data:`` in its error.
+    """
+    if source in BUILTIN_CORPORA or source in HUB_DATASETS or is_local_text(source):
+        return
+    if is_hub_dataset_id(source):
+        return
+    raise ConfigError(
+        f"calib-data: {source!r} is no known text source: not a built-in corpus "
+        f"({', '.join(BUILTIN_CORPORA)}), a hub dataset known by name "
+        f"({', '.join(HUB_DATASETS)}), a local .txt/.jsonl file or directory (none at that "
+        "path), nor a Hugging Face dataset id of the form owner/name"
+    )
+
+
 def check_local_text(config: RunConfig) -> None:
     """Local ``calib-data`` and ``eval-data`` exist and hold UTF-8, non-empty text.
 
@@ -267,7 +296,8 @@ def check_calibration_text(
             try:
                 load_shard(config, node, tokenizer)
             except ValueError as error:
-                raise ConfigError(f"calib-data: {node.name}: {error}") from error
+                message = str(error).removeprefix("calib-data: ")
+                raise ConfigError(f"calib-data: {node.name}: {message}") from error
 
 
 def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:

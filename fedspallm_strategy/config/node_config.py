@@ -105,14 +105,18 @@ def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
     if node.data_path is not None:
         path = private_data_path(node.data_path)
         return calibration_segments(str(path), tokenizer, partition="by-document", **common)
-    return calibration_segments(
-        config.calib_data,
-        tokenizer,
-        partition=config.partition,
-        partition_id=node.partition_id,
-        num_partitions=node.num_partitions,
-        **common,
-    )
+    try:
+        return calibration_segments(
+            config.calib_data,
+            tokenizer,
+            partition=config.partition,
+            partition_id=node.partition_id,
+            num_partitions=node.num_partitions,
+            **common,
+        )
+    except (OSError, ValueError, ImportError) as error:  # the run's setting: name the key
+        message = f"calib-data: {error}"
+        raise (ValueError if isinstance(error, ValueError) else OSError)(message) from error
 
 
 def _optional(values: Mapping[str, object], key: str, annotation: str):

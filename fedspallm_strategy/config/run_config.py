@@ -53,7 +53,7 @@ class RunConfig:
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8)
     num_rounds: int = 1  # rounds; a further round only re-assigns layers nobody delivered
     layer_fraction: float = 1.0  # default share of layers per client (node `layer-budget` wins)
-    calib_data: str = "python-docs"  # built-in corpus, local .txt/.jsonl/dir, or datasets name
+    calib_data: str = "python-docs"  # built-in, local .txt/.jsonl/dir, wikitext2/c4/ptb, owner/name
     partition: str = "by-document"  # by-document | iid
     calib_samples: int = 8  # calibration segments per client
     seqlen: int = 512  # tokens per calibration segment and evaluation window

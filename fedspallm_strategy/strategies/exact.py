@@ -18,6 +18,9 @@ a round come from activations advanced through the still-dense earlier layers of
 fewer rounds, no longer exact. The run takes ``ceil(L / exact-layers-per-round)`` rounds
 whatever ``num-rounds`` says. A node that fails a round is left out of the later rounds (its
 activations would be stale); from then on the model is the centralized one of the others.
+
+A reply is summed only once it is valid (``stats_payload.py``) and of a plausible scale: its
+trace per token within 100x of the server's own probe of the layer (``exact_probe.py``).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from typing import TYPE_CHECKING
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.run.accounting import Accounting
 from fedspallm_strategy.strategies.base import ServerEvaluated
 from fedspallm_strategy.strategies.exact_plan import MIB, plan_exact
+from fedspallm_strategy.strategies.exact_probe import ScaleProbe, check_all
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     EXACT_KEY,
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class Exact(ServerEvaluated):
     """Federated pruning that reaches the centralized model: sum statistics, prune once.
 
@@ -72,6 +77,9 @@ class Exact(ServerEvaluated):
         The validated run configuration (``exact-layers-per-round``, ``max-stats-mb``).
     node_names
         Node id -> a stable name; the sums run in this order, as ``centralized`` pools.
+    tokenizer
+        The model's, for the probe of the statistics' scale on the public corpus
+        (``exact_probe.py``); without it the probe is seeded random tokens.
 
     Raises
     ------
@@ -85,6 +93,7 @@ class Exact(ServerEvaluated):
         config: RunConfig,
         *,
         node_names: Mapping[int, str] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         self.model, self.config = model, config
         self.node_names = dict(node_names or {})
@@ -103,10 +112,13 @@ class Exact(ServerEvaluated):
         self.contributors: dict[int, list[int]] = {}
         self.round_seconds: dict[int, float] = {}
         self._round_start = 0.0
+        self.probe = ScaleProbe(
+            model, tokenizer, seqlen=config.seqlen, seed=config.seed, device=config.device
+        )
 
     @classmethod
     def for_run(cls, run: RunSetup) -> Exact:
-        return cls(run.model, run.config, node_names=run.names)
+        return cls(run.model, run.config, node_names=run.names, tokenizer=run.tokenizer)
 
     profile_kind = "statistics"  # owl: the pooled dense column norms, as centralized has
 
@@ -213,7 +225,8 @@ class Exact(ServerEvaluated):
         # the in-process grid too): the order in which `centralized` pools the shards.
         sums: dict[str, Stats] = {}
         accepted: list[int] = []
-        accept = partial(self._accept, expected=expected)
+        scales = self.probe.expected(layers, expected)  # trace per token per group
+        accept = partial(self._accept, expected=expected, scales=scales)
         for node, entries in self.accepted(server_round, replies, accept):
             for name, (stats, _covers) in entries.items():
                 if name in sums:
@@ -277,8 +290,11 @@ class Exact(ServerEvaluated):
                 expected[names[0]] = (linears[names[0]].in_features, names)
         return expected
 
-    def _accept(self, reply: Message, node: int, accepted: list[int], expected) -> dict:
-        """Decode and validate one reply completely before anything is summed."""
+    def _accept(
+        self, reply: Message, node: int, accepted: list[int], expected, scales=None
+    ) -> dict:
+        """Decode and validate one reply completely before anything is summed: its
+        statistics' scale too, against the server's probe (``scales``, key -> trace/token)."""
         screen(reply, node, self.assignments, accepted)
         limit = self.config.reply_limit(statistics_limit(self.plan.kind, expected))
         data = reply_bytes(reply, PAYLOAD_KEY, max_bytes=limit)
@@ -289,6 +305,7 @@ class Exact(ServerEvaluated):
             expected=expected,
             tokens=self.config.calib_samples * self.config.seqlen,
         )
+        check_all(entries, scales or {})
         self.accounting.add_up(node, len(data))
         self.accounting.add_metrics(node, reply_metrics(reply))
         return entries
