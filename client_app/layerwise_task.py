@@ -28,9 +28,12 @@ from client_app.task import encode_pruned, wire_values
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import validate_layer
+from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
 from fedspallm_strategy.wire.round_plan import RoundStep
 from fedspallm_strategy.wire.values_payload import encode_values, kept_values
+from llm_pruning.data import eval_tokens
 from llm_pruning.engine import LayerwiseCalibrator
+from llm_pruning.evaluate import perplexity
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import release_layer
 from llm_pruning.models import load_model
@@ -63,6 +66,33 @@ def given_masks(model, data: bytes | None, layers: list[int]) -> dict[str, torch
     }
     validate_layer({}, masks, expected, require_values=False)
     return masks
+
+
+def all_weights(model) -> list[str]:
+    return [name for index in range(num_layers(model)) for name in prunable_weights(model, index)]
+
+
+def own_perplexities(model, tokenizer, config: RunConfig, device) -> dict[str, float]:
+    """The perplexity of this node's own pruned model on every ``eval-data`` source, on the
+    windows the server scores (:data:`STANDALONE_METRIC` metrics). Its values do not travel, so
+    the server cannot score it; a source this node cannot read is left out, with a warning."""
+    scores = {}
+    for index, source in enumerate(config.eval_data):
+        try:
+            tokens = eval_tokens(source, tokenizer)
+            value = perplexity(
+                model,
+                tokens,
+                seqlen=config.seqlen,
+                max_windows=config.eval_windows or None,
+                device=device,
+            )
+        except (OSError, ValueError) as error:
+            log.warning("eval-data %r: own model not scored here: %s", source, error)
+            continue
+        scores[STANDALONE_METRIC.format(index)] = value
+        log.info("own pruned model: perplexity %.4f on %s", value, source)
+    return scores
 
 
 def run_round(
@@ -135,6 +165,9 @@ def run_round(
         remove_activations(folder)
     elif step.keep_from == end and end > 0:
         save_activations(folder, calibrator.hidden, end)
+    own = {}
+    if config.clients_score_standalone and len(pruned_masks) == len(all_weights(model)):
+        own = own_perplexities(model, tokenizer, config, device)
     payload = encode_pruned(model, pruned_masks, config)
     weighted = config.resolve_weighting == "hessian-diagonal"
     resolved_payload = encode_values(resolved, column_weights if weighted else None)
@@ -145,5 +178,6 @@ def run_round(
         "payload-bytes": len(payload) + len(resolved_payload),
         "seconds": round(time.perf_counter() - start_time, 3),
         **{f"seconds-{stage}": value for stage, value in calibrator.timings.as_dict().items()},
+        **own,
     }
     return LayerwiseReply(payload, resolved_payload, metrics)

@@ -33,15 +33,15 @@ class PruneReply:
 def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
     """The named matrices of ``model`` in the dtype they travel in (``payload-dtype``)."""
     weights = dict(model.named_parameters())
-    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
-    return {name: weights[name].data.to(wire or weights[name].dtype) for name in names}
+    return {name: weights[name].data.to(config.wire_dtype(weights[name].dtype)) for name in names}
 
 
 def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> bytes:
-    """The payload of pruned matrices: kept values and mask (the mask alone for pruners that
-    keep the dense values, which the server already holds)."""
-    updates = get_pruner(config.pruner).updates_weights
-    return encode(wire_values(model, masks, config) if updates else None, masks)
+    """The payload of pruned matrices: kept values and mask, or the mask alone when the values
+    stay home (``RunConfig.sends_pruned_values``: a mask-only pruner's are the dense ones the
+    server holds; the re-solve replaces the prune round's)."""
+    values = wire_values(model, masks, config) if config.sends_pruned_values else None
+    return encode(values, masks)
 
 
 def prune_layers(

@@ -44,7 +44,14 @@ from attacks import (  # noqa: E402
     split,
 )
 
-BASE = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 2, "resolve": False}
+# float32 on the wire: the attacks and the expected merges are written for the model's dtype.
+BASE = {
+    "model": "tiny-llama",
+    "seqlen": 64,
+    "calib-samples": 2,
+    "resolve": False,
+    "payload-dtype": "float32",
+}
 RULES = ("fedspallm", "fedavg", "fedprllm", "standalone")
 
 

@@ -31,7 +31,14 @@ from server_app.inprocess import InProcessGrid, _set_task_identity
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # shared with the bench
 from attacks import LAYERS, forge, payload_content, reply, split  # noqa: E402
 
-BASE = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 2, "resolve": False}
+# float32 on the wire: the attacks and the expected merges are written for the model's dtype.
+BASE = {
+    "model": "tiny-llama",
+    "seqlen": 64,
+    "calib-samples": 2,
+    "resolve": False,
+    "payload-dtype": "float32",
+}
 
 
 def config_of(**overrides) -> RunConfig:

@@ -27,6 +27,7 @@ TINY = {
     "calib-samples": 4,
     "eval-windows": 2,
     "resolve": False,
+    "payload-dtype": "float32",  # the expected merges below are computed in the model's dtype
 }
 
 

@@ -67,7 +67,8 @@ class RunConfig:
     standalone_eval: bool = True  # also score each client's own pruned model (one eval each)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
-    payload_dtype: str = "auto"  # kept values on the wire: auto (the model's) or a float dtype
+    # Kept values on the wire: a float dtype, or auto:
+    payload_dtype: str = "auto"  # the model's dtype if it is 16-bit, else float16
     min_clients: int = 1  # wait for this many connected nodes before starting
     resume_from: str = ""  # a run folder whose checkpoint this run continues
     exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
@@ -87,12 +88,48 @@ class RunConfig:
     owl_lambda: float = 0.08  # owl: the most a layer's sparsity may differ from the target
     push_to_hub: str = ""  # server only: a hub repo id (owner/name) to push model/ to, or ""
     max_shard_size: str = "50GB"  # split model/'s weights into files of at most this, e.g. 500MB
+    # Keep every client's pruned layers in the run folder (replies/). With resolve, the prune
+    # round then carries their values too, and the server scores each member's model itself;
+    keep_replies: bool = False  # else that round sends masks only, and each member scores its own
 
     @property
     def resolves(self) -> bool:
         """Whether the run re-solves under the merged mask: ``resolve`` is FedSpaLLM's (the
         baselines ``fedavg`` and ``fedprllm`` run as published, whatever it says)."""
         return self.resolve and self.strategy == "fedspallm"
+
+    @property
+    def sends_pruned_values(self) -> bool:
+        """Whether a client's pruned layers travel with their kept values, not the mask alone.
+
+        A mask-only pruner keeps the dense values the server holds. With the re-solve the
+        clients' pruned values are replaced by their re-solved ones a round later, so the prune
+        round sends masks only, unless ``keep-replies`` asks for each client's own model.
+        """
+        if not PRUNERS[self.pruner].updates_weights:
+            return False
+        return self.keep_replies or not self.resolves
+
+    @property
+    def clients_score_standalone(self) -> bool:
+        """Whether each client scores its own pruned model on ``eval-data`` and reports the
+        perplexity: its values stay home (:attr:`sends_pruned_values`), so only it holds that
+        model. Local calibration only: under global calibration a client's layers are pruned
+        on the federation's merged layers, no model of its own."""
+        return (
+            self.standalone_eval
+            and self.calibration == "local"
+            and PRUNERS[self.pruner].updates_weights
+            and not self.sends_pruned_values
+        )
+
+    def wire_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype kept values travel in: ``payload-dtype``; ``auto`` is 16-bit, the model's
+        own when it is 16-bit, else float16 (half of float32's bytes; its rounding, 2^-11
+        relative, is far below what pruning changes, and weights stay far inside its range)."""
+        if self.payload_dtype != "auto":
+            return getattr(torch, self.payload_dtype)
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
     @property
     def layerwise(self) -> bool:

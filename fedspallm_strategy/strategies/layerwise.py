@@ -31,7 +31,9 @@ from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.merge.merging import MatrixMerger
 from fedspallm_strategy.merge.plausibility import check_kept_values
 from fedspallm_strategy.merge.resolve_average import ResolveAverage
+from fedspallm_strategy.run.reply_store import store_reply
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
+from fedspallm_strategy.strategies.standalone import reported_perplexities
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     GLOBAL_KEY,
@@ -294,9 +296,15 @@ class LayerwiseMerge(MergeStrategy):
             check_kept_values(name, kept, self.dense_kept[name], self.change_bound_of(name))
         up = len(data) + len(resolved)
         self.accounting.add_up(node, up)
-        self.accounting.add_metrics(node, reply_metrics(reply))
-        if self.reply_dir is not None and self.config.calibration == "local" and masks:
-            self._store(node, data)  # local: the pruned layers form the node's standalone model
+        metrics = reply_metrics(reply)
+        self.accounting.add_metrics(node, metrics)
+        if self.config.clients_score_standalone:  # its pruned values stayed on the client
+            scores = reported_perplexities(self.config, metrics)
+            if scores:
+                self.reported[node] = scores
+        elif self.reply_dir is not None and self.config.calibration == "local" and masks:
+            # local: the pruned layers form the node's standalone model
+            store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks, values
 
     def _merge_pruned(self, server_round: int, step: RoundStep, merger: MatrixMerger) -> None:

@@ -28,10 +28,15 @@ from fedspallm_strategy.merge.plausibility import change_bound, check_kept_value
 from fedspallm_strategy.merge.sampling import layer_budget, sample_layers
 from fedspallm_strategy.run import checkpoint
 from fedspallm_strategy.run.accounting import Accounting
+from fedspallm_strategy.run.reply_store import drop_replies, store_reply
 from fedspallm_strategy.strategies.base import ServerEvaluated
 from fedspallm_strategy.strategies.profile_round import declared_patterns
 from fedspallm_strategy.strategies.reply_specs import check_payload_cap, matrix_specs
-from fedspallm_strategy.strategies.standalone import best_standalone, standalone_perplexities
+from fedspallm_strategy.strategies.standalone import (
+    best_standalone,
+    standalone_perplexities,
+    standalone_section,
+)
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import payload_limit
 from fedspallm_strategy.wire.protocol import PAYLOAD_KEY, SPEC_KEY, request_record
@@ -103,6 +108,7 @@ class MergeStrategy(ServerEvaluated):
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
         self.client_profiles: dict[int, dict[int, float]] = {}  # standalone + owl: their own
+        self.reported: dict[int, dict[str, float]] = {}  # node -> its own model's perplexities
 
     @classmethod
     def for_run(cls, run: RunSetup) -> MergeStrategy:
@@ -164,9 +170,15 @@ class MergeStrategy(ServerEvaluated):
                 )
             if standalone:
                 run.perplexities["standalone"] = standalone
+        if self.reported:  # clients that kept their values home scored their own models
+            mine = {str(node): scores for node, scores in sorted(self.reported.items())}
+            run.perplexities["standalone"] = standalone_section(mine)
+            run.report["standalone-scored-by"] = "clients"
         if self.rule == "standalone":  # nothing merged: the best client's own model is saved
             standalone = run.perplexities.get("standalone")
             return best_standalone(self.config, self.reply_files, standalone)
+        if not self.config.keep_replies:  # scored: the clients' models are theirs
+            drop_replies(self.reply_dir, self.reply_files)
         return super().conclude(run)
 
     def summary(self) -> None:
@@ -308,7 +320,7 @@ class MergeStrategy(ServerEvaluated):
         self.accounting.add_up(node, len(data))
         self.accounting.client_metrics[node] = reply_metrics(reply)
         if self.reply_dir is not None:
-            self._store(node, data)
+            store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks
 
     def _decode_pruned(
@@ -334,14 +346,6 @@ class MergeStrategy(ServerEvaluated):
         if name not in patterns:
             return self.change_bound
         return change_bound(patterns[name], self.config.max_relative_change)
-
-    def _store(self, node: int, data: bytes) -> None:
-        self.reply_dir.mkdir(parents=True, exist_ok=True)
-        path = (
-            self.reply_dir / f"node-{node}-part-{len(self.reply_files.get(node, []))}.safetensors"
-        )
-        path.write_bytes(data)
-        self.reply_files.setdefault(node, []).append(path)
 
     def _write_layer(self, layer: int, merger: MatrixMerger) -> dict[str, torch.Tensor]:
         written = {}

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import torch
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.wire.payload_spec import MatrixSpec, payload_limit
 from llm_pruning.families import num_layers, prunable_weights
-from llm_pruning.pruners import SparsityPattern, get_pruner
+from llm_pruning.pruners import SparsityPattern
 
 
 def matrix_specs(
@@ -21,16 +20,16 @@ def matrix_specs(
     patterns: Mapping[str, SparsityPattern] | None = None,
 ) -> dict[str, MatrixSpec]:
     """What a reply that prunes ``layers`` holds: the exact names, shapes, counts and value
-    dtype (the model's, or ``payload-dtype``; none for mask-only pruners), known before it is
-    read. ``patterns`` (weight name -> pattern) overrides the run's per matrix (owl)."""
+    dtype (``RunConfig.wire_dtype``; none when the values stay home, see
+    ``RunConfig.sends_pruned_values``), known before it is read. ``patterns`` (weight name ->
+    pattern) overrides the run's per matrix (owl)."""
     patterns = patterns or {}
-    updates = get_pruner(config.pruner).updates_weights
-    wire = None if config.payload_dtype == "auto" else getattr(torch, config.payload_dtype)
+    values = config.sends_pruned_values
     return {
         name: MatrixSpec(
             tuple(linear.weight.shape),
             patterns.get(name, config.sparsity_pattern),
-            (wire or linear.weight.dtype) if updates else None,
+            config.wire_dtype(linear.weight.dtype) if values else None,
         )
         for layer in layers
         for name, linear in prunable_weights(model, layer).items()

@@ -1,13 +1,16 @@
-"""Each client's own pruned model, rebuilt on the server from the replies it stored.
+"""Each client's own pruned model: rebuilt on the server from its replies, or scored by it.
 
 The ``standalone`` comparison of the report (and the model the ``standalone`` strategy
 saves): a client that pruned every layer has a model of its own; its stored replies, written
-into a fresh copy of the dense model, rebuild it exactly.
+into a fresh copy of the dense model, rebuild it exactly. When its values stay home (the
+re-solve's prune round sends masks only), the client scores its model itself and reports the
+perplexity (:func:`reported_perplexities`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.wire.payload import decode
+from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
 from llm_pruning.models import load_model
@@ -70,11 +74,32 @@ def standalone_perplexities(
             )
             continue
         per_client[str(node)] = evaluate(model, f"standalone node {node}")
+    return standalone_section(per_client)
+
+
+def standalone_section(per_client: dict[str, dict[str, float]]) -> dict:
+    """The report's ``standalone``: each client's perplexities and their mean per eval set
+    (over the clients scored on it); empty when no client was scored."""
     if not per_client:
         return {}
-    sources = next(iter(per_client.values())).keys()
-    mean = {s: round(sum(c[s] for c in per_client.values()) / len(per_client), 4) for s in sources}
+    sources = dict.fromkeys(source for scores in per_client.values() for source in scores)
+    mean = {}
+    for source in sources:
+        values = [scores[source] for scores in per_client.values() if source in scores]
+        mean[source] = round(sum(values) / len(values), 4)
     return {"per_client": per_client, "mean": mean}
+
+
+def reported_perplexities(config: RunConfig, metrics: dict[str, float | int]) -> dict[str, float]:
+    """Eval set -> the perplexity a client reported for its own pruned model (the values stayed
+    on the client, so the server cannot score it). A claim, not a measurement: only a finite
+    number >= 1 (a perplexity's least) is taken; the merged model never depends on it."""
+    scores = {}
+    for index, source in enumerate(config.eval_data):
+        value = metrics.get(STANDALONE_METRIC.format(index))
+        if isinstance(value, int | float) and math.isfinite(value) and value >= 1:
+            scores[source] = round(float(value), 4)
+    return scores
 
 
 def best_standalone(

@@ -38,6 +38,8 @@ PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned glob
 # of a 'counts' reply, the per-layer outlier counts and score totals ('outliers', 'totals')
 PROFILE_KEY = "profile"
 LAYER_SPARSITIES = "layer-sparsities"  # in a spec: the sparsity of each of its layers (owl)
+# A reply's metric: the perplexity of the client's own pruned model on eval-data source i.
+STANDALONE_METRIC = "standalone-perplexity-{}"
 # exact + SecAgg+: the request travels as legacy FitIns.
 REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
 TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
@@ -62,6 +64,12 @@ CLIENT_KEYS = (
     "sparsity-profile",
     "owl-m",
     "owl-lambda",
+    "payload-dtype",
+    "keep-replies",
+    # A client that prunes every layer while its values stay home scores its own model.
+    "standalone-eval",
+    "eval-data",
+    "eval-windows",
 )
 
 

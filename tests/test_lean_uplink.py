@@ -1,0 +1,162 @@
+"""The default mode's uplink: masks only in the prune round, 16-bit re-solved values, and each
+member scoring its own model.
+
+With ``resolve`` (the default) a client's pruned values are replaced by its re-solved ones a
+round later, so the prune round sends the keep-mask alone (one bit per weight) and the
+re-solve round sends each kept value in 16 bits. At 50 % that is ``1/8 + 1/2 x 2 = 1.125``
+bytes per weight against dense fp16's 2: 0.5625x, plus headers. The server then holds no
+member's model, so each member scores its own on ``eval-data`` and reports the perplexity.
+"""
+
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+from flwr.app import Message
+
+from client_app.app import app as client_app
+from fedspallm_strategy.config import RunConfig
+from fedspallm_strategy.strategies.standalone import reported_perplexities
+from fedspallm_strategy.wire.protocol import (
+    PAYLOAD_KEY,
+    RESOLVED_KEY,
+    STANDALONE_METRIC,
+    request_from_record,
+    request_record,
+)
+from fedspallm_strategy.wire.replies import reply_bytes
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model
+from server_app.federation import run_federation
+from server_app.inprocess import InProcessGrid
+
+TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
+
+
+def config_of(tmp_path, **overrides) -> RunConfig:
+    return RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), **overrides})
+
+
+def weights_of(model) -> list[torch.Tensor]:
+    return [
+        linear.weight
+        for layer in range(num_layers(model))
+        for linear in prunable_weights(model, layer).values()
+    ]
+
+
+def test_only_the_resolving_default_keeps_its_pruned_values_home():
+    default = RunConfig()
+    assert default.resolves and not default.sends_pruned_values
+    assert default.clients_score_standalone
+    assert RunConfig(keep_replies=True).sends_pruned_values  # the server scores them then
+    assert RunConfig(resolve=False).sends_pruned_values  # the values are the merge's input
+    assert RunConfig(strategy="fedavg").sends_pruned_values  # baselines do not re-solve
+    wanda = RunConfig(pruner="wanda", resolve=False)
+    assert not wanda.sends_pruned_values and not wanda.clients_score_standalone  # dense values
+    assert not RunConfig(calibration="global").clients_score_standalone  # no model of its own
+
+
+def test_auto_payload_dtype_is_16_bit_and_an_explicit_one_wins():
+    auto = RunConfig()
+    assert auto.wire_dtype(torch.float32) == torch.float16
+    assert auto.wire_dtype(torch.bfloat16) == torch.bfloat16
+    assert auto.wire_dtype(torch.float16) == torch.float16
+    assert RunConfig(payload_dtype="float32").wire_dtype(torch.bfloat16) == torch.float32
+
+
+def test_the_clients_get_the_keys_that_shape_their_reply():
+    config = RunConfig.from_mapping(
+        {"payload-dtype": "bfloat16", "keep-replies": True, "eval-data": "python-docs,ptb"}
+    )
+    received, _ = request_from_record(request_record(config, [0]))
+    assert received.payload_dtype == "bfloat16" and received.keep_replies
+    assert received.eval_data == ("python-docs", "ptb")
+    assert received.eval_windows == config.eval_windows
+
+
+def test_a_reported_perplexity_is_taken_only_if_it_can_be_one():
+    config = RunConfig.from_mapping({"eval-data": "a.txt,b.txt,c.txt"})
+    metrics = {
+        STANDALONE_METRIC.format(0): 12.345678,
+        STANDALONE_METRIC.format(1): 0.5,  # below 1: no perplexity is
+        STANDALONE_METRIC.format(2): math.inf,
+        STANDALONE_METRIC.format(3): 7.0,  # no eval set 3
+    }
+    assert reported_perplexities(config, metrics) == {"a.txt": 12.3457}
+
+
+def record_up(store: dict):
+    """A reply filter keeping each node's prune-round and re-solve payloads, per round."""
+
+    def keep(node: int, reply: Message) -> Message:
+        if not reply.has_error() and PAYLOAD_KEY in reply.content.array_records:
+            pruned = reply_bytes(reply, PAYLOAD_KEY, max_bytes=2**30)
+            resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30)
+            store.setdefault(node, []).append((pruned, resolved))
+        return reply
+
+    return keep
+
+
+def test_the_default_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(tmp_path):
+    sent: dict[int, list] = {}
+    grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(sent))
+    run_dir = run_federation(grid, config_of(tmp_path), run_id=51)
+    report = json.loads((run_dir / "report.json").read_text())
+    weights = weights_of(load_model("tiny-llama")[0])
+    numel = sum(w.numel() for w in weights)
+    kept = sum(math.ceil(w.numel() / 2) for w in weights)  # sparsity 0.5
+    for node in (1, 2):
+        (pruned, _), (_, resolved) = sent[node]  # round 1 prunes, round 2 re-solves
+        masks_only = safetensors.torch.load(pruned)
+        assert masks_only and not any(key.startswith("values/") for key in masks_only)
+        values = safetensors.torch.load(resolved)
+        assert {t.dtype for t in values.values()} == {torch.float16}
+        assert sum(t.numel() for t in values.values()) == kept
+    per_round = report["communication"]["per_round"]
+    headers = 64 * 1024  # safetensors headers and the metadata, generously
+    for node in ("1", "2"):
+        up1, up2 = per_round["1"]["bytes_up"][node], per_round["2"]["bytes_up"][node]
+        assert numel / 8 <= up1 <= numel / 8 + headers  # mask bits
+        assert 2 * kept <= up2 <= 2 * kept + headers  # fp16 kept values
+    assert report["communication"]["total_up"] / 2 <= 0.6 * 2 * numel + headers
+    # Each member scored its own model; the server stored none.
+    standalone = report["perplexity"]["standalone"]
+    assert sorted(standalone["per_client"]) == ["1", "2"]
+    assert report["standalone-scored-by"] == "clients"
+    assert not (run_dir / "replies").exists()
+
+
+def test_a_members_own_score_is_the_one_the_server_gets_from_its_replies(tmp_path):
+    exact = {"payload-dtype": "float32"}  # the server's rebuild then holds the client's values
+    scored_home = run_federation(
+        InProcessGrid.simulation(client_app, 2, {}), config_of(tmp_path, **exact), run_id=52
+    )
+    kept = run_federation(
+        InProcessGrid.simulation(client_app, 2, {}),
+        config_of(tmp_path, **exact, **{"keep-replies": True}),
+        run_id=53,
+    )
+    home = json.loads((scored_home / "report.json").read_text())
+    server = json.loads((kept / "report.json").read_text())
+    assert "standalone-scored-by" not in server
+    assert sorted(p.name for p in (kept / "replies").iterdir()) == [
+        "node-1-part-0.safetensors",
+        "node-2-part-0.safetensors",
+    ]
+    for node in ("1", "2"):
+        for source, value in server["perplexity"]["standalone"]["per_client"][node].items():
+            own = home["perplexity"]["standalone"]["per_client"][node][source]
+            assert own == pytest.approx(value, rel=1e-4), (node, source)
+
+
+def test_without_keep_replies_a_one_shot_run_scores_and_then_drops_them(tmp_path):
+    run_dir = run_federation(
+        InProcessGrid.simulation(client_app, 2, {}), config_of(tmp_path, resolve=False), run_id=54
+    )
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(report["perplexity"]["standalone"]["per_client"]) == ["1", "2"]
+    assert not (run_dir / "replies").exists()
