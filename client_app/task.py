@@ -33,7 +33,21 @@ class PruneReply:
 def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
     """The named matrices of ``model`` in the dtype they travel in (``payload-dtype``)."""
     weights = dict(model.named_parameters())
-    return {name: weights[name].data.to(config.wire_dtype(weights[name].dtype)) for name in names}
+    return {
+        name: to_wire(weights[name].data, config.wire_dtype(weights[name].dtype)) for name in names
+    }
+
+
+def to_wire(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, where a nonzero value stays nonzero: float16 flushes values under
+    2^-25 to 0, which the server would read as pruned. They go as float16's least value
+    instead, off by under 6e-8."""
+    cast = weight.to(dtype)
+    if dtype == torch.float16:
+        least = torch.tensor(2.0**-24, dtype=dtype, device=weight.device)
+        flushed = (cast == 0) & (weight != 0)
+        cast = torch.where(flushed, torch.copysign(least, weight.to(dtype)), cast)
+    return cast
 
 
 def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> bytes:

@@ -160,3 +160,14 @@ def test_without_keep_replies_a_one_shot_run_scores_and_then_drops_them(tmp_path
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["perplexity"]["standalone"]["per_client"]) == ["1", "2"]
     assert not (run_dir / "replies").exists()
+
+
+def test_a_value_float16_would_flush_to_zero_travels_as_its_least_one():
+    from client_app.task import to_wire
+
+    weight = torch.tensor([1e-9, -1e-9, 0.0, 0.5, -3e-8, 1e-7])
+    half = to_wire(weight, torch.float16)
+    assert torch.equal(half != 0, weight != 0)  # a kept value never reads as pruned
+    assert half[0].item() == 2.0**-24 and half[1].item() == -(2.0**-24)
+    assert half[3].item() == 0.5 and half[5].item() == weight[5].to(torch.float16).item()
+    assert torch.equal(to_wire(weight, torch.bfloat16), weight.to(torch.bfloat16))

@@ -77,7 +77,10 @@ class RunConfig:
     secure_clipping_range: float = 16777216.0  # exact + SecAgg+: bound on per-token mean x²
     resolve: bool = True  # fedspallm: re-solve kept weights under the merged mask (+1 round)
     calibration: str = "local"  # local (the paper's) | global (clients advance on merged layers)
-    layers_per_round: int = 0  # decoder layers per round (0: all; global calibration: 1)
+    # Decoder layers per round. 0: as many as fit memory-budget-gb on the server (all of a
+    # small model: the paper's one round); global calibration: 1
+    layers_per_round: int = 0
+    memory_budget_gb: float = 6.0  # layers-per-round=0: the server's tensors a round may hold
     resolve_pipelined: bool = True  # global + resolve: re-solve a group while pruning the next
     resolve_weighting: str = "uniform"  # uniform | hessian-diagonal: how re-solves are averaged
     aggregation: str = "mean"  # mean (the paper's l0 mean) | trimmed-mean | median, per entry
@@ -234,6 +237,8 @@ class RunConfig:
                 f"aggregation={self.aggregation!r} set resolve-weighting='uniform'"
             )
         _at_least("layers-per-round", self.layers_per_round, 0)
+        if not self.memory_budget_gb > 0:
+            raise ConfigError(f"memory-budget-gb must be positive, got {self.memory_budget_gb}")
         if self.resolves and not PRUNERS[self.pruner].updates_weights:
             raise ConfigError(
                 f"resolve=true (the default) re-solves the kept weights under the merged mask, "

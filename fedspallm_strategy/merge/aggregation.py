@@ -134,6 +134,23 @@ class L0Accumulator:
             self._value_count.add_(counted)
         self._num_clients += 1
 
+    def add_votes(self, keep_mask: Tensor) -> None:
+        """Add a client that kept the dense values (a mask-only reply): its keep vote counts,
+        and no value sum is kept, since the mean of dense values is the dense value."""
+        if keep_mask.shape != self.shape or keep_mask.dtype != torch.bool:
+            raise ValueError(f"keep_mask must be a bool tensor of shape {tuple(self.shape)}")
+        if self._weighted_sum is not None:
+            raise ValueError("L0Accumulator: a mask-only client after clients with values")
+        if self._num_clients >= MAX_CLIENTS:
+            raise ValueError(f"L0Accumulator holds at most {MAX_CLIENTS} clients")
+        self._kept_count.add_(keep_mask.to(self.device))
+        self._num_clients += 1
+
+    @property
+    def has_values(self) -> bool:
+        """Whether clients added values (:meth:`add`), not only votes (:meth:`add_votes`)."""
+        return self._weighted_sum is not None
+
     def finish(self) -> Tensor:
         """Return the aggregate ``W_g`` in the dtype of the added weights.
 

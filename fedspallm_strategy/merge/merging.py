@@ -1,7 +1,8 @@
 """How the server turns the clients' pruned matrices into one global matrix, per strategy.
 
 All rules stream: a client's matrices are added to one :class:`L0Accumulator` per matrix and
-dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the client count.
+dropped, so the server holds ``sum M*W`` and ``sum M`` per matrix whatever the client count;
+for mask-only replies (the values are the dense ones it holds) only ``sum M``, 2 bytes a weight.
 
 - ``fedspallm`` (Bai et al. 2025): l0-norm aggregation, then adaptive mask expansion. A
   client's kept entries in an input column its calibration never reached (all kept values 0,
@@ -35,6 +36,13 @@ from llm_pruning.pruners import PRUNERS, SparsityPattern
 MERGE_RULES = ("fedspallm", "fedavg", "fedprllm")
 
 
+def kept_nonzero(values: Tensor) -> Tensor:
+    """``values`` with every exact 0 made the dtype's least normal number, for entries the mask
+    keeps: a kept 0 would read as pruned and break the exact sparsity (two clients' opposite
+    16-bit values average to exactly 0; a dense weight may be 0)."""
+    return torch.where(values == 0, torch.finfo(values.dtype).tiny, values)
+
+
 class MatrixMerger:
     """Accumulates every client's version of a set of matrices, then merges each one."""
 
@@ -62,7 +70,10 @@ class MatrixMerger:
         """Add one client's matrices. ``tensors`` is empty for a mask-only payload: the
         client kept the dense values the server already holds."""
         for name, keep in masks.items():
-            weight = tensors[name] if tensors else self.dense[name]
+            if not tensors:  # votes only: 2 bytes per weight, whatever the rule
+                self.accumulators.setdefault(name, L0Accumulator(keep.shape)).add_votes(keep)
+                continue
+            weight = tensors[name]
             if name not in self.accumulators:
                 self.accumulators[name] = make_accumulator(
                     keep.shape, self.aggregation, self.trim_fraction, self.dense[name]
@@ -75,12 +86,14 @@ class MatrixMerger:
     def finish(self, name: str) -> tuple[Tensor, Tensor]:
         """The merged matrix ``name`` and its keep-mask; frees its accumulator."""
         accumulator = self.accumulators.pop(name)
+        # Mask-only replies kept the dense values: their mean is the dense matrix.
+        mean = accumulator.finish() if accumulator.has_values else self.dense[name]
         if self.rule == "fedspallm":
-            merged = accumulator.finish()
+            merged = mean
             keep = self._expand(merged, accumulator, self.pattern_of(name))
         elif self.rule == "fedavg":
             # sum M*W / N == (sum M*W / sum M) * sum M / N
-            merged = accumulator.finish() * accumulator.kept_count / accumulator.num_clients
+            merged = mean * accumulator.kept_count / accumulator.num_clients
             merged, keep = PRUNERS["magnitude"].prune(
                 merged.to(self.dense[name].dtype), None, self.pattern_of(name)
             )
@@ -88,7 +101,7 @@ class MatrixMerger:
             noise = torch.rand(accumulator.shape, generator=self.generator)
             keep = self._expand(noise, accumulator, self.pattern_of(name))
             merged = self.dense[name]
-        merged = merged.to(self.dense[name].dtype)
+        merged = kept_nonzero(merged.to(self.dense[name].dtype))
         return torch.where(keep, merged, torch.zeros((), dtype=merged.dtype)), keep
 
     def pattern_of(self, name: str) -> SparsityPattern:

@@ -18,27 +18,28 @@ uniform mean keeps only what it needs: a float32 running sum per kept entry and,
 client reached an entry depends only on the entry's input column, an int32 count per input
 column: ``4 * kept + 4 * in_features`` bytes per matrix (it was 20 bytes per kept entry: a
 float64 sum, an int32 per-entry count and the int64 input column of every entry). No per-entry
-column index is kept: the mask (the caller's, referenced, not copied) gives the columns of one
-block of rows at a time (:data:`BLOCK_ENTRIES`), when a reply arrives and when the matrix is
-finished. :func:`resolve_state_bytes` gives the peak for one matrix under each rule.
+column index is kept, nor a mask: the caller's mapping of masks (referenced, not copied; it may
+store them packed and unpack on each read) is read when a reply arrives and when the matrix is
+finished, and gives the columns of one block of rows at a time (:data:`BLOCK_ENTRIES`).
+:func:`resolve_state_bytes` gives the peak for one matrix under each rule.
 
 Precision of the uniform mean. The float32 sum of K values is within ``(K - 1) * 2^-24 * Σ|v|``
 of their exact sum, so the mean is within about ``K * 2^-24 * max|v|`` of the float64 one.
-Values travel as 16-bit by default for 16-bit models (``payload-dtype``), and their float32
-sums are exact or nearly: float16 values give the float64 mean itself; bfloat16 values differ
-from it by at most 3e-10, which rounding the mean to the bfloat16 weight removes. For float32
-values, measured on a 2048 x 2048 matrix at 50 % with re-solve-like values (dense weights of
-std 0.02, |w| <= 0.1, plus 10 % per-client noise), the largest difference from the float64
-mean is 3.7e-9, 7.5e-9, 1.0e-8 and 1.6e-8 at K = 2, 4, 8, 16: one or two float32 ulps of the
-largest weights (7.5e-9), against re-solve changes of about 10 %. What is lost is exactness
-for clients that agree: the float32 mean of K equal float32 values is not always that value,
-as the float64 sum made it (exact at K = 2; at K = 3, 14 % of entries 1 ulp off; K = 7: 51 %, up
-to 2 ulps).
+Values travel in 16 bits by default (``payload-dtype`` auto: the model's 16-bit dtype, else
+float16), and their float32 sums are exact or nearly: float16 values give the float64 mean
+itself; bfloat16 values differ from it by at most 3e-10, which rounding the mean to the
+bfloat16 weight removes. For float32 values, measured on a 2048 x 2048 matrix at 50 % with
+re-solve-like values (dense weights of std 0.02, |w| <= 0.1, plus 10 % per-client noise), the
+largest difference from the float64 mean is 3.7e-9, 7.5e-9, 1.0e-8 and 1.6e-8 at K = 2, 4, 8,
+16: one or two float32 ulps of the largest weights (7.5e-9), against re-solve changes of about
+10 %. What is lost is exactness for float32 clients that agree: the float32 mean of K equal
+float32 values is not always that value, as the float64 sum made it (exact at K = 2; at K = 3,
+14 % of entries 1 ulp off; K = 7: 51 %, up to 2 ulps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -56,8 +57,9 @@ from fedspallm_strategy.merge.aggregation import clip_to_median_norm, robust_cen
 MAX_WEIGHT_OVER_MEDIAN = 4.0
 
 # The input columns of kept entries are found one block of mask rows at a time, each block at
-# most this many matrix entries: nonzero's (n, 2) int64 index of one block (16 bytes per kept
-# entry in it, 16 MiB at most) is the uniform merge's only transient that grows with the matrix.
+# most this many matrix entries. One block's working set (nonzero's int64 index and what is
+# picked with it) is the uniform merge's only transient beyond ``in_features`` bytes: measured
+# (peak RSS) at 16.4 MiB with a 50 % mask and 33 MiB with a full one, whatever the matrix size.
 BLOCK_ENTRIES = 1 << 20
 
 # Bytes per kept entry of the buffered rules' finish (float64 stacks over the K clients, the
@@ -89,8 +91,9 @@ def resolve_state_bytes(
 
     Uniform mean: what it holds (:meth:`ResolveAverage.state_bytes`), a float32 sum per kept
     entry and an int32 count per column; its finish divides that sum in place. Besides, adding or
-    finishing a matrix briefly takes ``in_features`` bytes and one block's column index (at
-    most ``16 * BLOCK_ENTRIES``), for one matrix at a time, whatever the round holds.
+    finishing a matrix briefly takes ``in_features`` bytes and one row block's working set
+    (:data:`BLOCK_ENTRIES`: at most about 33 MiB), for one matrix at a time, whatever the round
+    holds; neither is counted here.
 
     Weighted or robust rules: the K buffered replies (values, and column weights when sent) plus
     the float64 stacks their finish builds over the clients (measured, with a margin). A
@@ -180,20 +183,21 @@ class ResolveAverage:
     ``median`` each client's change is clipped to the median norm and each entry is that robust
     centre of the clients' values.
 
-    ``masks`` is referenced, not copied: each named matrix's mask must stay as it is until its
-    :meth:`finish` (it gives the entries' input columns).
+    ``masks`` (name -> 2-D bool mask, e.g. the server's packed global masks) is referenced, not
+    copied, and read on each :meth:`add` and :meth:`finish`: it must hold each named matrix's
+    mask, unchanged, until that matrix is finished.
     """
 
     def __init__(
         self,
-        masks: dict[str, Tensor],
+        masks: Mapping[str, Tensor],
         names,
         aggregation: str = "mean",
         trim_fraction: float = 0.25,
     ) -> None:
-        # References to the caller's masks (no copy): they give each kept entry's input column.
-        self.masks = {n: masks[n] for n in names or []}
-        self.kept = {n: int(torch.count_nonzero(m)) for n, m in self.masks.items()}
+        # The caller's mapping, referenced (no mask is held): it gives each entry's input column.
+        self.masks = masks
+        self.kept = {n: int(torch.count_nonzero(masks[n])) for n in names or []}
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         # Uniform: Σ values per kept entry, float32 (a dead entry is 0: it adds nothing) ...
         self.plain: dict[str, Tensor] = {}
@@ -239,14 +243,12 @@ class ResolveAverage:
         ``dense`` (the dense weights under the mask, in the same order) tells a dead column
         from one whose dense weights are 0; without it every all-zero column counts as dead. A
         robust rule also clips each client's change from ``dense`` to the median norm."""
-        mask = self.masks.get(name)
-        zero_dense = None
-        if dense is not None and mask is not None:
-            zero_dense = ~columns_reached(dense, mask)
-        if name in self.replies:
-            return self._finish_buffered(name, dense, zero_dense)
-        if name not in self.plain:
+        if name not in self.replies and name not in self.plain:
             return None
+        mask = self.masks[name]  # read once: a packed mapping unpacks on each read
+        zero_dense = None if dense is None else ~columns_reached(dense, mask)
+        if name in self.replies:
+            return self._finish_buffered(name, mask, dense, zero_dense)
         total, count, clients = self.plain.pop(name), self.reached.pop(name), self.clients.pop(name)
         if zero_dense is not None:  # there a 0 is a value: every client counts
             count.masked_fill_(zero_dense, clients)
@@ -256,10 +258,9 @@ class ResolveAverage:
         return total
 
     def _finish_buffered(
-        self, name: str, dense: Tensor | None, zero_dense: Tensor | None
+        self, name: str, mask: Tensor, dense: Tensor | None, zero_dense: Tensor | None
     ) -> Tensor:
         replies = self.replies.pop(name)
-        mask = self.masks[name]
         columns, width = kept_columns(mask), mask.shape[1]  # for this matrix's finish only
         values = torch.stack([kept.double() for kept, _ in replies])  # (K, kept)
         reached = torch.stack([reached_columns(kept, columns, width) for kept, _ in replies])

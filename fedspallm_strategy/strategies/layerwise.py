@@ -28,10 +28,12 @@ from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError, RunConfig
-from fedspallm_strategy.merge.merging import MatrixMerger
+from fedspallm_strategy.merge.merging import MatrixMerger, kept_nonzero
+from fedspallm_strategy.merge.packed_masks import PackedMasks
 from fedspallm_strategy.merge.plausibility import check_kept_values
 from fedspallm_strategy.merge.resolve_average import ResolveAverage
 from fedspallm_strategy.run.reply_store import store_reply
+from fedspallm_strategy.strategies.memory_plan import planned_layers_per_round
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
 from fedspallm_strategy.strategies.standalone import reported_perplexities
 from fedspallm_strategy.wire.payload import encode
@@ -66,11 +68,12 @@ class LayerwiseMerge(MergeStrategy):
     def __init__(self, model, config, **kwargs):
         kwargs.pop("checkpoint_dir", None)
         super().__init__(model, config, **kwargs)
+        self.group = planned_layers_per_round(model, config, len(self.node_budgets) or 1)
         self.plan = plan_rounds(
             num_layers(model),
             calibration=config.calibration,
             resolve=config.resolves,
-            layers_per_round=config.layers_per_round,
+            layers_per_round=self.group,
             pipelined=config.resolve_pipelined,
         )
         self.rounds = len(self.plan)
@@ -78,8 +81,10 @@ class LayerwiseMerge(MergeStrategy):
         self.dropped: set[int] = set()
         self.steps: dict[int, RoundStep] = {}  # this round: node -> its part
         self.pruned_by: dict[int, list[int]] = {}  # layer -> nodes whose pruned copy was merged
-        self.global_masks: dict[str, torch.Tensor] = {}  # fixed masks awaiting re-solve/hand-down
-        self.dense_kept: dict[str, torch.Tensor] = {}  # dense values under them, until re-solved
+        self.global_masks = PackedMasks()  # fixed masks awaiting re-solve or hand-down
+        # The dense values under them, until re-solved: kept only where the merged layer is not
+        # dense * mask (values travelled); else read back from the layer in its re-solve round.
+        self.dense_kept: dict[str, torch.Tensor] = {}
         self.round_log: list[dict] = []
 
     @classmethod
@@ -107,13 +112,14 @@ class LayerwiseMerge(MergeStrategy):
 
     def summary(self) -> None:
         log.info(
-            "%s, layer-wise: calibration %s, resolve %s%s, %d layers in %d rounds",
+            "%s, layer-wise: calibration %s, resolve %s%s, %d layers in %d rounds of %d",
             self.rule,
             self.config.calibration,
             self.config.resolves,
             " (pipelined)" if self.config.resolve_pipelined and self.config.resolves else "",
             len(self.remaining),
             self.rounds,
+            self.group,
         )
         if self.config.calibration == "global":
             log.info(
@@ -235,11 +241,12 @@ class LayerwiseMerge(MergeStrategy):
             trim_fraction=self.config.trim_fraction,
             patterns=self.patterns,
         )
+        resolve_names = self._resolve_names(step)
+        for name, linear in self._resolve_linears(step).items():
+            if name not in self.dense_kept:  # the layer holds dense * mask since its prune round
+                self.dense_kept[name] = linear.weight.data[self.global_masks[name]]
         average = ResolveAverage(
-            self.global_masks,
-            step.resolve and self._resolve_names(step),
-            self.config.aggregation,
-            self.config.trim_fraction,
+            self.global_masks, resolve_names, self.config.aggregation, self.config.trim_fraction
         )
         answered: list[int] = []
         for node, (tensors, masks, values) in self.accepted(
@@ -320,8 +327,8 @@ class LayerwiseMerge(MergeStrategy):
         for layer in step.prune:
             for name, linear in prunable_weights(self.model, layer).items():
                 merged, keep = merger.finish(name)
-                if self.config.resolves:  # re-solved values are bounded against these
-                    self.dense_kept[name] = linear.weight.data[keep].clone()
+                if self.config.resolves and self.config.sends_pruned_values:
+                    self.dense_kept[name] = linear.weight.data[keep].clone()  # bounds re-solves
                 linear.weight.data.copy_(merged)
                 if self.config.resolves or self.config.calibration == "global":
                     self.global_masks[name] = keep
@@ -336,12 +343,17 @@ class LayerwiseMerge(MergeStrategy):
                     log.warning("%s: no valid re-solve reply; it keeps its l0-merged values", name)
                 else:
                     linear.weight.data.zero_()
-                    linear.weight.data[keep] = mean.to(linear.weight.dtype)
+                    linear.weight.data[keep] = kept_nonzero(mean.to(linear.weight.dtype))
                 if self.config.calibration == "local":
                     del self.global_masks[name]  # nothing is handed down in local calibration
 
     def _resolve_names(self, step: RoundStep) -> list[str]:
-        return [n for layer in step.resolve for n in prunable_weights(self.model, layer)]
+        return list(self._resolve_linears(step))
+
+    def _resolve_linears(self, step: RoundStep) -> dict:
+        return {
+            n: m for layer in step.resolve for n, m in prunable_weights(self.model, layer).items()
+        }
 
     def costs(self) -> dict:
         """The ``layerwise`` section of the report: the plan and what each round did."""
@@ -349,7 +361,8 @@ class LayerwiseMerge(MergeStrategy):
             "calibration": self.config.calibration,
             "resolve": self.config.resolves,
             "resolve-pipelined": self.config.resolve_pipelined,
-            "layers-per-round": self.config.layers_per_round,
+            "layers-per-round": self.group,
+            "memory-budget-gb": self.config.memory_budget_gb,
             "rounds": self.rounds,
             "dropped": sorted(self.dropped),
             "per_round": self.round_log,

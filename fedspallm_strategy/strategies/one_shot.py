@@ -101,6 +101,7 @@ class MergeStrategy(ServerEvaluated):
         self.rng = np.random.default_rng(config.seed)  # layer sampling
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
+        self.group = num_layers(model)  # the most layers a round asks of a node
         self.assignments: dict[int, list[int]] = {}
         self.sent: list[Message] = []  # this round's train messages
         # Names of nodes with no valid reply last round: asked again only as a last resort.
@@ -140,7 +141,7 @@ class MergeStrategy(ServerEvaluated):
     def check_rounds(self, nodes: list[int], budgets: Mapping[int, int | None]) -> None:
         total_layers = num_layers(self.model)
         shares = self.layer_shares(nodes, budgets)
-        check_payload_cap(self.config, self.model, max(shares))
+        check_payload_cap(self.config, self.model, min(max(shares), self.group))
         needed = math.ceil(total_layers / sum(shares))
         if needed > self.config.num_rounds:
             raise ConfigError(
@@ -161,13 +162,8 @@ class MergeStrategy(ServerEvaluated):
                 },
             }
         if self.config.standalone_eval or self.rule == "standalone":
-            matrices = sum(
-                len(prunable_weights(self.model, layer)) for layer in range(num_layers(self.model))
-            )
             with run.clock("standalone-eval"):
-                standalone = standalone_perplexities(
-                    self.config, run.evaluate, self.reply_files, matrices
-                )
+                standalone = standalone_perplexities(self.config, run.evaluate, self.reply_files)
             if standalone:
                 run.perplexities["standalone"] = standalone
         if self.reported:  # clients that kept their values home scored their own models

@@ -39,10 +39,9 @@ def matrix_specs(
 def check_payload_cap(config: RunConfig, model: PreTrainedModel, budget: int) -> None:
     """Refuse a run whose largest reply would exceed ``max-payload-mb`` before any work: the
     server would reject it only after the client pruned. A node prunes at most ``budget``
-    layers of a round's group (``layers-per-round``; all layers in the one-shot round)."""
+    layers in a round (its share, at most a round's group of layers)."""
     total = num_layers(model)
-    group = config.layers_per_round or (1 if config.calibration == "global" else total)
-    layers = min(budget, group, total) if config.layerwise else min(budget, total)
+    layers = min(budget, total)
     densest = None  # owl: no layer keeps more than at target - lambda (and its rounding)
     if config.sparsity_profile == "owl":
         lowest = SparsityPattern(max(0.0, config.sparsity - config.owl_lambda - 0.01))

@@ -53,7 +53,7 @@ def apply_payload(model: PreTrainedModel, data: bytes) -> int:
 
 
 def standalone_perplexities(
-    config: RunConfig, evaluate: Evaluate, reply_files: dict[int, list[Path]], total_matrices: int
+    config: RunConfig, evaluate: Evaluate, reply_files: dict[int, list[Path]]
 ) -> dict:
     """Each client's own pruned model (dense where it pruned nothing), if it pruned every layer.
 
@@ -65,6 +65,7 @@ def standalone_perplexities(
             config.model, dtype=config.torch_dtype, lazy=True, ignore=config.ignore
         )
         pruned = sum(apply_payload(model, path.read_bytes()) for path in files)
+        total_matrices = sum(len(prunable_weights(model, i)) for i in range(num_layers(model)))
         if pruned < total_matrices:
             log.info(
                 "node %d pruned %d of %d matrices: no standalone model",
