@@ -4,8 +4,9 @@ The message names this node's part of one :class:`RoundStep`: where to start (it
 the inputs it kept last round), the merged global layers to advance through, the layers to
 re-solve under the global masks it carries, and the layers to prune. The node runs its
 calibration inputs through the layers in order, doing each layer's part, and replies with the
-pruned layers (values and masks, as in one-shot FedSpaLLM) and the re-solved values (values
-only: the server knows the masks).
+pruned layers (values and masks, as in one-shot FedSpaLLM; masks only when the re-solve
+replaces the values, with each pruned matrix's input energy per column for the server's
+tie-break) and the re-solved values (values only: the server knows the masks).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def run_round(
     end = min(step.end, total)
     pruned_masks: dict[str, torch.Tensor] = {}
     resolved: dict[str, torch.Tensor] = {}
-    column_weights: dict[str, torch.Tensor] = {}  # diag H per re-solved matrix
+    column_weights: dict[str, torch.Tensor] = {}  # diag H: re-solved (weighted) or pruned
     for index in range(step.start, end):
         if index == step.keep_from and index > 0:
             save_activations(folder, calibrator.hidden, index)
@@ -152,10 +153,17 @@ def run_round(
             stats = calibrator.statistics(index, pruner)
             calibrator.prune_layer(index, pruner, pattern, stats, keep_masks=layer_masks)
             resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
-            column_weights.update({name: stats[name].xtx.diagonal() for name in layer_masks})
+            if config.resolve_weighting == "hessian-diagonal":
+                column_weights.update({n: stats[n].xtx.diagonal() for n in layer_masks})
             log.info("layer %d/%d re-solved under the global mask", index + 1, total)
         elif index in step.prune:
-            pruned_masks.update(calibrator.prune_layer(index, pruner, pattern, patterns=patterns))
+            stats = calibrator.statistics(index, pruner)
+            layer_masks = calibrator.prune_layer(index, pruner, pattern, stats, patterns=patterns)
+            pruned_masks.update(layer_masks)
+            if config.sends_column_norms:  # the server's tie-break, in place of the values
+                empty = torch.zeros(0, dtype=torch.float16)
+                resolved.update({name: empty for name in layer_masks})
+                column_weights.update({name: stats[name].xtx.diagonal() for name in layer_masks})
             log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         if index + 1 < end or step.keep_from == end:
             calibrator.advance(index)
@@ -169,8 +177,7 @@ def run_round(
     if config.clients_score_standalone and len(pruned_masks) == len(all_weights(model)):
         own = own_perplexities(model, tokenizer, config, device)
     payload = encode_pruned(model, pruned_masks, config)
-    weighted = config.resolve_weighting == "hessian-diagonal"
-    resolved_payload = encode_values(resolved, column_weights if weighted else None)
+    resolved_payload = encode_values(resolved, column_weights)
     metrics = {
         "num-examples": int(calibrator.hidden.shape[0]),
         "layers": len(step.prune),

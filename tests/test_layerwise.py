@@ -179,11 +179,17 @@ def test_layers_per_round_with_local_calibration_is_bit_identical_to_one_round(t
         assert not state_dir(NodeConfig.from_mapping(config), 2, "layerwise").exists()
 
 
+def resolved_values(reply: Message) -> dict[str, torch.Tensor]:
+    """A reply's re-solved values by key (``values/<name>``). The prune round's payload names
+    its pruned matrices with no values, only their column norms: those are left out."""
+    loaded = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
+    return {k: t for k, t in loaded.items() if k.startswith("values/") and t.numel()}
+
+
 def record_resolved(store: dict):
     def keep(node: int, reply: Message) -> Message:
         if not reply.has_error() and RESOLVED_KEY in reply.content.array_records:
-            values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
-            store.setdefault(node, {}).update(values)  # every round's re-solved matrices
+            store.setdefault(node, {}).update(resolved_values(reply))  # every round's
         return reply
 
     return keep
@@ -304,7 +310,7 @@ def test_a_resolve_reply_that_does_not_match_the_sent_mask_is_rejected(tmp_path)
     def drop_one_value(node: int, reply: Message) -> Message:
         if node != 2 or reply.has_error():
             return reply
-        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
+        values = resolved_values(reply)
         if not values:
             return reply  # the prune round: nothing re-solved yet
         values = {key.removeprefix("values/"): tensor for key, tensor in values.items()}
@@ -433,7 +439,7 @@ def _scale_resolved(node_to_poison: int, factor: float):
     def poison(node: int, reply: Message) -> Message:
         if node != node_to_poison or reply.has_error():
             return reply
-        values = safetensors.torch.load(reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30))
+        values = resolved_values(reply)
         if not values:
             return reply  # the prune round: nothing re-solved yet
         values = {key.removeprefix("values/"): t * factor for key, t in values.items()}

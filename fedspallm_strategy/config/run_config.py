@@ -114,6 +114,13 @@ class RunConfig:
         return self.keep_replies or not self.resolves
 
     @property
+    def sends_column_norms(self) -> bool:
+        """Whether a prune reply's matrices come with the client's input energy per column
+        (``Σ x_j²``): when their values stay home, the server breaks the expansion's ties by
+        ``|W| · ‖x_j‖`` (Wanda's saliency, pooled over the clients) instead of by a value."""
+        return self.resolves and not self.sends_pruned_values
+
+    @property
     def clients_score_standalone(self) -> bool:
         """Whether each client scores its own pruned model on ``eval-data`` and reports the
         perplexity: its values stay home (:attr:`sends_pruned_values`), so only it holds that

@@ -31,6 +31,7 @@ from fedspallm_strategy.merge.aggregation import (
     make_accumulator,
 )
 from fedspallm_strategy.merge.expansion import expand_mask, expand_mask_nm
+from fedspallm_strategy.merge.resolve_average import clip_column_weights
 from llm_pruning.pruners import PRUNERS, SparsityPattern
 
 MERGE_RULES = ("fedspallm", "fedavg", "fedprllm")
@@ -65,13 +66,23 @@ class MatrixMerger:
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.patterns = dict(patterns or {})  # per-matrix overrides (sparsity-profile='owl')
         self.accumulators: dict[str, L0Accumulator] = {}
+        self.column_norms: dict[str, list[Tensor]] = {}  # mask-only: each client's Σ x_j²
 
-    def add(self, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    def add(
+        self,
+        tensors: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        column_norms: Mapping[str, Tensor] | None = None,
+    ) -> None:
         """Add one client's matrices. ``tensors`` is empty for a mask-only payload: the
-        client kept the dense values the server already holds."""
+        client kept the dense values the server already holds, or the re-solve replaces its
+        values; then ``column_norms`` (name -> its ``Σ x_j²`` per input column, if sent) break
+        the expansion's ties."""
         for name, keep in masks.items():
             if not tensors:  # votes only: 2 bytes per weight, whatever the rule
                 self.accumulators.setdefault(name, L0Accumulator(keep.shape)).add_votes(keep)
+                if column_norms:
+                    self.column_norms.setdefault(name, []).append(column_norms[name])
                 continue
             weight = tensors[name]
             if name not in self.accumulators:
@@ -90,7 +101,7 @@ class MatrixMerger:
         mean = accumulator.finish() if accumulator.has_values else self.dense[name]
         if self.rule == "fedspallm":
             merged = mean
-            keep = self._expand(merged, accumulator, self.pattern_of(name))
+            keep = self._expand(self._tie_break(name, merged), accumulator, self.pattern_of(name))
         elif self.rule == "fedavg":
             # sum M*W / N == (sum M*W / sum M) * sum M / N
             merged = mean * accumulator.kept_count / accumulator.num_clients
@@ -103,6 +114,16 @@ class MatrixMerger:
             merged = self.dense[name]
         merged = kept_nonzero(merged.to(self.dense[name].dtype))
         return torch.where(keep, merged, torch.zeros((), dtype=merged.dtype)), keep
+
+    def _tie_break(self, name: str, merged: Tensor) -> Tensor:
+        """What decides among equal votes: ``|W_g|``, or without the clients' values
+        ``|W| · ‖x_j‖`` with ``‖x_j‖²`` the clients' pooled input energy of column j (Wanda's
+        saliency; each client's clipped to 4x the median client's, as the re-solve's weights)."""
+        norms = self.column_norms.pop(name, None)
+        if not norms:
+            return merged
+        pooled = clip_column_weights(torch.stack([n.double() for n in norms])).sum(dim=0)
+        return merged.abs().double() * pooled.sqrt().unsqueeze(0)
 
     def pattern_of(self, name: str) -> SparsityPattern:
         """The pattern matrix ``name`` is merged to: its own under a profile, else the run's."""

@@ -249,15 +249,15 @@ class LayerwiseMerge(MergeStrategy):
             self.global_masks, resolve_names, self.config.aggregation, self.config.trim_fraction
         )
         answered: list[int] = []
-        for node, (tensors, masks, values) in self.accepted(
+        for node, (tensors, masks, values, norms) in self.accepted(
             server_round, replies, self._accept_round
         ):
-            merger.add(tensors, masks)
+            merger.add(tensors, masks, norms)
             average.add(*values)
             for layer in self.steps[node].prune:
                 self.pruned_by.setdefault(layer, []).append(node)
             answered.append(node)
-            del tensors, masks, values  # streaming: one client's matrices at a time
+            del tensors, masks, values, norms  # streaming: one client's matrices at a time
         failed = set(self.steps) - set(answered)
         if failed:
             self.dropped |= failed
@@ -296,9 +296,19 @@ class LayerwiseMerge(MergeStrategy):
             for layer in self.steps[node].resolve
             for name, linear in prunable_weights(self.model, layer).items()
         }
-        limit = self.config.reply_limit(values_limit(expected))
+        pruned = {}  # with the values home: each pruned matrix's Σ x_j², no values
+        if self.config.sends_column_norms:
+            pruned = {
+                name: Expected(0, linear.in_features)
+                for layer in self.steps[node].prune
+                for name, linear in prunable_weights(self.model, layer).items()
+            }
+        limit = self.config.reply_limit(values_limit({**expected, **pruned}))
         resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=limit)
-        values = decode_values(resolved, expected, max_bytes=limit)
+        values = decode_values(resolved, {**expected, **pruned}, max_bytes=limit)
+        norms = {name: values[1].pop(name) for name in pruned}
+        for name in pruned:
+            del values[0][name]
         for name, kept in values[0].items():
             check_kept_values(name, kept, self.dense_kept[name], self.change_bound_of(name))
         up = len(data) + len(resolved)
@@ -312,7 +322,7 @@ class LayerwiseMerge(MergeStrategy):
         elif self.reply_dir is not None and self.config.calibration == "local" and masks:
             # local: the pruned layers form the node's standalone model
             store_reply(self.reply_dir, self.reply_files, node, data)
-        return tensors, masks, values
+        return tensors, masks, values, norms
 
     def _merge_pruned(self, server_round: int, step: RoundStep, merger: MatrixMerger) -> None:
         """l0 aggregation + expansion of the round's pruned group: the masks are now fixed."""

@@ -51,9 +51,7 @@ def read_header(data: bytes) -> tuple[int, dict]:
     if header_len > len(data) - 8:
         raise PayloadError(f"header length {header_len} exceeds the {len(data)}-byte payload")
     try:
-        header = json.loads(
-            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=unique_keys
-        )
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"payload header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):

@@ -58,8 +58,10 @@ def encode_values(
 ) -> bytes:
     """Serialise re-solved kept values (name -> 1-D tensor of ``mask.sum()`` entries).
 
-    ``column_weights`` (name -> ``(in,)`` float32, the client's ``diag H``) lets the server
-    weigh each client's value of column j by how much input energy it saw there.
+    ``column_weights`` (name -> ``(in,)`` float32, the client's ``diag H``, for any of the
+    names) lets the server weigh each client's value of column j by how much input energy it
+    saw there. A matrix may carry no values (count 0) and only its column weights: a pruned
+    matrix whose values stayed home, for the server's tie-break.
     """
     entries, matrices = {}, {}
     for name, tensor in values.items():
@@ -69,7 +71,7 @@ def encode_values(
             raise ValueError(f"{name}: re-solved values are not all finite")
         entries[VALUES_PREFIX + name] = tensor.detach().cpu().contiguous()
         matrices[name] = {"count": int(tensor.numel()), "dtype": DTYPE_NAMES[tensor.dtype]}
-        if column_weights is not None:
+        if column_weights is not None and name in column_weights:
             weights = column_weights[name].detach().to("cpu", torch.float32).contiguous()
             entries[WEIGHTS_PREFIX + name] = weights
             matrices[name]["columns"] = int(weights.numel())
