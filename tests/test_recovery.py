@@ -1,0 +1,326 @@
+"""Tests for llm_pruning.recovery: fine-tuning that keeps a pruned model's zeros exactly."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from llm_pruning import recovery
+from llm_pruning.engine import prune_model
+from llm_pruning.models import load_model
+from llm_pruning.pruners import SparsityPattern, get_pruner
+from llm_pruning.recovery import (
+    RecoveryResult,
+    RecoverySettings,
+    apply_deltas,
+    recover,
+    sparsity_masks,
+)
+
+SEQLEN = 24
+PATTERNS = {"unstructured": SparsityPattern(0.5), "2:4": SparsityPattern(0.5, 2, 4)}
+# Learning rates at which a dozen steps visibly lower the loss of the tiny random model.
+LR = {"masked": 1e-3, "lora": 1e-2}
+
+
+def settings(method: str, *, steps: int = 12, seed: int = 3) -> RecoverySettings:
+    return RecoverySettings(method, steps=steps, lr=LR[method], batch_size=4, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    """Random byte windows (N, T): the tiny model's weights are random, so is its text."""
+    return torch.randint(0, 256, (8, SEQLEN), generator=torch.Generator().manual_seed(0))
+
+
+def pruned_model(name: str, pattern: str, windows: torch.Tensor):
+    model, _ = load_model(name)
+    prune_model(model, windows, get_pruner("magnitude"), PATTERNS[pattern], progress=False)
+    return model
+
+
+def window_loss(model, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(input_ids=windows, labels=windows, use_cache=False).loss.item()
+
+
+@dataclass
+class Recovered:
+    method: str
+    pattern: str
+    pruned: torch.nn.Module  # the pruned model, untouched
+    model: torch.nn.Module  # a copy of it after recovery
+    masks: dict[str, torch.Tensor]  # the pruned model's keep-masks
+    result: RecoveryResult
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(m, p) for m in ("masked", "lora") for p in PATTERNS],
+    ids=lambda param: "-".join(param),
+)
+def recovered(request, tiny_cache, windows) -> Recovered:
+    method, pattern = request.param
+    pruned = pruned_model("tiny-llama", pattern, windows)
+    model = copy.deepcopy(pruned)
+    result = recover(model, windows, settings(method))
+    return Recovered(method, pattern, pruned, model, sparsity_masks(pruned), result)
+
+
+# ------------------------------------------------------------------ (a) zeros kept exactly
+
+
+def test_recovery_keeps_exactly_the_zero_set(recovered: Recovered) -> None:
+    after = sparsity_masks(recovered.model)
+    assert after.keys() == recovered.masks.keys()
+    for name, mask in recovered.masks.items():
+        assert torch.equal(after[name], mask), name
+        assert int(mask.sum()) * 2 == mask.numel(), name  # still exactly 50 % sparse
+    if recovered.pattern == "2:4":
+        for name, mask in after.items():
+            groups = mask.reshape(mask.shape[0], -1, 4).sum(dim=-1)
+            assert bool((groups == 2).all()), f"{name}: a 2:4 group broken"
+
+
+def test_recovery_changes_kept_values(recovered: Recovered) -> None:
+    """The property above is not vacuous: the kept values did move."""
+    changed = [bool(delta.abs().max() > 0) for delta in recovered.result.deltas.values()]
+    assert all(changed)
+
+
+# ------------------------------------------------------------------ (b) the loss goes down
+
+
+def test_training_loss_falls_and_windows_loss_is_lower(recovered: Recovered, windows) -> None:
+    losses = recovered.result.losses
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0]
+    assert window_loss(recovered.model, windows) < window_loss(recovered.pruned, windows)
+
+
+def test_result_counts_tokens_and_time(recovered: Recovered) -> None:
+    assert recovered.result.tokens == 12 * 4 * SEQLEN
+    assert recovered.result.seconds > 0
+
+
+# ------------------------------------------------------------------ (c) deltas reproduce
+
+
+def test_apply_deltas_reproduces_the_recovered_weights_exactly(recovered: Recovered) -> None:
+    receiver = copy.deepcopy(recovered.pruned)
+    deltas = recovered.result.deltas
+    for name, mask in recovered.masks.items():
+        assert deltas[name].dtype == torch.float32
+        assert deltas[name].shape == (int(mask.sum()),)
+    apply_deltas(receiver, deltas, sparsity_masks(receiver))
+    expected = recovered.model.state_dict()
+    for name, value in receiver.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+# ------------------------------------------------------------------ (d) the rest is frozen
+
+
+def test_non_prunable_parameters_unchanged(recovered: Recovered) -> None:
+    before = recovered.pruned.state_dict()
+    after = recovered.model.state_dict()
+    others = [name for name in before if name not in recovered.masks]
+    assert any("embed_tokens" in name for name in others)
+    assert any("norm" in name for name in others)
+    for name in others:
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_model_state_restored(recovered: Recovered) -> None:
+    """Eval mode and the requires_grad flags are as they were before training."""
+    assert not recovered.model.training
+    flags = {name: p.requires_grad for name, p in recovered.pruned.named_parameters()}
+    assert {name: p.requires_grad for name, p in recovered.model.named_parameters()} == flags
+
+
+# ------------------------------------------------------------------ (e) no adapters left
+
+
+LORA_CASES = [("lora", pattern) for pattern in PATTERNS]
+
+
+@pytest.mark.parametrize("recovered", LORA_CASES, indirect=True, ids=lambda p: "-".join(p))
+def test_lora_leaves_a_plain_model(recovered: Recovered) -> None:
+    model = recovered.model
+    assert type(model) is type(recovered.pruned)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == [name for name, _ in recovered.pruned.named_parameters()]
+    assert not any("lora" in name for name in names)
+    assert [name for name, _ in model.named_modules()] == [
+        name for name, _ in recovered.pruned.named_modules()
+    ]
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+# ------------------------------------------------------------------ (f) bad deltas
+
+
+def bad_deltas_cases(recovered: Recovered):
+    name = next(iter(recovered.masks))
+    good = recovered.result.deltas[name]
+    nan = good.clone()
+    nan[0] = float("nan")
+    return name, {
+        "wrong count": (name, good[:-1]),
+        "nan": (name, nan),
+        "inf": (name, torch.full_like(good, float("inf"))),
+        "2-D": (name, good[None]),
+        "integer": (name, good.long()),
+        "unknown name": ("model.layers.0.mlp.nonsense.weight", good),
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong count", "nan", "inf", "2-D", "integer", "unknown name"])
+def test_bad_deltas_raise_naming_the_matrix_and_change_nothing(recovered, case) -> None:
+    receiver = copy.deepcopy(recovered.pruned)
+    masks = sparsity_masks(receiver)
+    _, cases = bad_deltas_cases(recovered)
+    bad_name, bad = cases[case]
+    # A good delta for another matrix first: nothing is applied unless every one is good.
+    deltas = {name: d for name, d in recovered.result.deltas.items() if name != bad_name}
+    deltas[bad_name] = bad
+    with pytest.raises(ValueError, match=re.escape(bad_name)):
+        apply_deltas(receiver, deltas, masks)
+    expected = recovered.pruned.state_dict()
+    for name, value in receiver.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_mask_of_the_wrong_shape_raises(recovered: Recovered) -> None:
+    receiver = copy.deepcopy(recovered.pruned)
+    masks = sparsity_masks(receiver)
+    name = next(iter(masks))
+    masks[name] = masks[name].flatten()
+    with pytest.raises(ValueError, match=re.escape(name)):
+        apply_deltas(receiver, recovered.result.deltas, masks)
+
+
+# ------------------------------------------------------------------ (g) reproducible
+
+
+@pytest.mark.parametrize("method", ["masked", "lora"])
+def test_same_seed_gives_bit_identical_deltas(tiny_cache, windows, method) -> None:
+    pruned = pruned_model("tiny-llama", "2:4", windows)
+    runs = [recover(copy.deepcopy(pruned), windows, settings(method, steps=3)) for _ in range(2)]
+    other = recover(copy.deepcopy(pruned), windows, settings(method, steps=3, seed=4))
+    first, second = (run.deltas for run in runs)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert runs[0].losses == runs[1].losses
+    assert any(not torch.equal(first[name], other.deltas[name]) for name in first)
+
+
+def test_recover_leaves_the_callers_rng_alone(tiny_cache, windows) -> None:
+    model = pruned_model("tiny-llama", "unstructured", windows)
+    state = torch.get_rng_state()
+    recover(model, windows, settings("lora", steps=2))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------ other models and dtypes
+
+
+@pytest.mark.parametrize("method", ["masked", "lora"])
+def test_opt_keeps_zeros_and_biases(tiny_cache, windows, method) -> None:
+    """OPT's prunable Linears have biases: they are not trained either."""
+    pruned = pruned_model("tiny-opt", "2:4", windows)
+    model = copy.deepcopy(pruned)
+    result = recover(model, windows, settings(method, steps=3))
+    masks = sparsity_masks(pruned)
+    assert all(torch.equal(sparsity_masks(model)[n], m) for n, m in masks.items())
+    before, after = pruned.state_dict(), model.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before if n not in masks)
+    receiver = copy.deepcopy(pruned)
+    apply_deltas(receiver, result.deltas, sparsity_masks(receiver))
+    assert all(torch.equal(receiver.state_dict()[n], after[n]) for n in masks)
+
+
+def test_lora_on_a_bfloat16_base_keeps_zeros(tiny_cache, windows) -> None:
+    pruned = pruned_model("tiny-llama", "2:4", windows).to(torch.bfloat16)
+    model = copy.deepcopy(pruned)
+    result = recover(model, windows, settings("lora", steps=3))
+    masks = sparsity_masks(pruned)
+    assert all(torch.equal(sparsity_masks(model)[n], m) for n, m in masks.items())
+    assert all(delta.dtype == torch.float32 for delta in result.deltas.values())
+    receiver = copy.deepcopy(pruned)
+    apply_deltas(receiver, result.deltas, sparsity_masks(receiver))
+    after = model.state_dict()
+    assert all(torch.equal(receiver.state_dict()[n], after[n]) for n in masks)
+
+
+def test_masked_refuses_half_precision(tiny_cache, windows) -> None:
+    model = pruned_model("tiny-llama", "2:4", windows).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        recover(model, windows, settings("masked", steps=1))
+
+
+def test_error_mid_training_leaves_the_model_as_it_was(tiny_cache, windows, monkeypatch) -> None:
+    pruned = pruned_model("tiny-llama", "2:4", windows)
+    model = copy.deepcopy(pruned)
+    real_step, calls = recovery._step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory, say")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "_step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recover(model, windows, settings("masked", steps=5))
+    expected = pruned.state_dict()
+    assert all(torch.equal(value, expected[n]) for n, value in model.state_dict().items())
+    flags = {name: p.requires_grad for name, p in pruned.named_parameters()}
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not model.training
+
+
+# ------------------------------------------------------------------ refused inputs
+
+
+def test_lazy_models_are_refused(tiny_cache, windows) -> None:
+    model, _ = load_model("tiny-llama", lazy=True)
+    with pytest.raises(ValueError, match="eager"):
+        recover(model, windows, settings("masked", steps=1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(8, dtype=torch.long),  # 1-D
+        torch.zeros(2, 8),  # float
+        torch.zeros(2, 1, dtype=torch.long),  # nothing to predict
+        torch.full((2, 8), 10_000, dtype=torch.long),  # outside the vocabulary
+    ],
+)
+def test_bad_windows_are_refused(tiny_llama, bad) -> None:
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="windows"):
+        recover(model, bad, settings("masked", steps=1))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "full"},
+        {"steps": 0},
+        {"batch_size": 1.5},
+        {"lr": float("nan")},
+        {"lr": -1e-3},
+        {"lora_rank": 0},
+        {"lora_alpha": 0},
+    ],
+)
+def test_bad_settings_are_refused(changes) -> None:
+    values = {"method": "lora", "steps": 1, "lr": 1e-3, "batch_size": 1, **changes}
+    with pytest.raises(ValueError, match="recovery"):
+        RecoverySettings(**values)
