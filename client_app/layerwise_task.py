@@ -126,6 +126,7 @@ def run_round(
         config.model, dtype=config.torch_dtype, cache=cache, lazy=True, ignore=config.ignore
     )
     pruner, pattern = get_pruner(config.pruner), config.sparsity_pattern
+    rebuild = config.reconstruction
     device = node_device(config, node)
     folder = state_dir(node, run_id, STATE_KIND)
     if step.start == 0:  # the inputs entering layer 0 come from the shard itself
@@ -151,14 +152,18 @@ def run_round(
         if index in step.resolve:
             layer_masks = {name: fixed[name] for name in prunable_weights(model, index)}
             stats = calibrator.statistics(index, pruner)
-            calibrator.prune_layer(index, pruner, pattern, stats, keep_masks=layer_masks)
+            calibrator.prune_layer(
+                index, pruner, pattern, stats, keep_masks=layer_masks, reconstruction=rebuild
+            )
             resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
             if config.resolve_weighting == "hessian-diagonal":
                 column_weights.update({n: stats[n].xtx.diagonal() for n in layer_masks})
             log.info("layer %d/%d re-solved under the global mask", index + 1, total)
         elif index in step.prune:
             stats = calibrator.statistics(index, pruner)
-            layer_masks = calibrator.prune_layer(index, pruner, pattern, stats, patterns=patterns)
+            layer_masks = calibrator.prune_layer(
+                index, pruner, pattern, stats, patterns=patterns, reconstruction=rebuild
+            )
             pruned_masks.update(layer_masks)
             if config.sends_column_norms:  # the server's tie-break, in place of the values
                 empty = torch.zeros(0, dtype=torch.float16)

@@ -106,6 +106,7 @@ def prune_layers(
         layer_ids=layer_ids,
         device=device,
         patterns=patterns,
+        reconstruction=config.reconstruction,
     )
     payload = encode_pruned(model, result.masks, config)
     metrics = {

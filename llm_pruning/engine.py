@@ -28,6 +28,7 @@ from llm_pruning.capture import capture_layer_calls, hidden_of
 from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.lazy import on_device, pin_layer
 from llm_pruning.pruners import Pruner, SparsityPattern
+from llm_pruning.pruners.sparsegpt import check_reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class LayerwiseCalibrator:
         stats: dict | None = None,
         keep_masks: Mapping[str, torch.Tensor] | None = None,
         patterns: Mapping[str, SparsityPattern] | None = None,
+        reconstruction: str = "sparsegpt",
     ) -> dict[str, torch.Tensor]:
         """Prune every prunable Linear of layer ``index`` in place; returns keep-masks by name.
 
@@ -169,14 +171,17 @@ class LayerwiseCalibrator:
         ``keep_masks`` (weight name -> bool mask) fixes the masks instead of letting the pruner
         choose them: the pruner then only compensates for them (the masked re-solve), which
         only pruners that update weights can do. ``patterns`` (weight name -> pattern)
-        overrides ``pattern`` per matrix (non-uniform layer-wise sparsity, ``owl.py``). The
-        layer of a lazy model is pinned: its new weights stay in memory until the caller
-        releases it (``lazy.release_layer``).
+        overrides ``pattern`` per matrix (non-uniform layer-wise sparsity, ``owl.py``).
+        ``reconstruction`` (one of :data:`~llm_pruning.pruners.RECONSTRUCTIONS`) sets how a
+        pruner that updates weights sets the kept values; ``"lsq"`` solves the masked least
+        squares exactly (``pruners/lsq.py``). The layer of a lazy model is pinned: its new
+        weights stay in memory until the caller releases it (``lazy.release_layer``).
         """
         if keep_masks is not None and not pruner.updates_weights:
             raise ValueError(
                 f"pruner {pruner.name} keeps the dense values: it cannot re-solve under a mask"
             )
+        options = reconstruction_options(pruner, reconstruction)
         pin_layer(self.model, index)  # first, so the statistics pass loads it only once
         if stats is None and pruner.make_stats is not None:
             stats = self.statistics(index, pruner)
@@ -187,7 +192,7 @@ class LayerwiseCalibrator:
             given = {} if keep_masks is None else {"keep_mask": keep_masks[name]}
             matrix_pattern = patterns.get(name, pattern) if patterns else pattern
             new_weight, keep = pruner.prune(
-                weight, stats[name] if stats else None, matrix_pattern, **given
+                weight, stats[name] if stats else None, matrix_pattern, **given, **options
             )
             linear.weight.data.copy_(new_weight.to(linear.weight.device))
             masks[name] = keep.cpu()
@@ -221,6 +226,30 @@ class PruneResult:
     layers: list[int] = field(default_factory=list)
 
 
+def reconstruction_options(pruner: Pruner, reconstruction: str) -> dict[str, str]:
+    """The keyword arguments that ask ``pruner.prune`` for ``reconstruction``.
+
+    Empty for the default ``"sparsegpt"``, so that pruners (and wrappers of them) that take no
+    such argument keep working; a mask-only pruner cannot do anything else.
+
+    Raises
+    ------
+    ValueError
+        Naming ``reconstruction`` when it is unknown, or not the default for a pruner that
+        keeps the dense values.
+    """
+    check_reconstruction(reconstruction)
+    if reconstruction == "sparsegpt":
+        return {}
+    if not pruner.updates_weights:
+        raise ValueError(
+            f"reconstruction={reconstruction!r} sets kept values, but pruner {pruner.name} "
+            "keeps the dense values (it only chooses a mask); use a pruner that updates "
+            "weights (sparsegpt) or reconstruction='sparsegpt'"
+        )
+    return {"reconstruction": reconstruction}
+
+
 def check_layer_ids(layer_ids: Iterable[int], total: int) -> list[int]:
     """Sorted distinct layer ids, or a clear error naming the bad one."""
     ids = sorted(set(int(i) for i in layer_ids))
@@ -240,10 +269,13 @@ def prune_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     patterns: Mapping[str, SparsityPattern] | None = None,
+    reconstruction: str = "sparsegpt",
 ) -> PruneResult:
     """Prune ``layer_ids`` (default: all) of ``model`` in place on ``segments`` ``(N, T)``.
 
-    ``patterns`` (weight name -> pattern) overrides ``pattern`` per matrix."""
+    ``patterns`` (weight name -> pattern) overrides ``pattern`` per matrix;
+    ``reconstruction`` is passed to :meth:`LayerwiseCalibrator.prune_layer`."""
+    reconstruction_options(pruner, reconstruction)  # fail before any work
     total = num_layers(model)
     ids = check_layer_ids(range(total) if layer_ids is None else layer_ids, total)
     if not ids:
@@ -259,7 +291,11 @@ def prune_model(
     )
     for index in bar:
         if index in chosen:
-            masks.update(calibrator.prune_layer(index, pruner, pattern, patterns=patterns))
+            masks.update(
+                calibrator.prune_layer(
+                    index, pruner, pattern, patterns=patterns, reconstruction=reconstruction
+                )
+            )
             log.info("layer %d/%d pruned (%s, %s)", index + 1, total, pruner.name, pattern)
         calibrator.advance(index)
     return PruneResult(masks, calibrator.timings, ids)

@@ -1,11 +1,12 @@
-"""The default mode's uplink: masks only in the prune round, 16-bit re-solved values, and each
-member scoring its own model.
+"""The re-solve's uplink: 16-bit values, and with ``lean-uplink`` masks only in the prune round
+and each member scoring its own model.
 
 With ``resolve`` (the default) a client's pruned values are replaced by its re-solved ones a
-round later, so the prune round sends the keep-mask alone (one bit per weight) and the
-re-solve round sends each kept value in 16 bits. At 50 % that is ``1/8 + 1/2 x 2 = 1.125``
-bytes per weight against dense fp16's 2: 0.5625x, plus headers. The server then holds no
-member's model, so each member scores its own on ``eval-data`` and reports the perplexity.
+round later. With ``lean-uplink`` the prune round sends the keep-mask alone (one bit per
+weight, and its input energy per column) and the re-solve round each kept value in 16 bits. At
+50 % that is ``1/8 + 1/2 x 2 = 1.125`` bytes per weight against dense fp16's 2: 0.5625x, plus
+headers. The server then holds no member's model, so each member scores its own on
+``eval-data`` and reports the perplexity.
 """
 
 import json
@@ -33,6 +34,7 @@ from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
 TINY = {"model": "tiny-llama", "seqlen": 64, "calib-samples": 4, "eval-windows": 2}
+LEAN = {"lean-uplink": True}
 
 
 def config_of(tmp_path, **overrides) -> RunConfig:
@@ -47,16 +49,22 @@ def weights_of(model) -> list[torch.Tensor]:
     ]
 
 
-def test_only_the_resolving_default_keeps_its_pruned_values_home():
+def test_only_a_lean_resolving_run_keeps_its_pruned_values_home():
     default = RunConfig()
-    assert default.resolves and not default.sends_pruned_values
-    assert default.clients_score_standalone
-    assert RunConfig(keep_replies=True).sends_pruned_values  # the server scores them then
-    assert RunConfig(resolve=False).sends_pruned_values  # the values are the merge's input
-    assert RunConfig(strategy="fedavg").sends_pruned_values  # baselines do not re-solve
+    assert default.resolves and default.sends_pruned_values  # they break the merge's ties
+    assert not default.clients_score_standalone and not default.sends_column_norms
+    lean = RunConfig(lean_uplink=True)
+    assert not lean.sends_pruned_values and lean.sends_column_norms
+    assert lean.clients_score_standalone
+    # the server scores them then
+    assert RunConfig(lean_uplink=True, keep_replies=True).sends_pruned_values
+    # the values are the merge's input
+    assert RunConfig(lean_uplink=True, resolve=False).sends_pruned_values
+    assert RunConfig(lean_uplink=True, strategy="fedavg").sends_pruned_values  # no re-solve
     wanda = RunConfig(pruner="wanda", resolve=False)
     assert not wanda.sends_pruned_values and not wanda.clients_score_standalone  # dense values
-    assert not RunConfig(calibration="global").clients_score_standalone  # no model of its own
+    # global calibration: no model of its own
+    assert not RunConfig(lean_uplink=True, calibration="global").clients_score_standalone
 
 
 def test_auto_payload_dtype_is_16_bit_and_an_explicit_one_wins():
@@ -94,17 +102,18 @@ def record_up(store: dict):
     def keep(node: int, reply: Message) -> Message:
         if not reply.has_error() and PAYLOAD_KEY in reply.content.array_records:
             pruned = reply_bytes(reply, PAYLOAD_KEY, max_bytes=2**30)
-            resolved = reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30)
+            one_shot = RESOLVED_KEY not in reply.content.array_records
+            resolved = b"" if one_shot else reply_bytes(reply, RESOLVED_KEY, max_bytes=2**30)
             store.setdefault(node, []).append((pruned, resolved))
         return reply
 
     return keep
 
 
-def test_the_default_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(tmp_path):
+def test_a_lean_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(tmp_path):
     sent: dict[int, list] = {}
     grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(sent))
-    run_dir = run_federation(grid, config_of(tmp_path), run_id=51)
+    run_dir = run_federation(grid, config_of(tmp_path, **LEAN), run_id=51)
     report = json.loads((run_dir / "report.json").read_text())
     weights = weights_of(load_model("tiny-llama")[0])
     numel = sum(w.numel() for w in weights)
@@ -131,7 +140,7 @@ def test_the_default_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(t
 
 
 def test_a_members_own_score_is_the_one_the_server_gets_from_its_replies(tmp_path):
-    exact = {"payload-dtype": "float32"}  # the server's rebuild then holds the client's values
+    exact = {"payload-dtype": "float32", **LEAN}  # the server's rebuild holds the values
     scored_home = run_federation(
         InProcessGrid.simulation(client_app, 2, {}), config_of(tmp_path, **exact), run_id=52
     )
@@ -153,13 +162,18 @@ def test_a_members_own_score_is_the_one_the_server_gets_from_its_replies(tmp_pat
             assert own == pytest.approx(value, rel=1e-4), (node, source)
 
 
-def test_without_keep_replies_a_one_shot_run_scores_and_then_drops_them(tmp_path):
-    run_dir = run_federation(
-        InProcessGrid.simulation(client_app, 2, {}), config_of(tmp_path, resolve=False), run_id=54
-    )
+@pytest.mark.parametrize("resolve", [True, False])
+def test_without_keep_replies_the_server_scores_the_replies_then_drops_them(tmp_path, resolve):
+    sent: dict[int, list] = {}
+    grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(sent))
+    run_dir = run_federation(grid, config_of(tmp_path, resolve=resolve), run_id=54)
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["perplexity"]["standalone"]["per_client"]) == ["1", "2"]
+    assert "standalone-scored-by" not in report
     assert not (run_dir / "replies").exists()
+    pruned = safetensors.torch.load(sent[1][0][0])  # the first round's payload: 16-bit values
+    values = [t for key, t in pruned.items() if key.startswith("values/")]
+    assert values and {t.dtype for t in values} == {torch.float16}
 
 
 def test_a_value_float16_would_flush_to_zero_travels_as_its_least_one():

@@ -25,12 +25,17 @@ from server_app.inprocess import InProcessGrid
 D = 36_864  # prunable weights a layer
 KEPT = D // 2  # at 50 %
 RESIDENT = 4 * 36_992  # the layer's parameters, float32
-# The default (re-solve, uniform mean, float16 on the wire) re-solve round holds the dense kept
+# The re-solve round (uniform mean, float16 on the wire) holds the dense kept
 # values (4 B) and one reply's (2 B), one matrix's mask unpacked (the largest, 8192), and the
 # merger's float32 sum a kept weight plus an int32 count per input column (6 inputs of 64 and
 # down_proj's 128).
 RESOLVE = KEPT * (4 + 2) + 8192 + 4 * KEPT + 4 * (6 * 64 + 128)
-LAYER = RESIDENT + RESOLVE  # the prune round (votes 2 B + one mask 1 B a weight) holds less
+# The prune round holds the votes (2 B a weight), one reply's mask (1 B) and its float16 values
+# (2 B), and the float64 running sum of the values (8 B, a float32 model): 13 B a weight.
+PRUNE = 13 * D
+LAYER = RESIDENT + PRUNE
+# lean-uplink: the prune replies are masks only (3 B a weight), and the re-solve round is larger
+LEAN_LAYER = RESIDENT + RESOLVE
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +43,13 @@ def tiny():
     return load_model("tiny-llama")[0]
 
 
-def test_a_layers_bytes_are_the_resolve_rounds_by_hand(tiny):
+def test_a_layers_bytes_are_its_larger_rounds_by_hand(tiny):
     config = RunConfig(model="tiny-llama")
-    assert 3 * D < RESOLVE
+    assert RESOLVE < PRUNE
     assert [layer_bytes(tiny, i, config, clients=2) for i in range(4)] == [LAYER] * 4
+    lean = RunConfig(model="tiny-llama", lean_uplink=True)
+    assert 3 * D < RESOLVE
+    assert [layer_bytes(tiny, i, lean, clients=2) for i in range(4)] == [LEAN_LAYER] * 4
 
 
 def test_the_group_is_what_fits_the_budget_and_at_least_one_layer(tiny):
@@ -64,9 +72,9 @@ def test_the_group_is_what_fits_the_budget_and_at_least_one_layer(tiny):
 
 
 def test_values_on_the_wire_or_robust_rules_cost_more_per_layer(tiny):
-    lean = layer_bytes(tiny, 0, RunConfig(), clients=4)
-    sent = layer_bytes(tiny, 0, RunConfig(keep_replies=True), clients=4)
-    robust = layer_bytes(tiny, 0, RunConfig(aggregation="median"), clients=4)
+    lean = layer_bytes(tiny, 0, RunConfig(lean_uplink=True), clients=4)
+    sent = layer_bytes(tiny, 0, RunConfig(), clients=4)
+    robust = layer_bytes(tiny, 0, RunConfig(lean_uplink=True, aggregation="median"), clients=4)
     assert lean < sent and lean < robust
 
 

@@ -93,6 +93,7 @@ class Centralized(ServerEvaluated):
             pattern,
             device=self.config.device,
             patterns=self.patterns or None,
+            reconstruction=self.config.reconstruction,
         )
         self.remaining = []
         return {

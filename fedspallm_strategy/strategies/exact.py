@@ -56,6 +56,7 @@ from fedspallm_strategy.wire.stats_payload import (
     decode_statistics,
     statistics_limit,
 )
+from llm_pruning.engine import reconstruction_options
 from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.lazy import resident_layers
 from llm_pruning.pruners import Stats, get_pruner
@@ -98,6 +99,8 @@ class Exact(ServerEvaluated):
         self.model, self.config = model, config
         self.node_names = dict(node_names or {})
         self.pruner = get_pruner(config.pruner)
+        # lsq: the exact masked least squares on the summed statistics, the pooled optimum
+        self.reconstruction = reconstruction_options(self.pruner, config.reconstruction)
         self.pattern = config.sparsity_pattern
         self.plan = plan_exact(model, config)
         self.plan.check_budget(config)
@@ -329,7 +332,9 @@ class Exact(ServerEvaluated):
             for name, linear in prunable_weights(self.model, layer).items():
                 weight = linear.weight.data.to(device)
                 pattern = self.pattern_of(name)  # the layer's own under an owl profile
-                new_weight, keep = self.pruner.prune(weight, sums[key_of[name]], pattern)
+                new_weight, keep = self.pruner.prune(
+                    weight, sums[key_of[name]], pattern, **self.reconstruction
+                )
                 linear.weight.data.copy_(new_weight.to(linear.weight.device))
                 masks[name] = keep.cpu()
                 pruned[name] = linear.weight.data

@@ -53,6 +53,7 @@ CLIENT_KEYS = (
     "resolve",
     "resolve-weighting",
     "pruner",
+    "reconstruction",
     "sparsity",
     "pattern",
     "calib-data",
@@ -66,6 +67,7 @@ CLIENT_KEYS = (
     "owl-lambda",
     "payload-dtype",
     "keep-replies",
+    "lean-uplink",
     # A client that prunes every layer while its values stay home scores its own model.
     "standalone-eval",
     "eval-data",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llm_pruning.pruners.lsq import masked_least_squares
 from llm_pruning.pruners.magnitude import magnitude_prune
 from llm_pruning.pruners.masks import (
     SparsityPattern,
@@ -22,7 +23,7 @@ from llm_pruning.pruners.masks import (
     num_to_prune,
     prune_counts,
 )
-from llm_pruning.pruners.sparsegpt import HessianStats, sparsegpt_prune
+from llm_pruning.pruners.sparsegpt import RECONSTRUCTIONS, HessianStats, sparsegpt_prune
 from llm_pruning.pruners.wanda import ColumnNormStats, wanda_prune
 
 Stats = HessianStats | ColumnNormStats
@@ -42,6 +43,9 @@ class Pruner:
         ``(num_inputs, device) -> stats`` accumulator, or ``None`` when no data is needed.
     prune
         ``(weight, stats, pattern) -> (new_weight, keep_mask)``; never modifies ``weight``.
+        A pruner that updates weights also takes ``keep_mask=`` (the masked re-solve) and
+        ``reconstruction=`` (one of :data:`RECONSTRUCTIONS`; the engine passes it only when
+        it is not the default ``"sparsegpt"``).
     """
 
     name: str
@@ -72,6 +76,7 @@ def get_pruner(name: str) -> Pruner:
 
 __all__ = [
     "PRUNERS",
+    "RECONSTRUCTIONS",
     "ColumnNormStats",
     "HessianStats",
     "Pruner",
@@ -80,6 +85,7 @@ __all__ = [
     "get_pruner",
     "lowest_k_mask",
     "magnitude_prune",
+    "masked_least_squares",
     "nm_keep_mask",
     "num_to_prune",
     "prune_counts",

@@ -18,17 +18,26 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from llm_pruning.pruners.hessian import (
+    MAX_DAMP_RETRIES,
+    damping_attempts,
+    log_damping_retries,
+    prepared_hessian,
+)
+from llm_pruning.pruners.lsq import masked_least_squares
 from llm_pruning.pruners.masks import SparsityPattern, lowest_k_mask, nm_group_pruned, prune_counts
 from llm_pruning.pruners.panel_kernel import panel_sweep
 from llm_pruning.pruners.stats import InputStats
 
 logger = logging.getLogger(__name__)
 
-_MAX_DAMP_RETRIES = 5  # each retry multiplies the dampening by 10
 # Columns whose OBS updates go one by one (rank-1, in cache); past a panel they go by matmul.
 # 8-32 all measure alike on 576-2048 wide matrices; 16 is a multiple of every usual M.
 _PANEL = 16
 _SLAB = 512  # columns of L^{-1} per triangular solve, rows per transposed copy
+# How the kept values are set once the mask is known: SparseGPT's own sweep, or the exact
+# masked least squares (llm_pruning/pruners/lsq.py) started from the sweep's values.
+RECONSTRUCTIONS = ("sparsegpt", "lsq")
 
 
 class HessianStats(InputStats):
@@ -82,25 +91,14 @@ def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tens
         # second Cholesky (a third less work, and no squaring of the condition number).
         damped = hessian.flip(0, 1)  # a copy: dampened in place, attempt by attempt
         identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-        applied = 0.0
-        for attempt in range(_MAX_DAMP_RETRIES + 1):
-            damp = base_damp * 10**attempt
-            damped.diagonal().add_(damp - applied)
-            applied = damp
+        for attempt, damp in damping_attempts(damped, base_damp):
             lower, info = torch.linalg.cholesky_ex(damped)
             if int(info) == 0:
                 upper = _lower_inverse(lower, identity).flip(0, 1)
                 # A non-finite H (anywhere) leaves NaN or inf in the factor, hence in its sum:
                 # one reduction instead of an elementwise check of H and of the factor.
                 if bool(torch.isfinite(upper.sum())):
-                    if attempt > 0:
-                        logger.warning(
-                            "Hessian not positive definite with dampening %.3g; "
-                            "succeeded with %.3g after %d retries",
-                            float(base_damp),
-                            float(damp),
-                            attempt,
-                        )
+                    log_damping_retries(base_damp, damp, attempt)
                     return upper
     diagonal = hessian.diagonal() + base_damp  # (in,)
     if bool(torch.isfinite(diagonal).all()) and bool((diagonal > 0).all()):
@@ -112,10 +110,18 @@ def inverse_hessian_factor(hessian: Tensor, damp_fraction: float = 0.01) -> Tens
     logger.warning(
         "Cholesky of the Hessian failed even with %d-fold more dampening; falling back to a "
         "diagonal inverse Hessian from %s, without error compensation",
-        10**_MAX_DAMP_RETRIES,
+        10**MAX_DAMP_RETRIES,
         kind,
     )
     return factor
+
+
+def check_reconstruction(reconstruction: str) -> None:
+    """Raise a ``ValueError`` naming ``reconstruction`` unless it is in :data:`RECONSTRUCTIONS`."""
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(
+            f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
+        )
 
 
 def _transposed(matrix: Tensor, dtype: torch.dtype) -> Tensor:
@@ -158,6 +164,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp_fraction: float = 0.01,
     keep_mask: Tensor | None = None,
+    reconstruction: str = "sparsegpt",
 ) -> tuple[Tensor, Tensor]:
     """Prune a weight matrix with SparseGPT, updating the kept weights to compensate.
 
@@ -182,6 +189,12 @@ def sparsegpt_prune(
     keep_mask
         ``(out, in)`` bool keep-mask to compensate for (``pattern`` then only names the
         pattern the mask is expected to follow); ``None`` lets SparseGPT choose.
+    reconstruction
+        ``"sparsegpt"``: the kept values are the sweep's. ``"lsq"``: SparseGPT still chooses
+        the mask (or takes ``keep_mask``), then the kept values are replaced by the exact
+        minimiser of the reconstruction error under that mask
+        (:func:`llm_pruning.pruners.lsq.masked_least_squares`, started from the sweep's values;
+        several times slower, see there).
 
     Returns
     -------
@@ -196,6 +209,7 @@ def sparsegpt_prune(
         raise ValueError(f"stats cover {stats.num_inputs} inputs; the weight has {cols} columns")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive; got {block_size}")
+    check_reconstruction(reconstruction)
     if pattern.is_nm and (cols % pattern.m or block_size % pattern.m):
         raise ValueError(
             f"N:M {pattern} needs columns ({cols}) and block_size ({block_size}) "
@@ -211,10 +225,7 @@ def sparsegpt_prune(
     # Work on Wᵀ: a column of W is then a contiguous row, which makes the per-column OBS
     # update below about 20x faster on CPU than updating a strided column view.
     work = _transposed(weight.detach(), torch.float32)  # (in, out)
-    hessian = stats.xtx.to(work.device, torch.float32).clone()  # (in, in)
-    # An input that is always zero carries no information: its weights can go for free.
-    dead = hessian.diagonal() == 0  # (in,)
-    hessian[dead, dead] = 1.0
+    hessian, dead = prepared_hessian(stats.xtx, work.device)  # (in, in), (in,)
     work[dead, :] = 0.0
     hinv = inverse_hessian_factor(hessian, damp_fraction)  # (in, in), upper triangular
 
@@ -241,7 +252,11 @@ def sparsegpt_prune(
         # Lazy batch update: the columns right of the block absorb its errors at once.
         work[end:].addmm_(hinv[start:end, end:].t(), block_err, alpha=-1.0)
 
-    return _transposed(work, weight.dtype), chosen.t().contiguous()  # back to (out, in)
+    keep = chosen.t().contiguous()  # back to (out, in)
+    if reconstruction == "lsq":
+        swept = _transposed(work, torch.float32)
+        return masked_least_squares(weight, keep, stats.xtx, damp_fraction, initial=swept), keep
+    return _transposed(work, weight.dtype), keep
 
 
 def _sweep_block(
