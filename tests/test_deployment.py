@@ -34,7 +34,12 @@ from fedspallm_strategy.wire.payload import decode
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_CERTS = ROOT / "docker" / "make_certs.py"
 NUM_LAYERS = 4  # tiny-llama
-RUN_CONFIG = "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 round-timeout=240.0"
+# keep-replies: the checks below read each node's payload from replies/; float32 values: the
+# hostile node's attacks and their expected reasons are written for the model's dtype.
+RUN_CONFIG = (
+    "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 round-timeout=240.0 "
+    "keep-replies=true payload-dtype='float32'"
+)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 pytestmark = pytest.mark.skipif(
@@ -499,7 +504,9 @@ def test_hostile_organisations_cannot_fail_the_run_or_move_the_model(federation,
     _set_task_identity(1)
     saved, _ = load_model(str(run_dir / "model"))
     expected, _ = load_model("tiny-llama")
-    config = RunConfig.from_mapping({"model": "tiny-llama", "seqlen": 64, "resolve": False})
+    config = RunConfig.from_mapping(
+        {"model": "tiny-llama", "seqlen": 64, "resolve": False, "payload-dtype": "float32"}
+    )
     strategy = MergeStrategy(expected, config)
     honest = {
         node: sorted((run_dir / "replies").glob(f"node-{node}-part-*")) for node in node_ids[:2]

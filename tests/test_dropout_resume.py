@@ -36,7 +36,10 @@ from fedspallm_strategy.merge.expansion import num_to_prune
 
 # The paper's one-shot rounds (resolve=false): a lost node's layers go to the others next
 # round, and the server checkpoints every round. Layer-wise runs keep no checkpoint yet.
-BASE_CONFIG = "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 resolve=false"
+# keep-replies: the checks read each node's payloads from replies/.
+BASE_CONFIG = (
+    "model='tiny-llama' seqlen=64 calib-samples=4 eval-windows=2 resolve=false keep-replies=true"
+)
 UNAVAILABLE = "client error: Error: Node Unavailable"  # Flower's reply for an offline node
 
 

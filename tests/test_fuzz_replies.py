@@ -31,7 +31,10 @@ from server_app.inprocess import _set_task_identity
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # shared with the bench
 from attacks import mutate  # noqa: E402
 
-CONFIG = RunConfig.from_mapping({"model": "tiny-llama", "seqlen": 64, "calib-samples": 2})
+# float32 values: the mutations and the oracle's bounds are written for the model's dtype.
+CONFIG = RunConfig.from_mapping(
+    {"model": "tiny-llama", "seqlen": 64, "calib-samples": 2, "payload-dtype": "float32"}
+)
 LAYERS = [0, 1, 2, 3]
 
 
