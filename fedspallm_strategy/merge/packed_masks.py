@@ -20,12 +20,14 @@ class PackedMasks(MutableMapping[str, Tensor]):
 
     def __init__(self) -> None:
         self._packed: dict[str, tuple[np.ndarray, torch.Size]] = {}
+        self._kept: dict[str, int] = {}
 
     def __setitem__(self, name: str, mask: Tensor) -> None:
         if mask.dtype != torch.bool:
             raise ValueError(f"{name}: a keep-mask must be bool, got {mask.dtype}")
         bits = np.packbits(mask.detach().cpu().numpy().reshape(-1))
         self._packed[name] = (bits, mask.shape)
+        self._kept[name] = int(mask.sum())
 
     def __getitem__(self, name: str) -> Tensor:
         bits, shape = self._packed[name]
@@ -34,6 +36,11 @@ class PackedMasks(MutableMapping[str, Tensor]):
 
     def __delitem__(self, name: str) -> None:
         del self._packed[name]
+        del self._kept[name]
+
+    def kept(self, name: str) -> int:
+        """How many entries mask ``name`` keeps, without unpacking it."""
+        return self._kept[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)

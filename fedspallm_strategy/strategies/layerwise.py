@@ -290,9 +290,7 @@ class LayerwiseMerge(MergeStrategy):
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         weighted = self.config.resolve_weighting == "hessian-diagonal"
         expected = {
-            name: Expected(
-                int(self.global_masks[name].sum()), linear.in_features if weighted else None
-            )
+            name: Expected(self.global_masks.kept(name), linear.in_features if weighted else None)
             for layer in self.steps[node].resolve
             for name, linear in prunable_weights(self.model, layer).items()
         }
