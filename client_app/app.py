@@ -12,10 +12,12 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.layerwise_task import run_round
 from client_app.profile_task import profile_layers
+from client_app.recovery_task import recover_global
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.run.logs import share_flower_handlers
 from fedspallm_strategy.wire.protocol import (
+    DELTAS_KEY,
     EXACT_KEY,
     GLOBAL_KEY,
     MASKS_KEY,
@@ -120,6 +122,25 @@ def train_layerwise(msg: Message, context: Context) -> Message:
         {
             PAYLOAD_KEY: bytes_record(reply.payload),
             RESOLVED_KEY: bytes_record(reply.resolved, RESOLVED_KEY),
+            "metrics": MetricRecord(reply.metrics),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.train("recover")
+def train_recover(msg: Message, context: Context) -> Message:
+    """A recovery round: fine-tune the global sparse model on this node's shard, keeping its
+    zeros; reply with the kept values' changes."""
+    share_flower_handlers()
+    config, _ = request_from_record(msg.content[SPEC_KEY])
+    global_layers = record_bytes(msg.content, GLOBAL_KEY)
+    if global_layers is None:
+        raise ValueError("the recovery message carries no global model")
+    reply = recover_global(config, NodeConfig.from_mapping(context.node_config), global_layers)
+    content = RecordDict(
+        {
+            DELTAS_KEY: bytes_record(reply.deltas, DELTAS_KEY),
             "metrics": MetricRecord(reply.metrics),
         }
     )

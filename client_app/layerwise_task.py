@@ -138,7 +138,9 @@ def run_round(
             raise ValueError(
                 f"the message names global layers {list(step.advance)} but no matrices"
             )
-        apply_global_layers(model, global_layers, step.advance, pruner)
+        apply_global_layers(
+            model, global_layers, step.advance, require_values=pruner.updates_weights
+        )
     fixed = given_masks(model, masks, list(step.resolve))
     patterns = None if sparsities is None else profile_patterns(model, sparsities, step.prune)
     total = num_layers(model)

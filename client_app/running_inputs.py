@@ -26,7 +26,6 @@ from llm_pruning.cache import cache_dir
 from llm_pruning.engine import LayerwiseCalibrator
 from llm_pruning.families import family_of, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
-from llm_pruning.pruners import Pruner
 
 STATE_FILE = "activations.safetensors"
 STATE_FORMAT = "fedspallm-exact-activations"
@@ -93,7 +92,7 @@ def resume(model, folder: Path, device: str, expected_layer: int) -> LayerwiseCa
 
 
 def apply_global_layers(
-    model: PreTrainedModel, data: bytes, layer_ids: Sequence[int], pruner: Pruner
+    model: PreTrainedModel, data: bytes, layer_ids: Sequence[int], *, require_values: bool
 ) -> None:
     """Write the server's pruned matrices of ``layer_ids`` into ``model``.
 
@@ -106,7 +105,7 @@ def apply_global_layers(
         for layer in layer_ids
         for name, linear in prunable_weights(model, layer).items()
     }
-    validate_layer(tensors, masks, expected, require_values=pruner.updates_weights)
+    validate_layer(tensors, masks, expected, require_values=require_values)
     family = family_of(model)
     for layer in layer_ids:
         current = layer_tensors(model, layer)

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
 from fedspallm_strategy.strategies.centralized import Centralized, pooled
 from fedspallm_strategy.strategies.grids import StreamingReplies
+from fedspallm_strategy.strategies.recovery_rounds import recover_centrally, run_recovery_rounds
 from fedspallm_strategy.strategies.registry import strategy_class
 from fedspallm_strategy.strategies.setup import RunSetup
 from llm_pruning.data import BUILTIN_CORPORA, HUB_DATASETS, load_documents
@@ -107,6 +108,8 @@ def run_federation(
             f"{config.num_rounds} round(s). Raise num-rounds or fix the failing nodes; "
             f"rejected replies: {'; '.join(reasons) or 'none'}"
         )
+    if config.recovery_rounds:
+        recover_run(strategy, grid, run)
     saved = strategy.conclude(run)
     if config.compare_centralized and strategy.compares_to_centralized:
         with clock("centralized"):
@@ -114,6 +117,11 @@ def run_federation(
                 config.model, dtype=config.torch_dtype, lazy=True, ignore=config.ignore
             )
             Centralized(central, config, pooled(config, tokenizer, node_configs)).prune()
+            if config.recovery_rounds:
+                run.perplexities["centralized-before-recovery"] = evaluate(central, "centralized")
+                run.report["centralized-recovery"] = recover_centrally(
+                    central, config, tokenizer, node_configs
+                )
             run.perplexities["centralized"] = evaluate(central, "centralized")
     run.report["perplexity"] = run.perplexities
     if config.eval_tasks:
@@ -126,6 +134,30 @@ def run_federation(
     if config.push_to_hub and saved is not None:
         push_model(run_dir / "model", config.push_to_hub)
     return run_dir
+
+
+def recover_run(strategy, grid: Grid, run: RunSetup) -> None:
+    """The recovery rounds (``recovery-rounds``), after the global model is scored once as
+    pruned: the report's ``recovery`` section and ``<model>-before-recovery`` perplexity."""
+    config = run.config
+    name = "centralized" if not strategy.compares_to_centralized else "global"
+    with run.clock(f"{name}-eval-before-recovery"):
+        run.perplexities[f"{name}-before-recovery"] = run.evaluate(strategy.model, name)
+    section = {
+        "rounds": config.recovery_rounds,
+        "method": config.recovery_method,
+        "steps": config.recovery_steps,
+        "lr": config.recovery_lr,
+        "samples": config.recovery_samples,
+    }
+    with run.clock("recovery"):
+        if strategy.compares_to_centralized:  # a federation: the clients fine-tune
+            section["per-round"] = run_recovery_rounds(strategy, grid, config.round_timeout)
+        else:  # the centralized strategy: on the pooled shards, on the server
+            section["centralized"] = recover_centrally(
+                strategy.model, config, run.tokenizer, run.node_configs
+            )
+    run.report["recovery"] = section
 
 
 def check_device_available(device: str) -> None:

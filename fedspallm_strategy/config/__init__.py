@@ -7,6 +7,7 @@ naming the key and what it allows.
 
 from fedspallm_strategy.config.node_config import (
     NodeConfig,
+    load_recovery_shard,
     load_shard,
     node_device,
     private_data_path,
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "NodeConfig",
     "RunConfig",
+    "load_recovery_shard",
     "load_shard",
     "node_device",
     "private_data_path",

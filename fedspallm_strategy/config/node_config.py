@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -117,6 +118,13 @@ def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
     except (OSError, ValueError, ImportError) as error:  # the run's setting: name the key
         message = f"calib-data: {error}"
         raise (ValueError if isinstance(error, ValueError) else OSError)(message) from error
+
+
+def load_recovery_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
+    """This node's recovery windows ``(recovery-samples, seqlen)``: drawn from its shard as
+    its calibration segments are, ``recovery-samples`` of them."""
+    own = dataclasses.replace(config, calib_samples=config.recovery_samples)
+    return load_shard(own, node, tokenizer)
 
 
 def _optional(values: Mapping[str, object], key: str, annotation: str):

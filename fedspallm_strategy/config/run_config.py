@@ -21,6 +21,8 @@ from huggingface_hub.serialization._base import parse_size_to_int
 
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, RECONSTRUCTIONS, SparsityPattern
+from llm_pruning.recovery import METHODS as RECOVERY_METHODS
+from llm_pruning.recovery import RecoverySettings
 
 STRATEGIES = ("fedspallm", "fedavg", "fedprllm", "standalone", "centralized", "exact")
 # Strategies that merge the clients' pruned layers: calibration and layers-per-round apply to
@@ -31,6 +33,7 @@ RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 SPARSITY_PROFILES = ("uniform", "owl")  # owl: outlier-weighed layer-wise (llm_pruning/owl.py)
 PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+RECOVERY_BATCH = 4  # windows per recovery step (fewer if recovery-samples is smaller)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _IGNORE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")  # fnmatch on module names
@@ -99,6 +102,13 @@ class RunConfig:
     # column), each member scores its own model; 0.56x a dense fp16 model per client at 50 %,
     # not 1.06x, but the merged mask's ties are broken without the clients' values
     lean_uplink: bool = False
+    # Federated recovery after pruning: rounds in which every client fine-tunes the global
+    # sparse model on its own shard, keeping its zeros, and the server averages the changes:
+    recovery_rounds: int = 0  # 0 = off
+    recovery_method: str = "masked"  # masked (the kept weights, float32 model) | lora
+    recovery_steps: int = 20  # optimizer steps per client per recovery round
+    recovery_lr: float = 5e-5  # AdamW learning rate (lora: of the adapters; try 1e-4 to 1e-3)
+    recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
 
     @property
     def resolves(self) -> bool:
@@ -138,6 +148,17 @@ class RunConfig:
             and self.calibration == "local"
             and PRUNERS[self.pruner].updates_weights
             and not self.sends_pruned_values
+        )
+
+    @property
+    def recovery_settings(self) -> RecoverySettings:
+        """How every client fine-tunes in a recovery round (and the centralized bound)."""
+        return RecoverySettings(
+            method=self.recovery_method,
+            steps=self.recovery_steps,
+            lr=self.recovery_lr,
+            batch_size=min(RECOVERY_BATCH, self.recovery_samples),
+            seed=self.seed,
         )
 
     def wire_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -271,6 +292,7 @@ class RunConfig:
                 "keep no checkpoint yet; resume works for the one-shot run (resolve=false "
                 "calibration='local' layers-per-round=0)"
             )
+        self._validate_recovery()
         check_device("device", self.device)
         for name, value in (("model", self.model), ("calib-data", self.calib_data)):
             if not value.strip():
@@ -284,6 +306,29 @@ class RunConfig:
                 f"push-to-hub must be a Hugging Face repository id 'owner/name' (letters, "
                 f"digits, '-', '_', '.'), or '' not to push; got {self.push_to_hub!r}"
             )
+
+    def _validate_recovery(self) -> None:
+        _at_least("recovery-rounds", self.recovery_rounds, 0)
+        _one_of("recovery-method", self.recovery_method, RECOVERY_METHODS)
+        _at_least("recovery-steps", self.recovery_steps, 1)
+        _at_least("recovery-samples", self.recovery_samples, 1)
+        if not (math.isfinite(self.recovery_lr) and self.recovery_lr > 0):
+            raise ConfigError(f"recovery-lr must be a positive number, got {self.recovery_lr}")
+        if not self.recovery_rounds:
+            return
+        if self.strategy == "standalone":
+            raise ConfigError(
+                "recovery-rounds: strategy standalone has no global model to recover; each "
+                "member's own recovery is not offered yet: set recovery-rounds=0"
+            )
+        if self.recovery_method == "masked" and self.dtype != "float32":
+            raise ConfigError(
+                f"recovery-method='masked' trains the kept weights in the model's dtype, and "
+                f"AdamW steps round away in {self.dtype}: set dtype='float32', or "
+                f"recovery-method='lora' (the base stays frozen in {self.dtype})"
+            )
+        if self.resume_from:
+            raise ConfigError("resume-from: a run with recovery-rounds keeps no checkpoint yet")
 
     def _validate_owl(self) -> None:
         _one_of("sparsity-profile", self.sparsity_profile, SPARSITY_PROFILES)

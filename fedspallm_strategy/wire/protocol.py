@@ -25,6 +25,7 @@ from llm_pruning.owl import check_layer_sparsities
 LAYERWISE_MESSAGE_TYPE = "train.layerwise"
 EXACT_MESSAGE_TYPE = "train.exact"
 PROFILE_MESSAGE_TYPE = "train.profile"  # sparsity-profile='owl': the dense profile round
+RECOVERY_MESSAGE_TYPE = "train.recover"  # recovery-rounds: fine-tune the global sparse model
 
 SPEC_KEY = "spec"  # ConfigRecord of a train message: pruning spec + layer ids
 PAYLOAD_KEY = "payload"  # ArrayRecord/Array of a train reply: the safetensors bytes
@@ -32,6 +33,7 @@ STEP_KEY = "step"  # ConfigRecord: this node's part of a layer-wise round (Round
 MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-solve
 GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
 RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
+DELTAS_KEY = "deltas"  # ArrayRecord/Array of a recovery reply: the kept values' changes
 EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
 PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
 # ConfigRecord: of a profile request, its kind ('counts' | 'statistics') and shared groups;
@@ -72,6 +74,10 @@ CLIENT_KEYS = (
     "standalone-eval",
     "eval-data",
     "eval-windows",
+    "recovery-method",
+    "recovery-steps",
+    "recovery-lr",
+    "recovery-samples",
 )
 
 

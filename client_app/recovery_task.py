@@ -1,0 +1,63 @@
+"""A node's part of a recovery round, without Flower: install the global sparse model,
+fine-tune it on this node's shard keeping its zeros, encode the kept values' changes.
+
+The server's side, and why the whole model comes down each round, is in
+``fedspallm_strategy/strategies/recovery_rounds.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client_app.running_inputs import apply_global_layers
+from client_app.task import to_wire
+from fedspallm_strategy.config import NodeConfig, RunConfig, load_recovery_shard, node_device
+from fedspallm_strategy.wire.values_payload import encode_values
+from llm_pruning.families import num_layers
+from llm_pruning.models import load_model
+from llm_pruning.recovery import recover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReply:
+    deltas: bytes  # values payload: every kept value's change, in the mask's row-major order
+    metrics: dict[str, float | int]
+
+
+def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) -> RecoveryReply:
+    """Fine-tune the server's pruned model (``global_layers``: every layer's matrices) on
+    this node's recovery windows; encode the changes in the wire dtype.
+
+    The model is loaded whole (training runs every layer forward and back), in the run's dtype.
+    """
+    start = time.perf_counter()
+    cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
+    model, tokenizer = load_model(
+        config.model, dtype=config.torch_dtype, cache=cache, ignore=config.ignore
+    )
+    apply_global_layers(model, global_layers, range(num_layers(model)), require_values=True)
+    windows = load_recovery_shard(config, node, tokenizer)
+    log.info(
+        "recovery: %s, %d steps on %d windows of %d tokens",
+        config.recovery_method,
+        config.recovery_steps,
+        windows.shape[0],
+        windows.shape[1],
+    )
+    result = recover(model, windows, config.recovery_settings, device=node_device(config, node))
+    dtype = config.wire_dtype(config.torch_dtype)
+    deltas = encode_values({name: to_wire(d, dtype) for name, d in result.deltas.items()})
+    metrics = {
+        "tokens": result.tokens,
+        "loss-first": result.losses[0],
+        "loss-last": result.losses[-1],
+        "payload-bytes": len(deltas),
+        "seconds": round(time.perf_counter() - start, 3),
+        "seconds-training": round(result.seconds, 3),
+    }
+    return RecoveryReply(deltas, metrics)

@@ -1,0 +1,170 @@
+"""Federated recovery rounds: the clients fine-tune the global sparse model on their shards and
+the server adds the mean of their kept values' changes, keeping every zero.
+
+The fine-tuning itself is tested in ``test_recovery.py``; here, the rounds: what the server
+ends with is the pruned model plus the mean of what each client alone computes from it, the
+masks do not move (unstructured and 2:4), a hostile or failing client is rejected while the
+round goes on, and bad settings fail before any work.
+"""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Message
+from safetensors.torch import load
+
+from client_app.app import app as client_app
+from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_recovery_shard
+from fedspallm_strategy.strategies.recovery_rounds import ADAM_STEP_BOUND, change_limit
+from fedspallm_strategy.wire.protocol import DELTAS_KEY, bytes_record, record_bytes
+from fedspallm_strategy.wire.values_payload import Expected, decode_values, encode_values
+from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.models import load_model
+from llm_pruning.recovery import recover
+from server_app.federation import run_federation
+from server_app.inprocess import InProcessGrid
+
+TINY = {
+    "model": "tiny-llama",
+    "seqlen": 32,
+    "calib-samples": 4,
+    "eval-windows": 1,
+    "standalone-eval": False,
+    "payload-dtype": "float32",  # the server's model is compared value for value below
+    "recovery-steps": 3,
+    "recovery-samples": 4,
+    "recovery-lr": 1e-3,
+}
+
+
+def config_of(tmp_path, **overrides) -> RunConfig:
+    return RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), **overrides})
+
+
+def matrices(run_dir) -> dict[str, torch.Tensor]:
+    model, _ = load_model(str(run_dir / "model"))
+    return {
+        name: linear.weight.data.clone()
+        for layer in range(num_layers(model))
+        for name, linear in prunable_weights(model, layer).items()
+    }
+
+
+def run(config, grid=None):
+    grid = grid or InProcessGrid.simulation(client_app, 2, {})
+    run_dir = run_federation(grid, config, run_id=5)
+    return run_dir, json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """The same run without recovery: the model the recovery rounds start from."""
+    tmp = tmp_path_factory.mktemp("pruned")
+    run_dir, _ = run(config_of(tmp, **{"recovery-rounds": 0}))
+    return matrices(run_dir)
+
+
+def test_one_round_adds_the_mean_of_what_each_client_computes_alone(tmp_path, pruned):
+    config = config_of(tmp_path, **{"recovery-rounds": 1})
+    run_dir, report = run(config)
+    assert report["rejected"] == []
+    assert report["recovery"]["per-round"][0]["clients"] == 2
+    # Each client alone: the pruned model, its own windows, the same settings.
+    model, tokenizer = load_model(config.model)
+    deltas = []
+    for partition in (0, 1):
+        with torch.no_grad():
+            for layer in range(num_layers(model)):
+                for name, linear in prunable_weights(model, layer).items():
+                    linear.weight.copy_(pruned[name])
+        node = NodeConfig(partition_id=partition, num_partitions=2)
+        windows = load_recovery_shard(config, node, tokenizer)
+        assert windows.shape == (4, 32)
+        deltas.append(recover(model, windows, config.recovery_settings).deltas)
+    found = matrices(run_dir)
+    for name, before in pruned.items():
+        keep = before != 0
+        assert torch.equal(found[name] != 0, keep), f"{name}: the mask moved"
+        expected = before[keep] + (deltas[0][name] + deltas[1][name]) / 2
+        torch.testing.assert_close(found[name][keep], expected, rtol=1e-5, atol=1e-7)
+    moved = sum(float((found[n] - pruned[n]).abs().sum()) for n in pruned)
+    assert moved > 0  # recovery changed the model
+    assert "global-before-recovery" in report["perplexity"]
+    up = report["communication"]["per_round"][str(report["recovery"]["per-round"][0]["round"])]
+    kept = sum(int((w != 0).sum()) for w in pruned.values())
+    # float32 deltas of every kept weight, plus a safetensors header per matrix
+    assert all(4 * kept <= size < 4 * kept + 200 * len(pruned) for size in up["bytes_up"].values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "groups"),
+    [({"pattern": "2:4", "recovery-method": "lora", "recovery-lr": 1e-2}, 4), ({}, None)],
+)
+def test_recovery_keeps_the_exact_sparsity_and_pattern(tmp_path, overrides, groups):
+    config = config_of(tmp_path, **{"recovery-rounds": 2, "payload-dtype": "auto", **overrides})
+    run_dir, report = run(config)
+    assert report["rejected"] == []
+    assert [r["clients"] for r in report["recovery"]["per-round"]] == [2, 2]
+    for name, weight in matrices(run_dir).items():
+        kept = weight != 0
+        assert int(kept.sum()) == weight.numel() // 2, name  # 50 %: half of every matrix
+        if groups:
+            per_group = kept.reshape(weight.shape[0], -1, groups).sum(-1)
+            assert bool((per_group == 2).all()), f"{name} breaks 2:4"
+
+
+def tamper(node: int, reply: Message) -> Message | None:
+    """Node 1's recovery reply scaled x1000; node 2's lost (it dropped out)."""
+    if reply.has_error() or DELTAS_KEY not in reply.content.array_records:
+        return reply
+    if node == 2:
+        return None
+    scaled = {
+        name.removeprefix("values/"): tensor * 1000
+        for name, tensor in load(record_bytes(reply.content, DELTAS_KEY)).items()
+    }
+    if node == 1:
+        reply.content[DELTAS_KEY] = bytes_record(encode_values(scaled), DELTAS_KEY)
+    return reply
+
+
+def test_a_hostile_reply_is_rejected_and_the_round_goes_on(tmp_path, pruned):
+    config = config_of(tmp_path, **{"recovery-rounds": 1})
+    grid = InProcessGrid.simulation(client_app, 3, {}, reply_filter=tamper)
+    run_dir, report = run(config, grid)
+    rejected = {r["node"]: r["reason"] for r in report["rejected"]}
+    assert "AdamW" in rejected[1]
+    assert rejected[2] == "no reply in time"
+    assert report["recovery"]["per-round"][0]["clients"] == 1  # node 3's changes only
+    assert report["perplexity"]["global"]["python-docs"] < 1e6
+
+
+def test_the_masked_bound_is_adams_own():
+    config = RunConfig(recovery_rounds=1, recovery_lr=1e-4, recovery_steps=10)
+    assert change_limit(config) == pytest.approx(ADAM_STEP_BOUND * 1e-3)
+    assert ADAM_STEP_BOUND > 0.1 / (1 - 0.999) ** 0.5  # AdamW's bound with default betas
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"recovery-rounds": -1}, "recovery-rounds"),
+        ({"recovery-method": "qlora"}, "recovery-method"),
+        ({"recovery-steps": 0}, "recovery-steps"),
+        ({"recovery-samples": 0}, "recovery-samples"),
+        ({"recovery-lr": 0.0}, "recovery-lr"),
+        ({"recovery-lr": float("nan")}, "recovery-lr"),
+        ({"recovery-rounds": 1, "dtype": "bfloat16"}, "recovery-method"),
+        ({"recovery-rounds": 1, "strategy": "standalone"}, "recovery-rounds"),
+    ],
+)
+def test_bad_recovery_settings_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_mapping(overrides)
+
+
+def test_deltas_travel_as_values_under_the_known_masks():
+    deltas = {"w": torch.tensor([0.5, -0.25, 0.125])}
+    decoded, _ = decode_values(encode_values(deltas), {"w": Expected(3)})
+    assert torch.equal(decoded["w"], deltas["w"])
