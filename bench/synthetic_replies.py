@@ -190,7 +190,7 @@ def train_layerwise(msg: Message, context: Context) -> Message:
     segments = int(load_shard(config, node, tokenizer).shape[0])
     given = _given_masks(model, record_bytes(msg.content, MASKS_KEY), step.resolve)
     resolved = synthetic_values(model, step.resolve, given, config, who)
-    del given
+    int8_masks = given if config.int8_wire else None  # the encoder quantises per mask row
     column_weights = {}
     if config.sends_column_norms:  # the pruned matrices: no values, their Σ x_j² per column
         empty = torch.zeros(0, dtype=torch.float16)
@@ -198,8 +198,8 @@ def train_layerwise(msg: Message, context: Context) -> Message:
             model, step.prune, segments * config.seqlen, config, who
         )
         resolved.update(dict.fromkeys(column_weights, empty))
-    resolved_payload = encode_values(resolved, column_weights)
-    del resolved, column_weights
+    resolved_payload = encode_values(resolved, column_weights, int8_masks=int8_masks)
+    del resolved, column_weights, given, int8_masks
     payload = encode(None, synthetic_masks(model, step.prune, config, who))
     seconds = round(time.perf_counter() - start, 3)
     metrics = {

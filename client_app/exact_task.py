@@ -100,9 +100,7 @@ def collect_statistics(
         if previous is None:
             raise ValueError("exact: the message names previous layers but carries no matrices")
         calibrator = resume(model, folder, device, previous_layers[0])
-        apply_global_layers(
-            model, previous, previous_layers, require_values=pruner.updates_weights
-        )
+        apply_global_layers(model, previous, previous_layers, require_values=pruner.updates_weights)
         for index in previous_layers:
             calibrator.advance(index)  # through the pruned *global* layer
     if list(layer_ids) != list(

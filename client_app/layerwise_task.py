@@ -25,16 +25,13 @@ from client_app.running_inputs import (
     save_activations,
     state_dir,
 )
-from client_app.task import encode_pruned, wire_values
+from client_app.task import all_weights, encode_pruned, own_perplexities, wire_values
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import validate_layer
-from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
 from fedspallm_strategy.wire.round_plan import RoundStep
 from fedspallm_strategy.wire.values_payload import encode_values, kept_values
-from llm_pruning.data import eval_tokens
 from llm_pruning.engine import LayerwiseCalibrator
-from llm_pruning.evaluate import perplexity
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import release_layer
 from llm_pruning.models import load_model
@@ -67,33 +64,6 @@ def given_masks(model, data: bytes | None, layers: list[int]) -> dict[str, torch
     }
     validate_layer({}, masks, expected, require_values=False)
     return masks
-
-
-def all_weights(model) -> list[str]:
-    return [name for index in range(num_layers(model)) for name in prunable_weights(model, index)]
-
-
-def own_perplexities(model, tokenizer, config: RunConfig, device) -> dict[str, float]:
-    """The perplexity of this node's own pruned model on every ``eval-data`` source, on the
-    windows the server scores (:data:`STANDALONE_METRIC` metrics). Its values do not travel, so
-    the server cannot score it; a source this node cannot read is left out, with a warning."""
-    scores = {}
-    for index, source in enumerate(config.eval_data):
-        try:
-            tokens = eval_tokens(source, tokenizer)
-            value = perplexity(
-                model,
-                tokens,
-                seqlen=config.seqlen,
-                max_windows=config.eval_windows or None,
-                device=device,
-            )
-        except (OSError, ValueError) as error:
-            log.warning("eval-data %r: own model not scored here: %s", source, error)
-            continue
-        scores[STANDALONE_METRIC.format(index)] = value
-        log.info("own pruned model: perplexity %.4f on %s", value, source)
-    return scores
 
 
 def run_round(
@@ -148,6 +118,7 @@ def run_round(
     pruned_masks: dict[str, torch.Tensor] = {}
     resolved: dict[str, torch.Tensor] = {}
     column_weights: dict[str, torch.Tensor] = {}  # diag H: re-solved (weighted) or pruned
+    int8_masks: dict[str, torch.Tensor] = {}  # payload-dtype int8: re-solved values' masks
     for index in range(step.start, end):
         if index == step.keep_from and index > 0:
             save_activations(folder, calibrator.hidden, index)
@@ -158,6 +129,8 @@ def run_round(
                 index, pruner, pattern, stats, keep_masks=layer_masks, reconstruction=rebuild
             )
             resolved.update(kept_values(wire_values(model, layer_masks, config), layer_masks))
+            if config.int8_wire:  # the encoder quantises them per row of their mask
+                int8_masks.update(layer_masks)
             if config.resolve_weighting == "hessian-diagonal":
                 column_weights.update({n: stats[n].xtx.diagonal() for n in layer_masks})
             log.info("layer %d/%d re-solved under the global mask", index + 1, total)
@@ -184,7 +157,7 @@ def run_round(
     if config.clients_score_standalone and len(pruned_masks) == len(all_weights(model)):
         own = own_perplexities(model, tokenizer, config, device)
     payload = encode_pruned(model, pruned_masks, config)
-    resolved_payload = encode_values(resolved, column_weights)
+    resolved_payload = encode_values(resolved, column_weights, int8_masks=int8_masks)
     metrics = {
         "num-examples": int(calibrator.hidden.shape[0]),
         "layers": len(step.prune),

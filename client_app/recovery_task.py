@@ -18,7 +18,7 @@ from fedspallm_strategy.config import NodeConfig, RunConfig, load_recovery_shard
 from fedspallm_strategy.wire.values_payload import encode_values
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model
-from llm_pruning.recovery import recover
+from llm_pruning.recovery import recover, sparsity_masks
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) ->
         windows.shape[0],
         windows.shape[1],
     )
+    masks = sparsity_masks(model)  # the global model's: the deltas' order
     result = recover(model, windows, config.recovery_settings, device=node_device(config, node))
-    dtype = config.wire_dtype(config.torch_dtype)
-    deltas = encode_values({name: to_wire(d, dtype) for name, d in result.deltas.items()})
+    deltas = encode_deltas(result.deltas, masks, config)
     metrics = {
         "tokens": result.tokens,
         "loss-first": result.losses[0],
@@ -61,3 +61,12 @@ def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) ->
         "seconds-training": round(result.seconds, 3),
     }
     return RecoveryReply(deltas, metrics)
+
+
+def encode_deltas(deltas: dict, masks: dict, config: RunConfig) -> bytes:
+    """The kept values' changes in the wire dtype: int8 codes and a scale per row of the
+    mask, or a float dtype."""
+    if config.int8_wire:
+        return encode_values(deltas, int8_masks=masks)
+    dtype = config.wire_dtype(config.torch_dtype)
+    return encode_values({name: to_wire(delta, dtype) for name, delta in deltas.items()})

@@ -14,8 +14,11 @@ import torch
 
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.wire.payload import encode
+from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
+from llm_pruning.data import eval_tokens
 from llm_pruning.engine import prune_model
-from llm_pruning.families import num_layers
+from llm_pruning.evaluate import perplexity
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.models import load_model
 from llm_pruning.owl import profile_model, profile_patterns
 from llm_pruning.pruners import get_pruner
@@ -31,7 +34,7 @@ class PruneReply:
 
 
 def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
-    """The named matrices of ``model`` in the dtype they travel in (``payload-dtype``)."""
+    """The named matrices of ``model`` as the encoders take them (:func:`to_wire`)."""
     weights = dict(model.named_parameters())
     return {
         name: to_wire(weights[name].data, config.wire_dtype(weights[name].dtype)) for name in names
@@ -39,9 +42,12 @@ def wire_values(model, names, config: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def to_wire(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` in ``dtype``, where a nonzero value stays nonzero: float16 flushes values under
-    2^-25 to 0, which the server would read as pruned. They go as float16's least value
-    instead, off by under 6e-8."""
+    """``weight`` in wire ``dtype``, where a nonzero value stays nonzero: float16 flushes values
+    under 2^-25 to 0, which the server would read as pruned. They go as float16's least value
+    instead, off by under 6e-8. For int8, ``weight`` as it is: the encoder quantises it per row
+    of its mask (``encode(..., int8=True)``, ``encode_values(..., int8_masks=...)``)."""
+    if dtype == torch.int8:
+        return weight
     cast = weight.to(dtype)
     if dtype == torch.float16:
         least = torch.tensor(2.0**-24, dtype=dtype, device=weight.device)
@@ -55,7 +61,35 @@ def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> b
     stay home (``RunConfig.sends_pruned_values``: a mask-only pruner's are the dense ones the
     server holds; the re-solve replaces the prune round's)."""
     values = wire_values(model, masks, config) if config.sends_pruned_values else None
-    return encode(values, masks)
+    return encode(values, masks, int8=config.int8_wire)
+
+
+def all_weights(model) -> list[str]:
+    return [name for index in range(num_layers(model)) for name in prunable_weights(model, index)]
+
+
+def own_perplexities(model, tokenizer, config: RunConfig, device) -> dict[str, float]:
+    """The perplexity of this node's own pruned model on every ``eval-data`` source, on the
+    windows the server scores (:data:`STANDALONE_METRIC` metrics). Its values do not travel, or
+    travel as int8, so the server cannot score it; a source this node cannot read is left out,
+    with a warning."""
+    scores = {}
+    for index, source in enumerate(config.eval_data):
+        try:
+            tokens = eval_tokens(source, tokenizer)
+            value = perplexity(
+                model,
+                tokens,
+                seqlen=config.seqlen,
+                max_windows=config.eval_windows or None,
+                device=device,
+            )
+        except (OSError, ValueError) as error:
+            log.warning("eval-data %r: own model not scored here: %s", source, error)
+            continue
+        scores[STANDALONE_METRIC.format(index)] = value
+        log.info("own pruned model: perplexity %.4f on %s", value, source)
+    return scores
 
 
 def prune_layers(
@@ -108,6 +142,9 @@ def prune_layers(
         patterns=patterns,
         reconstruction=config.reconstruction,
     )
+    own = {}
+    if config.clients_score_standalone and len(result.masks) == len(all_weights(model)):
+        own = own_perplexities(model, tokenizer, config, device)
     payload = encode_pruned(model, result.masks, config)
     metrics = {
         "num-examples": int(segments.shape[0]),
@@ -116,5 +153,6 @@ def prune_layers(
         "payload-bytes": len(payload),
         "seconds": round(time.perf_counter() - start, 3),
         **{f"seconds-{stage}": value for stage, value in result.timings.as_dict().items()},
+        **own,
     }
     return PruneReply(payload, metrics, sparsities)

@@ -152,7 +152,9 @@ def recover_run(strategy, grid: Grid, run: RunSetup) -> None:
     }
     with run.clock("recovery"):
         if strategy.compares_to_centralized:  # a federation: the clients fine-tune
-            section["per-round"] = run_recovery_rounds(strategy, grid, config.round_timeout)
+            section["per-round"] = run_recovery_rounds(
+                strategy, grid, config.round_timeout, lambda: run.evaluate(strategy.model, name)
+            )
         else:  # the centralized strategy: on the pooled shards, on the server
             section["centralized"] = recover_centrally(
                 strategy.model, config, run.tokenizer, run.node_configs

@@ -19,7 +19,7 @@ from fedspallm_strategy.config.reference import (
     rows,
     toml_literal,
 )
-from fedspallm_strategy.config.run_config import coerce
+from fedspallm_strategy.config.values import coerce
 
 ROOT = Path(__file__).parents[1]
 

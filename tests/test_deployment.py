@@ -424,17 +424,26 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     ]
     connection = federation.connect("loopback", superlink_port)
 
-    run_id, run_dir, report = run_and_check(federation, connection, tmp_path / "runs", nodes=4)
+    # Then one recovery round: the three nodes with text fine-tune the global model.
+    recovery = "recovery-rounds=1 recovery-steps=2 recovery-samples=2 recovery-lr=0.001"
+    run_id, run_dir, report = run_and_check(
+        federation, connection, tmp_path / "runs", nodes=4, extra=recovery
+    )
 
     bad = node_ids[3]
     check_nodes_pruned_their_layers(
         run_dir, report, dict(zip(node_ids, budgets, strict=True)), failed=frozenset({bad})
     )
-    # The node without data replied with an error naming its data path.
-    assert [r["node"] for r in report["rejected"]] == [int(bad)], report["rejected"]
+    # The node without data replied with an error naming its data path, in both rounds.
+    assert {r["node"] for r in report["rejected"]} == {int(bad)}, report["rejected"]
+    (recovered,) = report["recovery"]["per-round"]
+    assert recovered["clients"] == 3
+    rounds = [r["round"] for r in report["rejected"]]
+    assert rounds[0] == 1 and rounds[-1] == recovered["round"], report["rejected"]
     reason = report["rejected"][0]["reason"]
     assert "data-path" in reason and str(missing) in reason and "does not exist" in reason
-    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    # Recovered, and still exactly at the target sparsity.
+    assert report["sparsity"]["overall"] == 0.5
     # Each node converted the model into its own cache-dir (safetensors on its own disk).
     for cache in caches[:3]:
         assert list((cache / "models" / "tiny-llama").glob("*.safetensors")), cache

@@ -1,12 +1,13 @@
-"""The re-solve's uplink: 16-bit values, and with ``lean-uplink`` masks only in the prune round
-and each member scoring its own model.
+"""The re-solve's uplink: int8 values by default, and with ``lean-uplink`` masks only in the
+prune round; either way each member scores its own model.
 
 With ``resolve`` (the default) a client's pruned values are replaced by its re-solved ones a
 round later. With ``lean-uplink`` the prune round sends the keep-mask alone (one bit per
-weight, and its input energy per column) and the re-solve round each kept value in 16 bits. At
-50 % that is ``1/8 + 1/2 x 2 = 1.125`` bytes per weight against dense fp16's 2: 0.5625x, plus
-headers. The server then holds no member's model, so each member scores its own on
-``eval-data`` and reports the perplexity.
+weight, and its input energy per column) and the re-solve round each kept value: in 16 bits
+(``payload-dtype`` float16) ``1/8 + 1/2 x 2 = 1.125`` bytes per weight at 50 % against dense
+fp16's 2, 0.5625x plus headers; in int8 (the default) ``1/8 + 1/2 + 4 / columns``, about
+0.31x. The server then holds no member's model (or, int8, only a copy within half a step of
+each value), so each member scores its own on ``eval-data`` and reports the perplexity.
 """
 
 import json
@@ -50,9 +51,10 @@ def weights_of(model) -> list[torch.Tensor]:
 
 
 def test_only_a_lean_resolving_run_keeps_its_pruned_values_home():
-    default = RunConfig()
+    default = RunConfig(payload_dtype="float16")
     assert default.resolves and default.sends_pruned_values  # they break the merge's ties
     assert not default.clients_score_standalone and not default.sends_column_norms
+    assert RunConfig().clients_score_standalone  # int8: the server's copy is not the member's
     lean = RunConfig(lean_uplink=True)
     assert not lean.sends_pruned_values and lean.sends_column_norms
     assert lean.clients_score_standalone
@@ -67,12 +69,12 @@ def test_only_a_lean_resolving_run_keeps_its_pruned_values_home():
     assert not RunConfig(lean_uplink=True, calibration="global").clients_score_standalone
 
 
-def test_auto_payload_dtype_is_16_bit_and_an_explicit_one_wins():
+def test_auto_payload_dtype_is_int8_and_an_explicit_one_wins():
     auto = RunConfig()
-    assert auto.wire_dtype(torch.float32) == torch.float16
-    assert auto.wire_dtype(torch.bfloat16) == torch.bfloat16
-    assert auto.wire_dtype(torch.float16) == torch.float16
+    for model_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert auto.wire_dtype(model_dtype) == torch.int8
     assert RunConfig(payload_dtype="float32").wire_dtype(torch.bfloat16) == torch.float32
+    assert RunConfig(payload_dtype="float16").wire_dtype(torch.float32) == torch.float16
 
 
 def test_the_clients_get_the_keys_that_shape_their_reply():
@@ -110,7 +112,7 @@ def record_up(store: dict):
     return keep
 
 
-def test_a_lean_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(tmp_path):
+def test_a_lean_run_uploads_masks_then_int8_values_under_0_35_dense_fp16(tmp_path):
     sent: dict[int, list] = {}
     grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(sent))
     run_dir = run_federation(grid, config_of(tmp_path, **LEAN), run_id=51)
@@ -118,20 +120,24 @@ def test_a_lean_run_uploads_masks_then_16_bit_values_under_0_6_dense_fp16(tmp_pa
     weights = weights_of(load_model("tiny-llama")[0])
     numel = sum(w.numel() for w in weights)
     kept = sum(math.ceil(w.numel() / 2) for w in weights)  # sparsity 0.5
+    rows = sum(w.shape[0] for w in weights)
     for node in (1, 2):
         (pruned, _), (_, resolved) = sent[node]  # round 1 prunes, round 2 re-solves
         masks_only = safetensors.torch.load(pruned)
         assert masks_only and not any(key.startswith("values/") for key in masks_only)
-        values = safetensors.torch.load(resolved)
-        assert {t.dtype for t in values.values()} == {torch.float16}
-        assert sum(t.numel() for t in values.values()) == kept
+        tensors = safetensors.torch.load(resolved)
+        codes = [t for key, t in tensors.items() if key.startswith("values/")]
+        scales = [t for key, t in tensors.items() if key.startswith("scales/")]
+        assert {t.dtype for t in codes} == {torch.int8} and sum(t.numel() for t in codes) == kept
+        assert {t.dtype for t in scales} == {torch.float32}
+        assert sum(t.numel() for t in scales) == rows
     per_round = report["communication"]["per_round"]
     headers = 64 * 1024  # safetensors headers and the metadata, generously
     for node in ("1", "2"):
         up1, up2 = per_round["1"]["bytes_up"][node], per_round["2"]["bytes_up"][node]
         assert numel / 8 <= up1 <= numel / 8 + headers  # mask bits
-        assert 2 * kept <= up2 <= 2 * kept + headers  # fp16 kept values
-    assert report["communication"]["total_up"] / 2 <= 0.6 * 2 * numel + headers
+        assert kept + 4 * rows <= up2 <= kept + 4 * rows + headers  # codes, a scale a row
+    assert report["communication"]["total_up"] / 2 <= 0.35 * 2 * numel + headers
     # Each member scored its own model; the server stored none.
     standalone = report["perplexity"]["standalone"]
     assert sorted(standalone["per_client"]) == ["1", "2"]
@@ -162,18 +168,34 @@ def test_a_members_own_score_is_the_one_the_server_gets_from_its_replies(tmp_pat
             assert own == pytest.approx(value, rel=1e-4), (node, source)
 
 
+def _first_payload_values(sent: dict) -> list[torch.Tensor]:
+    pruned = safetensors.torch.load(sent[1][0][0])  # node 1's first round: its pruned layers
+    return [t for key, t in pruned.items() if key.startswith(("values/", "scales/"))]
+
+
 @pytest.mark.parametrize("resolve", [True, False])
-def test_without_keep_replies_the_server_scores_the_replies_then_drops_them(tmp_path, resolve):
-    sent: dict[int, list] = {}
-    grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(sent))
-    run_dir = run_federation(grid, config_of(tmp_path, resolve=resolve), run_id=54)
-    report = json.loads((run_dir / "report.json").read_text())
-    assert sorted(report["perplexity"]["standalone"]["per_client"]) == ["1", "2"]
-    assert "standalone-scored-by" not in report
-    assert not (run_dir / "replies").exists()
-    pruned = safetensors.torch.load(sent[1][0][0])  # the first round's payload: 16-bit values
-    values = [t for key, t in pruned.items() if key.startswith("values/")]
-    assert values and {t.dtype for t in values} == {torch.float16}
+def test_the_server_scores_float_replies_and_members_their_own_under_int8(tmp_path, resolve):
+    float_sent: dict[int, list] = {}
+    grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(float_sent))
+    exact = {"resolve": resolve, "payload-dtype": "float32"}
+    float_dir = run_federation(grid, config_of(tmp_path, **exact), run_id=54)
+    by_server = json.loads((float_dir / "report.json").read_text())
+    assert sorted(by_server["perplexity"]["standalone"]["per_client"]) == ["1", "2"]
+    assert "standalone-scored-by" not in by_server
+    assert not (float_dir / "replies").exists()  # scored, then dropped
+    assert {t.dtype for t in _first_payload_values(float_sent)} == {torch.float32}
+    # int8 (the default): the server's copy is not the member's model; each scores its own.
+    int8_sent: dict[int, list] = {}
+    grid = InProcessGrid.simulation(client_app, 2, {}, reply_filter=record_up(int8_sent))
+    int8_dir = run_federation(grid, config_of(tmp_path, resolve=resolve), run_id=55)
+    by_clients = json.loads((int8_dir / "report.json").read_text())
+    assert by_clients["standalone-scored-by"] == "clients"
+    assert not (int8_dir / "replies").exists()
+    assert {t.dtype for t in _first_payload_values(int8_sent)} == {torch.int8, torch.float32}
+    for node in ("1", "2"):  # the same model as the float32 member's, scored on the same windows
+        for source, value in by_server["perplexity"]["standalone"]["per_client"][node].items():
+            own = by_clients["perplexity"]["standalone"]["per_client"][node][source]
+            assert own == pytest.approx(value, rel=1e-4), (node, source)
 
 
 def test_a_value_float16_would_flush_to_zero_travels_as_its_least_one():

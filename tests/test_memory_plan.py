@@ -25,14 +25,14 @@ from server_app.inprocess import InProcessGrid
 D = 36_864  # prunable weights a layer
 KEPT = D // 2  # at 50 %
 RESIDENT = 4 * 36_992  # the layer's parameters, float32
-# The re-solve round (uniform mean, float16 on the wire) holds the dense kept
-# values (4 B) and one reply's (2 B), one matrix's mask unpacked (the largest, 8192), and the
-# merger's float32 sum a kept weight plus an int32 count per input column (6 inputs of 64 and
-# down_proj's 128).
-RESOLVE = KEPT * (4 + 2) + 8192 + 4 * KEPT + 4 * (6 * 64 + 128)
-# The prune round holds the votes (2 B a weight), one reply's mask (1 B) and its float16 values
-# (2 B), and the float64 running sum of the values (8 B, a float32 model): 13 B a weight.
-PRUNE = 13 * D
+# The re-solve round (uniform mean, int8 on the wire) holds the dense kept values (4 B) and
+# one reply's, decoded to float32 (4 B) from its codes (1 B), one matrix's mask unpacked (the
+# largest, 8192), and the merger's float32 sum a kept weight plus an int32 count per input
+# column (6 inputs of 64 and down_proj's 128).
+RESOLVE = KEPT * (4 + 4 + 1) + 8192 + 4 * KEPT + 4 * (6 * 64 + 128)
+# The prune round holds the votes (2 B a weight), one reply's mask (1 B) and its values decoded
+# to float32 (4 B), and the float64 running sum of the values (8 B, a float32 model): 15 B.
+PRUNE = 15 * D
 LAYER = RESIDENT + PRUNE
 # lean-uplink: the prune replies are masks only (3 B a weight), and the re-solve round is larger
 LEAN_LAYER = RESIDENT + RESOLVE

@@ -241,7 +241,7 @@ def test_value_count_mismatch_and_padding_bits() -> None:
 
 def test_value_dtypes_and_finiteness() -> None:
     packed = torch.tensor([0b11000000], dtype=torch.uint8)
-    with pytest.raises(PayloadError, match="not a float dtype"):
+    with pytest.raises(PayloadError, match="w: value dtype 'int32' is not int8 or a float"):
         decode(
             _save(
                 {"mask/w": packed, "values/w": torch.tensor([1, 2], dtype=torch.int32)},

@@ -330,4 +330,4 @@ def test_payload_dtype_float16_halves_the_values_and_rounds_them_once(tmp_path):
 
 def test_payload_dtype_is_validated():
     with pytest.raises(ValueError, match="payload-dtype"):
-        RunConfig.from_mapping({"payload-dtype": "int8"})
+        RunConfig.from_mapping({"payload-dtype": "int4"})

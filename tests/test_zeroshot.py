@@ -148,9 +148,10 @@ def test_a_lazy_model_is_scored_whole_then_back_on_disk(task, tiny_cache):
 def test_a_run_reports_the_zero_shot_accuracy_of_every_model(task, tmp_path, tiny_llama, caplog):
     caplog.set_level(logging.INFO, logger="server_app")
     path, _, _ = task
-    config = RunConfig.from_mapping(
-        {**TINY, "output-dir": str(tmp_path), "resolve": False, "eval-tasks": str(path)}
-    )
+    # A float wire: the server rebuilds each member's model from its replies and scores it on
+    # the tasks too (under int8 each member reports its own perplexity, and no accuracy).
+    exact = {"resolve": False, "payload-dtype": "float32", "eval-tasks": str(path)}
+    config = RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), **exact})
     run_dir = run_federation(InProcessGrid.simulation(client_app, 2, {}), config, run_id=1)
     report = json.loads((run_dir / "report.json").read_text())
     section = report["zero-shot"]

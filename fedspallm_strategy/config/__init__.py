@@ -16,9 +16,9 @@ from fedspallm_strategy.config.run_config import (
     CALIBRATIONS,
     HUB_REPO_ID,
     STRATEGIES,
-    ConfigError,
     RunConfig,
 )
+from fedspallm_strategy.config.values import ConfigError
 
 __all__ = [
     "CALIBRATIONS",

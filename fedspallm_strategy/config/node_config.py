@@ -10,12 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fedspallm_strategy.config.run_config import (
-    ConfigError,
-    RunConfig,
-    check_device,
-    coerce,
-)
+from fedspallm_strategy.config.run_config import RunConfig
+from fedspallm_strategy.config.values import ConfigError, check_device, coerce
 from llm_pruning.data import calibration_segments
 
 

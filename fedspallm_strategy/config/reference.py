@@ -3,7 +3,7 @@
 Each key's row comes from its dataclass field: the name (in kebab-case), the default (as TOML
 writes it) and the field's comment in the source, the trailing ``# ...`` on its line plus any
 comment-only lines right above it. The allowed values of a key come from the constant its
-validator checks it against (``_one_of("strategy", self.strategy, STRATEGIES)``), read from the
+validator checks it against (``one_of("strategy", self.strategy, STRATEGIES)``), read from the
 module's source, so a new key or constant needs no edit here. A field without a comment fails.
 
     python -m fedspallm_strategy.config.reference            # write docs/config.md
@@ -29,7 +29,7 @@ from fedspallm_strategy.config.run_config import RunConfig
 
 COMMAND = "python -m fedspallm_strategy.config.reference"
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "config.md"
-_VALIDATOR = "_one_of"  # _one_of(key, value, ALLOWED): the check whose ALLOWED the page lists
+_VALIDATOR = "one_of"  # one_of(key, value, ALLOWED): the check whose ALLOWED the page lists
 _KINDS = {
     "bool": "`true`, `false`",
     "int": "integer",
@@ -99,7 +99,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def allowed_values(cls: type) -> dict[str, tuple[str, ...]]:
-    """Kebab-case key -> the values its validator allows, for each ``_one_of(key, _, CONST)``
+    """Kebab-case key -> the values its validator allows, for each ``one_of(key, _, CONST)``
     in the module of ``cls`` (a mapping constant allows its keys, sorted)."""
     module = sys.modules[cls.__module__]
     found = {}

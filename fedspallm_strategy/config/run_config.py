@@ -15,10 +15,14 @@ from pathlib import Path
 
 import torch
 
-# The parser save_pretrained's max_shard_size goes through (transformers 5 hands the string to
-# huggingface_hub's split_torch_state_dict_into_shards); not exported by huggingface_hub.
-from huggingface_hub.serialization._base import parse_size_to_int
-
+from fedspallm_strategy.config.values import (
+    ConfigError,
+    at_least,
+    check_device,
+    check_shard_size,
+    coerce,
+    one_of,
+)
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, RECONSTRUCTIONS, SparsityPattern
 from llm_pruning.recovery import METHODS as RECOVERY_METHODS
@@ -32,17 +36,12 @@ CALIBRATIONS = ("local", "global")  # local: the paper's; global: on the merged 
 RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 SPARSITY_PROFILES = ("uniform", "owl")  # owl: outlier-weighed layer-wise (llm_pruning/owl.py)
-PAYLOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+PAYLOAD_DTYPES = ("auto", "int8", "float32", "float16", "bfloat16")
 RECOVERY_BATCH = 4  # windows per recovery step (fewer if recovery-samples is smaller)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _IGNORE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")  # fnmatch on module names
 # A Hugging Face repository id, owner/name (push-to-hub; also how a hub model id looks).
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-class ConfigError(ValueError):
-    """A run-config or node-config value is missing or not allowed."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,8 @@ class RunConfig:
     standalone_eval: bool = True  # also score each client's own pruned model (one eval each)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
-    # Kept values on the wire: a float dtype, or auto:
-    payload_dtype: str = "auto"  # the model's dtype if it is 16-bit, else float16
+    # Kept values on the wire: int8 (per-row scaled, 8 bits a kept value) or a float dtype
+    payload_dtype: str = "auto"  # (bit-exact); auto: int8
     min_clients: int = 1  # wait for this many connected nodes before starting
     resume_from: str = ""  # a run folder whose checkpoint this run continues
     exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
@@ -99,8 +98,8 @@ class RunConfig:
     max_shard_size: str = "50GB"  # split model/'s weights into files of at most this, e.g. 500MB
     keep_replies: bool = False  # keep every client's pruned layers in the run folder (replies/)
     # With resolve: the prune round sends masks only (and each matrix's input energy per
-    # column), each member scores its own model; 0.56x a dense fp16 model per client at 50 %,
-    # not 1.06x, but the merged mask's ties are broken without the clients' values
+    # column); about 0.31x a dense fp16 model per client at 50 % with int8 values, not 0.56x,
+    # but the merged mask's ties are broken without the clients' values
     lean_uplink: bool = False
     # Federated recovery after pruning: rounds in which every client fine-tunes the global
     # sparse model on its own shard, keeping its zeros, and the server averages the changes:
@@ -140,14 +139,14 @@ class RunConfig:
     @property
     def clients_score_standalone(self) -> bool:
         """Whether each client scores its own pruned model on ``eval-data`` and reports the
-        perplexity: its values stay home (:attr:`sends_pruned_values`), so only it holds that
-        model. Local calibration only: under global calibration a client's layers are pruned
-        on the federation's merged layers, no model of its own."""
+        perplexity: its values stay home (:attr:`sends_pruned_values`) or travel as int8, so
+        only it holds that model. Local calibration only: under global calibration a client's
+        layers are pruned on the federation's merged layers, no model of its own."""
         return (
             self.standalone_eval
             and self.calibration == "local"
             and PRUNERS[self.pruner].updates_weights
-            and not self.sends_pruned_values
+            and (self.int8_wire or not self.sends_pruned_values)
         )
 
     @property
@@ -161,13 +160,16 @@ class RunConfig:
             seed=self.seed,
         )
 
+    @property
+    def int8_wire(self) -> bool:
+        """Whether kept values travel as int8 (``payload-dtype`` int8, or auto): lossy."""
+        return self.payload_dtype in ("auto", "int8")
+
     def wire_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype kept values travel in: ``payload-dtype``; ``auto`` is 16-bit, the model's
-        own when it is 16-bit, else float16 (half of float32's bytes; its rounding, 2^-11
-        relative, is far below what pruning changes, and weights stay far inside its range)."""
-        if self.payload_dtype != "auto":
-            return getattr(torch, self.payload_dtype)
-        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+        """The dtype kept values travel in: ``payload-dtype``; ``auto`` is int8 whatever
+        ``model_dtype``: 8 bits a kept value and a float32 scale per row, each value within
+        half a step of the client's (``wire/int8_values.py``). The float dtypes are exact."""
+        return torch.int8 if self.int8_wire else getattr(torch, self.payload_dtype)
 
     @property
     def layerwise(self) -> bool:
@@ -204,18 +206,18 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        _check_shard_size(self.max_shard_size)
-        _one_of("strategy", self.strategy, STRATEGIES)
-        _one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
-        _one_of("partition", self.partition, PARTITIONS)
-        _one_of("payload-dtype", self.payload_dtype, PAYLOAD_DTYPES)
-        _one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        check_shard_size(self.max_shard_size)
+        one_of("strategy", self.strategy, STRATEGIES)
+        one_of("pruner", self.pruner, tuple(sorted(PRUNERS)))
+        one_of("partition", self.partition, PARTITIONS)
+        one_of("payload-dtype", self.payload_dtype, PAYLOAD_DTYPES)
+        one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         if self.reconstruction != "sparsegpt" and not PRUNERS[self.pruner].updates_weights:
             raise ConfigError(
                 f"reconstruction={self.reconstruction!r} sets the kept values, but pruner "
                 f"{self.pruner!r} keeps the dense ones: use pruner='sparsegpt'"
             )
-        _one_of("dtype", self.dtype, MODEL_DTYPES)
+        one_of("dtype", self.dtype, MODEL_DTYPES)
         for pattern in self.ignore:
             if not _IGNORE_PATTERN.match(pattern):
                 raise ConfigError(
@@ -228,18 +230,18 @@ class RunConfig:
             raise ConfigError(str(error)) from error
         if not 0 < self.layer_fraction <= 1:
             raise ConfigError(f"layer-fraction must be in (0, 1], got {self.layer_fraction}")
-        _at_least("num-rounds", self.num_rounds, 1)
-        _at_least("calib-samples", self.calib_samples, 1)
-        _at_least("seqlen", self.seqlen, 2)
-        _at_least("eval-windows", self.eval_windows, 0)
-        _at_least("min-clients", self.min_clients, 1)
+        at_least("num-rounds", self.num_rounds, 1)
+        at_least("calib-samples", self.calib_samples, 1)
+        at_least("seqlen", self.seqlen, 2)
+        at_least("eval-windows", self.eval_windows, 0)
+        at_least("min-clients", self.min_clients, 1)
         if not 0 <= self.seed < 2**63:  # what numpy's default_rng and torch's manual_seed take
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be positive, got {self.round_timeout}")
         if self.max_payload_mb <= 0:
             raise ConfigError(f"max-payload-mb must be positive, got {self.max_payload_mb}")
-        _at_least("exact-layers-per-round", self.exact_layers_per_round, 1)
+        at_least("exact-layers-per-round", self.exact_layers_per_round, 1)
         if self.max_stats_mb <= 0:
             raise ConfigError(f"max-stats-mb must be positive, got {self.max_stats_mb}")
         if self.strategy == "exact" and self.pruner == "magnitude":
@@ -256,9 +258,9 @@ class RunConfig:
             raise ConfigError(
                 f"secure-clipping-range must be in (0, 2**60), got {self.secure_clipping_range}"
             )
-        _one_of("calibration", self.calibration, CALIBRATIONS)
-        _one_of("resolve-weighting", self.resolve_weighting, RESOLVE_WEIGHTINGS)
-        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        one_of("calibration", self.calibration, CALIBRATIONS)
+        one_of("resolve-weighting", self.resolve_weighting, RESOLVE_WEIGHTINGS)
+        one_of("aggregation", self.aggregation, AGGREGATIONS)
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not self.max_relative_change > 0:
@@ -277,7 +279,7 @@ class RunConfig:
                 f"resolve-weighting={self.resolve_weighting!r} is a weighted mean; with "
                 f"aggregation={self.aggregation!r} set resolve-weighting='uniform'"
             )
-        _at_least("layers-per-round", self.layers_per_round, 0)
+        at_least("layers-per-round", self.layers_per_round, 0)
         if not self.memory_budget_gb > 0:
             raise ConfigError(f"memory-budget-gb must be positive, got {self.memory_budget_gb}")
         if self.resolves and not PRUNERS[self.pruner].updates_weights:
@@ -308,10 +310,10 @@ class RunConfig:
             )
 
     def _validate_recovery(self) -> None:
-        _at_least("recovery-rounds", self.recovery_rounds, 0)
-        _one_of("recovery-method", self.recovery_method, RECOVERY_METHODS)
-        _at_least("recovery-steps", self.recovery_steps, 1)
-        _at_least("recovery-samples", self.recovery_samples, 1)
+        at_least("recovery-rounds", self.recovery_rounds, 0)
+        one_of("recovery-method", self.recovery_method, RECOVERY_METHODS)
+        at_least("recovery-steps", self.recovery_steps, 1)
+        at_least("recovery-samples", self.recovery_samples, 1)
         if not (math.isfinite(self.recovery_lr) and self.recovery_lr > 0):
             raise ConfigError(f"recovery-lr must be a positive number, got {self.recovery_lr}")
         if not self.recovery_rounds:
@@ -331,7 +333,7 @@ class RunConfig:
             raise ConfigError("resume-from: a run with recovery-rounds keeps no checkpoint yet")
 
     def _validate_owl(self) -> None:
-        _one_of("sparsity-profile", self.sparsity_profile, SPARSITY_PROFILES)
+        one_of("sparsity-profile", self.sparsity_profile, SPARSITY_PROFILES)
         if not self.owl_m > 0:
             raise ConfigError(f"owl-m must be positive, got {self.owl_m}")
         if self.sparsity_profile != "owl":
@@ -365,70 +367,3 @@ class RunConfig:
 
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
-
-
-def check_device(key: str, device: str) -> str:
-    if not _DEVICE.match(device):
-        raise ConfigError(f"{key} must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    return device
-
-
-def _check_shard_size(size: str) -> None:
-    """``max-shard-size`` as ``save_pretrained`` reads it (huggingface_hub's parser): a number
-    and a unit of KB, MB, GB or TB (powers of 1000), positive."""
-    try:
-        limit = parse_size_to_int(size)
-    except (ValueError, OverflowError):  # OverflowError: "infGB"
-        limit = 0
-    if limit <= 0:
-        raise ConfigError(
-            f"max-shard-size must be a positive size with a unit of KB, MB, GB or TB "
-            f"(powers of 1000), such as '50GB' or '500MB'; got {size!r}"
-        )
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _at_least(key: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key} must be at least {minimum}, got {value}")
-
-
-def coerce(key: str, value: object, annotation: str) -> object:
-    """Flower's TOML values are bool/int/float/str; accept what a user would reasonably type."""
-    if annotation == "tuple[str, ...]":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a comma-separated string, got {value!r}")
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    if annotation == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation == "int":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not is_finite(value)  # int() of inf or NaN raises rather than compares
-            or int(value) != value
-        ):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if annotation == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        # TOML has inf and nan: an infinite timeout or limit would only fail (or hang) late.
-        if not is_finite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def is_finite(value: int | float) -> bool:
-    return isinstance(value, int) or math.isfinite(value)  # math.isfinite(10**400) overflows

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedspallm_strategy.wire.int8_values import row_counts
+
 
 class PackedMasks(MutableMapping[str, Tensor]):
     """A ``name -> bool mask`` mapping that stores each mask bit-packed and unpacks on read."""
@@ -21,13 +23,15 @@ class PackedMasks(MutableMapping[str, Tensor]):
     def __init__(self) -> None:
         self._packed: dict[str, tuple[np.ndarray, torch.Size]] = {}
         self._kept: dict[str, int] = {}
+        self._row_counts: dict[str, Tensor] = {}  # int8 replies are decoded by them
 
     def __setitem__(self, name: str, mask: Tensor) -> None:
         if mask.dtype != torch.bool:
             raise ValueError(f"{name}: a keep-mask must be bool, got {mask.dtype}")
         bits = np.packbits(mask.detach().cpu().numpy().reshape(-1))
         self._packed[name] = (bits, mask.shape)
-        self._kept[name] = int(mask.sum())
+        self._row_counts[name] = row_counts(mask.detach().cpu())
+        self._kept[name] = int(self._row_counts[name].sum())
 
     def __getitem__(self, name: str) -> Tensor:
         bits, shape = self._packed[name]
@@ -37,10 +41,15 @@ class PackedMasks(MutableMapping[str, Tensor]):
     def __delitem__(self, name: str) -> None:
         del self._packed[name]
         del self._kept[name]
+        del self._row_counts[name]
 
     def kept(self, name: str) -> int:
         """How many entries mask ``name`` keeps, without unpacking it."""
         return self._kept[name]
+
+    def row_counts(self, name: str) -> Tensor:
+        """``(rows,)`` int64: the entries each row of mask ``name`` keeps, without unpacking."""
+        return self._row_counts[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)

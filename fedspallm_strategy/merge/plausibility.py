@@ -48,7 +48,8 @@ from torch import Tensor
 from fedspallm_strategy.wire.safetensors_reader import PayloadError
 from llm_pruning.pruners import SparsityPattern
 
-# At sparsity 0 nothing is compensated, only rounded to the wire dtype (bf16: 2⁻⁸ relative).
+# At sparsity 0 nothing is compensated, only rounded to the wire dtype (bf16: 2⁻⁸ relative;
+# int8: half a step of a row's absmax / 127, a few % of a matrix's norm at most).
 _MIN_SCALE = 0.05
 # One entry may move ENTRY_FACTOR x the matrix bound x the RMS of the dense kept values.
 ENTRY_FACTOR = 20.0

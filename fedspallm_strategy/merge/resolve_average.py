@@ -23,18 +23,18 @@ store them packed and unpack on each read) is read when a reply arrives and when
 finished, and gives the columns of one block of rows at a time (:data:`BLOCK_ENTRIES`).
 :func:`resolve_state_bytes` gives the peak for one matrix under each rule.
 
-Precision of the uniform mean. The float32 sum of K values is within ``(K - 1) * 2^-24 * Σ|v|``
-of their exact sum, so the mean is within about ``K * 2^-24 * max|v|`` of the float64 one.
-Values travel in 16 bits by default (``payload-dtype`` auto: the model's 16-bit dtype, else
-float16), and their float32 sums are exact or nearly: float16 values give the float64 mean
-itself; bfloat16 values differ from it by at most 3e-10, which rounding the mean to the
-bfloat16 weight removes. For float32 values, measured on a 2048 x 2048 matrix at 50 % with
+Precision of the uniform mean. The float32 sum of K values is within ``(K - 1) * 2^-24 * Σ|v|`` of
+their exact sum, so the mean is within about ``K * 2^-24 * max|v|`` of the float64 one. Values
+travel as int8 by default (``payload-dtype`` auto), decoded to float32 per row scale; with
+``payload-dtype`` float16 or bfloat16 their float32 sums are exact or nearly: float16 values give
+the float64 mean itself; bfloat16 values differ from it by at most 3e-10, which rounding the mean to
+the bfloat16 weight removes. For float32 values, measured on a 2048 x 2048 matrix at 50 % with
 re-solve-like values (dense weights of std 0.02, |w| <= 0.1, plus 10 % per-client noise), the
-largest difference from the float64 mean is 3.7e-9, 7.5e-9, 1.0e-8 and 1.6e-8 at K = 2, 4, 8,
-16: one or two float32 ulps of the largest weights (7.5e-9), against re-solve changes of about
-10 %. What is lost is exactness for float32 clients that agree: the float32 mean of K equal
-float32 values is not always that value, as the float64 sum made it (exact at K = 2; at K = 3,
-14 % of entries 1 ulp off; K = 7: 51 %, up to 2 ulps).
+largest difference from the float64 mean is 3.7e-9, 7.5e-9, 1.0e-8 and 1.6e-8 at K = 2, 4, 8, 16:
+one or two float32 ulps of the largest weights (7.5e-9), against re-solve changes of about 10 %.
+What is lost is exactness for float32 clients that agree: the float32 mean of K equal float32 values
+is not always that value, as the float64 sum made it (exact at K = 2; at K = 3, 14 % of entries 1
+ulp off; K = 7: 51 %, up to 2 ulps).
 """
 
 from __future__ import annotations

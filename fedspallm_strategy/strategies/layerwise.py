@@ -35,7 +35,7 @@ from fedspallm_strategy.merge.resolve_average import ResolveAverage
 from fedspallm_strategy.run.reply_store import store_reply
 from fedspallm_strategy.strategies.memory_plan import planned_layers_per_round
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
-from fedspallm_strategy.strategies.standalone import reported_perplexities
+from fedspallm_strategy.strategies.standalone import take_reported
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     GLOBAL_KEY,
@@ -289,8 +289,11 @@ class LayerwiseMerge(MergeStrategy):
         screen(reply, node, self.steps, answered)
         tensors, masks, data = self._decode_pruned(reply, self.assignments[node])
         weighted = self.config.resolve_weighting == "hessian-diagonal"
+        rows = self.global_masks.row_counts if self.config.int8_wire else lambda name: None
         expected = {
-            name: Expected(self.global_masks.kept(name), linear.in_features if weighted else None)
+            name: Expected(
+                self.global_masks.kept(name), linear.in_features if weighted else None, rows(name)
+            )
             for layer in self.steps[node].resolve
             for name, linear in prunable_weights(self.model, layer).items()
         }
@@ -313,11 +316,10 @@ class LayerwiseMerge(MergeStrategy):
         self.accounting.add_up(node, up)
         metrics = reply_metrics(reply)
         self.accounting.add_metrics(node, metrics)
-        if self.config.clients_score_standalone:  # its pruned values stayed on the client
-            scores = reported_perplexities(self.config, metrics)
-            if scores:
-                self.reported[node] = scores
-        elif self.reply_dir is not None and self.config.calibration == "local" and masks:
+        if self.config.clients_score_standalone:  # its own values stayed on it, or went int8
+            take_reported(self.reported, node, self.config, metrics)
+        keep = self.config.keep_replies or not self.config.clients_score_standalone
+        if keep and self.reply_dir is not None and self.config.calibration == "local" and masks:
             # local: the pruned layers form the node's standalone model
             store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks, values, norms

@@ -11,9 +11,13 @@ its group (``d`` weights in its prunable matrices, ``k`` of them kept):
   float64 else) and the reply's values, or under a robust rule every client's matrix (K x d
   values in the model's dtype);
 - a re-solve round: the dense values under the global masks that replies are checked against
-  (``k`` in the model's dtype), one reply's values (``k`` in the wire dtype), one matrix's mask
-  unpacked at a time, and the re-solve merger's own state (:func:`resolve_state_bytes`; a
-  buffered rule's K replies, and the largest of its one-matrix-at-a-time finishes).
+  (``k`` in the model's dtype), one reply's values (``k`` as decoded, and its int8 codes), one
+  matrix's mask unpacked at a time, and the re-solve merger's own state
+  (:func:`resolve_state_bytes`; a buffered rule's K replies, and the largest of its
+  one-matrix-at-a-time finishes).
+
+A reply's values are decoded in their wire dtype, or from int8 codes (a byte each, with a scale
+per row) to float32: 4 bytes a value, as the merger holds them.
 
 Fixed, whatever the group: the parameters outside the decoder layers (resident on a lazy
 model) and every layer's global masks between its prune and re-solve rounds, bit-packed (``d/8``).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import RunConfig
@@ -53,7 +58,7 @@ def layer_bytes(model: PreTrainedModel, layer: int, config: RunConfig, clients: 
     model_size = next(iter(weights.values())).weight.element_size()
     resident = sum(p.numel() for p in _layer(model, layer).parameters()) * model_size
     d = sum(linear.weight.numel() for linear in weights.values())
-    wire = config.wire_dtype(next(iter(weights.values())).weight.dtype).itemsize
+    wire = _decoded_bytes(config, next(iter(weights.values())).weight.dtype)
     prune = 2 * d + d
     if config.sends_pruned_values:
         if config.aggregation == "mean":
@@ -62,6 +67,11 @@ def layer_bytes(model: PreTrainedModel, layer: int, config: RunConfig, clients: 
             prune += clients * d * model_size
     resolve = _resolve_bytes(weights, config, clients, model_size, wire) if config.resolves else 0
     return resident + max(prune, resolve)
+
+
+def _decoded_bytes(config: RunConfig, model_dtype: torch.dtype) -> int:
+    """Bytes a reply's value takes once decoded: its wire dtype's, or float32's for int8."""
+    return 4 if config.int8_wire else config.wire_dtype(model_dtype).itemsize
 
 
 def _resolve_bytes(weights: dict, config: RunConfig, clients: int, model_size: int, wire: int):
@@ -77,7 +87,8 @@ def _resolve_bytes(weights: dict, config: RunConfig, clients: int, model_size: i
     total = max(linear.weight.numel() for linear in weights.values())  # one unpacked mask
     finishes = [0]
     for kept, columns in shares.values():
-        total += kept * (model_size + wire)
+        codes = 1 if config.int8_wire else 0  # one reply's codes, while they are decoded
+        total += kept * (model_size + wire + codes)
         state = resolve_state_bytes(
             kept, columns, clients, config.aggregation, weighted, value_bytes=wire
         )

@@ -36,6 +36,7 @@ from fedspallm_strategy.strategies.standalone import (
     best_standalone,
     standalone_perplexities,
     standalone_section,
+    take_reported,
 )
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import payload_limit
@@ -161,12 +162,12 @@ class MergeStrategy(ServerEvaluated):
                     for node, own in self.client_profiles.items()
                 },
             }
-        if self.config.standalone_eval or self.rule == "standalone":
+        if (self.config.standalone_eval or self.rule == "standalone") and not self.reported:
             with run.clock("standalone-eval"):
                 standalone = standalone_perplexities(self.config, run.evaluate, self.reply_files)
             if standalone:
                 run.perplexities["standalone"] = standalone
-        if self.reported:  # clients that kept their values home scored their own models
+        if self.reported:  # clients whose values stayed home or went int8 scored their own
             mine = {str(node): scores for node, scores in sorted(self.reported.items())}
             run.perplexities["standalone"] = standalone_section(mine)
             run.report["standalone-scored-by"] = "clients"
@@ -314,7 +315,9 @@ class MergeStrategy(ServerEvaluated):
         if patterns is not None:
             self.client_profiles[node] = own
         self.accounting.add_up(node, len(data))
-        self.accounting.client_metrics[node] = reply_metrics(reply)
+        self.accounting.client_metrics[node] = metrics = reply_metrics(reply)
+        if self.config.clients_score_standalone:  # its values went int8: it holds its model
+            take_reported(self.reported, node, self.config, metrics)
         if self.reply_dir is not None:
             store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import Message, RecordDict
@@ -51,6 +51,7 @@ from fedspallm_strategy.config.run_config import RECOVERY_BATCH
 from fedspallm_strategy.merge.aggregation import robust_centre
 from fedspallm_strategy.merge.merging import kept_nonzero
 from fedspallm_strategy.merge.plausibility import check_kept_values
+from fedspallm_strategy.wire.int8_values import row_counts
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     DELTAS_KEY,
@@ -151,17 +152,23 @@ def apply_mean(model, mean: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -
     return largest
 
 
-def run_recovery_rounds(strategy, grid: Grid, timeout: float) -> list[dict]:
-    """The recovery rounds of ``strategy``'s run; returns each round's report entry.
+def run_recovery_rounds(
+    strategy, grid: Grid, timeout: float, evaluate: Callable[[], dict] | None = None
+) -> list[dict]:
+    """The recovery rounds of ``strategy``'s run; returns each round's report entry, with
+    ``evaluate()`` (the model's perplexities) after each round that changed the model.
 
     A round with no valid reply leaves the model as it was (logged and reported); the run
     goes on.
     """
     first = strategy.rounds + 1
-    return [
-        _recovery_round(strategy, grid, timeout, server_round)
-        for server_round in range(first, first + strategy.config.recovery_rounds)
-    ]
+    rounds = []
+    for server_round in range(first, first + strategy.config.recovery_rounds):
+        entry = _recovery_round(strategy, grid, timeout, server_round)
+        if evaluate is not None and entry["clients"]:
+            entry["perplexity"] = evaluate()
+        rounds.append(entry)
+    return rounds
 
 
 def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> dict:
@@ -171,7 +178,10 @@ def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> 
     down = encode(values, masks)
     kept = {name: values[name][masks[name]] for name in masks}
     del values
-    expected = {name: Expected(int(mask.sum())) for name, mask in masks.items()}
+    expected = {
+        name: Expected(int(mask.sum()), row_counts=row_counts(mask) if config.int8_wire else None)
+        for name, mask in masks.items()
+    }
     limit = values_limit(expected)
     nodes = sorted(grid.get_node_ids())
     messages = []

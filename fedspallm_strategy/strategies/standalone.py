@@ -3,8 +3,9 @@
 The ``standalone`` comparison of the report (and the model the ``standalone`` strategy
 saves): a client that pruned every layer has a model of its own; its stored replies, written
 into a fresh copy of the dense model, rebuild it exactly. When its values stay home (the
-re-solve's prune round sends masks only), the client scores its model itself and reports the
-perplexity (:func:`reported_perplexities`).
+re-solve's prune round sends masks only) or travel as int8 (the server's copy is within half a
+step of each), the client scores its model itself and reports the perplexity
+(:func:`reported_perplexities`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ def reported_perplexities(config: RunConfig, metrics: dict[str, float | int]) ->
         if isinstance(value, int | float) and math.isfinite(value) and value >= 1:
             scores[source] = round(float(value), 4)
     return scores
+
+
+def take_reported(
+    reported: dict[int, dict[str, float]], node: int, config: RunConfig, metrics: dict
+) -> None:
+    """Keep in ``reported`` what ``node`` reported of its own model, if it is a perplexity."""
+    if scores := reported_perplexities(config, metrics):
+        reported[node] = scores
 
 
 def best_standalone(

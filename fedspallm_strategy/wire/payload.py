@@ -5,14 +5,16 @@ A payload carries, for each pruned matrix ``name``:
 - ``mask/<name>``: the keep-mask, flattened row-major and bit-packed (``numpy.packbits``,
   most significant bit first, padding bits 0) as uint8 of ``ceil(d / 8)`` bytes;
 - ``values/<name>``: the kept values ``tensor[mask]``, 1-D, in the native dtype
-  (float32, float16 or bfloat16, so the round trip is bit-exact) -- absent in a
-  mask-only payload, sent by pruners that do not update weights (the server already
+  (float32, float16 or bfloat16, so the round trip is bit-exact), or as int8 codes with
+  ``scales/<name>``, one float32 per row (``int8_values.py``; decoded to float32) -- absent
+  in a mask-only payload, sent by pruners that do not update weights (the server already
   holds the dense values).
 
 ``__metadata__`` (str -> str) holds ``format``, ``version``, ``values`` ("true" or
 "false") and ``matrices``: JSON mapping each name to its ``shape`` and, with values, its
-``dtype``. The size is ``kept * itemsize + ceil(d / 8)`` plus a JSON header entry per
-tensor: 0.5625x dense fp16 at 50 % sparsity, 1/16 for a mask-only payload.
+``dtype``. The size is ``kept * itemsize + ceil(d / 8)`` (int8: ``kept + 4 * rows +
+ceil(d / 8)``) plus a JSON header entry per tensor: 0.5625x dense fp16 at 50 % sparsity in
+float16, 0.31x in int8, 1/16 for a mask-only payload.
 
 Payloads come from other organisations, so :func:`decode` trusts nothing: every
 malformation raises :class:`PayloadError` naming the problem, and parsing uses
@@ -34,6 +36,13 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from fedspallm_strategy.wire.int8_values import NAME as INT8_NAME
+from fedspallm_strategy.wire.int8_values import (
+    SCALES_PREFIX,
+    dequantize_rows,
+    quantize_rows,
+    row_counts,
+)
 from fedspallm_strategy.wire.payload_spec import MatrixSpec, payload_limit
 from fedspallm_strategy.wire.safetensors_reader import (
     DTYPE_NAMES,
@@ -54,9 +63,10 @@ MASK_PREFIX = "mask/"
 VALUES_PREFIX = "values/"
 
 _METADATA_KEYS = {"format", "version", "values", "matrices"}
+_WIRE_DTYPES = {**DTYPES, INT8_NAME: torch.int8}  # a value dtype's name in metadata
 _SAFETENSORS_CODES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16"}
-_SAFETENSORS_CODES[torch.bfloat16] = "BF16"
-_CODE_SIZES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
+_SAFETENSORS_CODES |= {torch.bfloat16: "BF16", torch.int8: "I8"}
+_CODE_SIZES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2, "I8": 1}
 
 
 # --------------------------------------------------------------------------- encode
@@ -73,7 +83,9 @@ def _values_of(name: str, tensor: Tensor, mask: Tensor) -> Tensor:
     return values
 
 
-def encode(tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor]) -> bytes:
+def encode(
+    tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor], *, int8: bool = False
+) -> bytes:
     """Serialise pruned matrices as a safetensors payload.
 
     Parameters
@@ -82,6 +94,9 @@ def encode(tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor]) ->
         Name -> pruned matrix, or None for a mask-only payload.
     masks
         Name -> bool keep-mask (True = kept); the same names as ``tensors``.
+    int8
+        Send the kept values as int8 codes and a float32 scale per row
+        (``int8_values.quantize_rows``), not in their own dtype.
 
     Returns
     -------
@@ -107,8 +122,13 @@ def encode(tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor]) ->
         entries[MASK_PREFIX + name] = torch.from_numpy(packed)
         matrices[name] = {"shape": list(mask.shape)}
         if tensors is not None:
-            entries[VALUES_PREFIX + name] = _values_of(name, tensors[name], mask)
-            matrices[name]["dtype"] = DTYPE_NAMES[tensors[name].dtype]
+            values = _values_of(name, tensors[name], mask)
+            if int8:
+                codes, scales = quantize_rows(values, row_counts(mask))
+                entries[VALUES_PREFIX + name], entries[SCALES_PREFIX + name] = codes, scales
+            else:
+                entries[VALUES_PREFIX + name] = values
+            matrices[name]["dtype"] = INT8_NAME if int8 else DTYPE_NAMES[values.dtype]
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -158,9 +178,11 @@ def _parse_matrices(metadata: Mapping[str, str]) -> tuple[bool, dict[str, tuple]
             raise PayloadError(f"{name}: metadata keys {sorted(entry)} != {sorted(expected_keys)}")
         dtype = None
         if has_values:
-            if entry["dtype"] not in DTYPES:
-                raise PayloadError(f"{name}: value dtype {entry['dtype']!r} is not a float dtype")
-            dtype = DTYPES[entry["dtype"]]
+            dtype = _WIRE_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+            if dtype is None:
+                raise PayloadError(
+                    f"{name}: value dtype {entry['dtype']!r} is not int8 or a float dtype"
+                )
         specs[name] = (_parse_shape(name, entry["shape"]), dtype)
     return has_values, specs
 
@@ -173,6 +195,7 @@ def _load_tensors(data: bytes, specs: Mapping[str, tuple], has_values: bool) -> 
     expected = {MASK_PREFIX + name for name in specs}
     if has_values:
         expected |= {VALUES_PREFIX + name for name in specs}
+        expected |= {SCALES_PREFIX + n for n, (_, dtype) in specs.items() if dtype == torch.int8}
     if missing := sorted(expected - set(loaded)):
         raise PayloadError(f"payload lacks tensors listed in its metadata: {missing}")
     if unexpected := sorted(set(loaded) - expected):
@@ -195,7 +218,15 @@ def _unpack_mask(name: str, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(bits[:numel].view(np.bool_)).reshape(shape)
 
 
-def _dense_from(name: str, values: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def _dense_from(
+    name: str, loaded: Mapping[str, Tensor], mask: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """The dense matrix: the kept values at the mask's entries, zeros elsewhere (an int8
+    payload's dequantised, in float32)."""
+    values = loaded[VALUES_PREFIX + name]
+    if dtype == torch.int8:
+        scales = loaded[SCALES_PREFIX + name]
+        values, dtype = dequantize_rows(name, values, scales, row_counts(mask)), torch.float32
     if values.dtype != dtype or values.dim() != 1:
         raise PayloadError(
             f"{name}: values must be 1-D {dtype}, got {values.dim()}-D {values.dtype}"
@@ -239,6 +270,8 @@ def _check_layout(
         layout[MASK_PREFIX + name] = ("U8", [spec.mask_bytes])
         if spec.dtype is not None:
             layout[VALUES_PREFIX + name] = (_SAFETENSORS_CODES[spec.dtype], [spec.kept])
+        if spec.dtype == torch.int8:
+            layout[SCALES_PREFIX + name] = ("F32", [spec.rows])
     entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
     if set(entries) != set(layout):
         differ = sorted(set(entries) ^ set(layout))
@@ -312,7 +345,7 @@ def _decode_unchecked(
         if expected is not None:
             _check_pattern(name, masks[name], expected[name])
         if has_values:
-            tensors[name] = _dense_from(name, loaded[VALUES_PREFIX + name], masks[name], dtype)
+            tensors[name] = _dense_from(name, loaded, masks[name], dtype)
     return tensors, masks
 
 
@@ -338,8 +371,9 @@ def decode(
     Returns
     -------
     tuple[dict[str, Tensor], dict[str, Tensor]]
-        ``(tensors, masks)``: dense-shaped matrices with zeros at pruned positions
-        (``{}`` for a mask-only payload) and bool keep-masks of the original shapes.
+        ``(tensors, masks)``: dense-shaped matrices with zeros at pruned positions, in the
+        values' dtype (float32 for int8 codes; ``{}`` for a mask-only payload) and bool
+        keep-masks of the original shapes.
 
     Raises
     ------

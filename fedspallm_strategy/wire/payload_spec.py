@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedspallm_strategy.wire.int8_values import nbytes, rows_of
 from fedspallm_strategy.wire.safetensors_reader import (
     HEADER_ALLOWANCE,
     HEADER_ALLOWANCE_PER_MATRIX,
@@ -23,8 +24,9 @@ from llm_pruning.pruners import SparsityPattern, num_to_prune
 @dataclass(frozen=True)
 class MatrixSpec:
     """What the server's assignment implies one matrix of a reply holds, known before the
-    reply is read: its shape, the pattern it was pruned to, and the dtype of its kept values
-    (``None``: the pruner keeps the dense values, so the payload is mask-only)."""
+    reply is read: its shape, the pattern it was pruned to, and the wire dtype of its kept
+    values (a float dtype, or int8 with a scale per row; ``None``: the pruner keeps the dense
+    values, so the payload is mask-only)."""
 
     shape: tuple[int, int]
     pattern: SparsityPattern
@@ -42,13 +44,19 @@ class MatrixSpec:
         return self.numel - num_to_prune(self.numel, self.pattern.sparsity)
 
     @property
+    def rows(self) -> int:
+        """Rows: an int8 payload's scales, one each."""
+        return rows_of(self.shape)
+
+    @property
     def mask_bytes(self) -> int:
         return (self.numel + 7) // 8
 
     @property
     def nbytes(self) -> int:
-        """Tensor bytes of this matrix in a payload (values, if any, plus the packed mask)."""
-        values = 0 if self.dtype is None else self.kept * self.dtype.itemsize
+        """Tensor bytes of this matrix in a payload (values and int8 scales, if any, plus the
+        packed mask)."""
+        values = 0 if self.dtype is None else nbytes(self.dtype, self.kept, self.rows)
         return values + self.mask_bytes
 
 
