@@ -1,0 +1,180 @@
+"""Beyond centralized SparseGPT: exact reconstruction (``reconstruction='lsq'``) and federated
+recovery, side by side with dense, dense fine-tuned on the same budget, and centralized pruning.
+
+Every row is a real run (``run_federation`` over the in-process grid: the strategies and the
+ClientApp of ``flwr run``), SmolLM2-135M, two organisations with python-docs shards. Each
+model is scored on the clients' domain (python-docs' held-out topics) and on another
+(*Persuasion*). A recovery row's run scores its model after every round, so one run with
+``--recovery-rounds 4`` gives the rows at 1, 2 and 4 rounds. "dense + fine-tuning" trains the
+dense model exactly as ``centralized`` recovery trains a pruned one (every shard's windows
+pooled, the federation's steps, a batch per shard): domain adaptation, not recovery.
+
+    python bench/beyond_centralized.py --pattern 0.7 --rows central-sparsegpt,central-lsq
+    python bench/beyond_centralized.py --pattern 0.5 --rows dense-ft,fed-local-recovery
+
+Rows already in the output file are kept (a run adds rows); ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import machine
+
+from client_app.app import app as client_app
+from fedspallm_strategy.config import NodeConfig, RunConfig
+from fedspallm_strategy.strategies.recovery_rounds import recover_centrally
+from llm_pruning.models import load_model
+from server_app.federation import run_federation
+from server_app.inprocess import InProcessGrid
+from server_app.report import Evaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER_TEXT = ROOT.parent / "shared" / "data" / "austen" / "persuasion.txt"
+
+# Row -> run-config overrides (recovery rows add the recovery keys).
+ROWS = {
+    "central-sparsegpt": {"strategy": "centralized"},
+    "central-lsq": {"strategy": "centralized", "reconstruction": "lsq"},
+    "central-lsq-recovery": {"strategy": "centralized", "reconstruction": "lsq", "recover": 1},
+    "fed-global": {"calibration": "global"},
+    "fed-global-lsq": {"calibration": "global", "reconstruction": "lsq"},
+    "fed-global-lsq-recovery": {"calibration": "global", "reconstruction": "lsq", "recover": 1},
+    "exact-lsq": {"strategy": "exact", "reconstruction": "lsq"},
+    "fed-local-recovery": {"recover": 1},  # the default mode, then recovery
+}
+CLIENTS = 2
+
+
+def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
+    values = {
+        "model": args.model,
+        "pattern": "unstructured" if ":" not in args.pattern else args.pattern,
+        "sparsity": 0.5 if ":" in args.pattern else float(args.pattern),
+        "eval-data": f"python-docs,{args.other_text}",
+        "eval-windows": args.eval_windows,
+        "seqlen": args.seqlen,
+        "standalone-eval": False,
+        "output-dir": output_dir,
+        "recovery-steps": args.recovery_steps,
+        "recovery-lr": args.recovery_lr,
+        "recovery-samples": args.recovery_samples,
+        "recovery-method": args.recovery_method,
+    }
+    values.update({k: v for k, v in overrides.items() if k != "recover"})
+    if overrides.get("recover"):
+        values["recovery-rounds"] = args.recovery_rounds
+    return RunConfig.from_mapping(values)
+
+
+def federated_row(args, name: str) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        config = run_config(args, ROWS[name], folder)
+        start = time.perf_counter()
+        run_dir = run_federation(
+            InProcessGrid.simulation(client_app, CLIENTS, {}), config, run_id=1
+        )
+        report = json.loads((run_dir / "report.json").read_text())
+    communication = report.get("communication", {})
+    return {
+        "run-config": config.as_dict(),
+        "perplexity": report["perplexity"],
+        "recovery": report.get("recovery"),
+        "sparsity": report["sparsity"]["overall"],
+        "bytes-up-per-client": max(communication.get("bytes_up", {"-": 0}).values()),
+        "bytes-down-per-client": max(communication.get("bytes_down", {"-": 0}).values()),
+        "dense-fp16-bytes": communication.get("dense_fp16_bytes_all_layers"),
+        "rounds": len(communication.get("per_round", {})),
+        "wall-seconds": round(time.perf_counter() - start, 1),
+        "timings": report.get("timings"),
+    }
+
+
+def dense_rows(args) -> dict:
+    """dense, and dense fine-tuned as centralized recovery would train it."""
+    config = run_config(args, {"strategy": "centralized", "recover": 1}, "runs")
+    model, tokenizer = load_model(config.model, dtype=config.torch_dtype, lazy=True)
+    evaluate = Evaluator(config, tokenizer)
+    rows = {"dense": {"perplexity": {"dense": evaluate(model, "dense")}}}
+    nodes = {i: NodeConfig(partition_id=i, num_partitions=CLIENTS) for i in range(CLIENTS)}
+    start = time.perf_counter()
+    trained = recover_centrally(model, config, tokenizer, nodes)
+    rows["dense-ft"] = {
+        "run-config": config.as_dict(),
+        "perplexity": {"dense-ft": evaluate(model, "dense fine-tuned")},
+        "recovery": trained,
+        "wall-seconds": round(time.perf_counter() - start, 1),
+    }
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", default="0.7", help="a sparsity (0.5, 0.7) or N:M (2:4)")
+    parser.add_argument("--rows", default=",".join(["dense", *ROWS]))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--other-text", type=Path, default=OTHER_TEXT)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--recovery-rounds", type=int, default=2)
+    parser.add_argument("--recovery-steps", type=int, default=RunConfig.recovery_steps)
+    parser.add_argument("--recovery-lr", type=float, default=RunConfig.recovery_lr)
+    parser.add_argument("--recovery-samples", type=int, default=RunConfig.recovery_samples)
+    parser.add_argument("--recovery-method", default=RunConfig.recovery_method)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.manual_seed(0)
+    path = args.out / f"beyond_centralized_{args.pattern.replace(':', 'of')}.json"
+    saved = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    rows = saved.get("rows", {})
+    commands = saved.get("commands", [])
+    # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "fresh")}
+    if saved and {k: v for k, v in saved["args"].items() if k != "rows"} != settings:
+        parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
+    for name in args.rows.split(","):
+        if name in rows:
+            continue
+        if name in ("dense", "dense-ft"):
+            rows.update(dense_rows(args))
+        elif name in ROWS:
+            rows[name] = federated_row(args, name)
+        else:
+            parser.error(f"unknown row {name!r}; rows: dense, dense-ft, {', '.join(ROWS)}")
+        print(json.dumps({name: rows[name]["perplexity"]}), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "measured": time.strftime("%Y-%m-%d"),
+                    "args": {**settings, "rows": ",".join(rows)},
+                    "commands": sorted({*commands, _command(args)}),
+                    "rows": rows,
+                },
+                indent=1,
+                default=dict,
+            )
+        )
+
+
+def _command(args) -> str:
+    return (
+        f"python bench/beyond_centralized.py --pattern {args.pattern} --rows {args.rows} "
+        f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
+        f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
+        f"--recovery-method {args.recovery_method}"
+    )
+
+
+if __name__ == "__main__":
+    main()
