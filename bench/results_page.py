@@ -580,6 +580,116 @@ def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
     ]
 
 
+# bench/beyond_centralized.py's rows, in the page's order, with their labels.
+BEYOND_LABELS = {
+    "dense": "dense",
+    "dense-ft": "dense, fine-tuned with the recovery budget",
+    "central-sparsegpt": "centralized SparseGPT",
+    "central-lsq": "centralized, `lsq`",
+    "central-lsq-recovery": "centralized, `lsq`",
+    "fed-global": "federated, global calibration + re-solve",
+    "fed-global-lsq": "federated, global calibration + re-solve, `lsq`",
+    "fed-global-lsq-recovery": "federated, global calibration + re-solve, `lsq`",
+    "exact-lsq": "`exact`, `lsq`",
+    "fed-local-recovery": "federated, the default mode",
+}
+
+
+def _beyond_model(r: Result, name: str) -> tuple[dict, dict | None]:
+    """A row's model's perplexities, and its perplexities before recovery (None without)."""
+    scores = r.get("rows", name, "perplexity")
+    models = [k for k in scores if k != "dense" and not k.endswith("-before-recovery")]
+    if name == "dense":
+        models = ["dense"]
+    if len(models) != 1:
+        raise r.error(f"rows.{name}.perplexity: expected one model besides dense, got {models}")
+    return scores[models[0]], scores.get(f"{models[0]}-before-recovery")
+
+
+def beyond_section(r: Result) -> list[str]:
+    texts = ("python-docs", r.arg("other_text"))
+    present = r.get("rows")
+    unknown = sorted(set(present) - set(BEYOND_LABELS))
+    if unknown:
+        raise r.error(f"rows {unknown} have no label on the page")
+    bases = {
+        base: _beyond_model(r, base)[0] if base in present else None
+        for base in ("dense", "dense-ft", "central-sparsegpt")
+    }
+
+    def ratio(scores: dict, base: str, text: str) -> str:
+        return f2(scores[text] / bases[base][text]) if bases[base] else "–"
+
+    def line(label: str, scores: dict, run: dict, rounds: str) -> list[str]:
+        up, down = run.get("bytes-up-per-client"), run.get("bytes-down-per-client")
+        wall = run.get("wall-seconds")
+        return [
+            label,
+            *(f2(scores[text]) for text in texts),
+            *(ratio(scores, "central-sparsegpt", text) for text in texts),
+            ratio(scores, "dense", texts[0]),
+            ratio(scores, "dense-ft", texts[0]),
+            mb(up) if up else "–",
+            mb(down) if down else "–",
+            rounds,
+            f1(wall) if wall is not None else "–",
+        ]
+
+    rows = []
+    for name, label in BEYOND_LABELS.items():
+        if name not in present:
+            continue
+        run = present[name]
+        scores, before = _beyond_model(r, name)
+        rounds = str(run["rounds"]) if run.get("rounds") else "–"
+        recovery = run.get("recovery") or {}
+        if before is None:
+            rows.append(line(label, scores, run, rounds))
+            continue
+        rows.append(line(f"{label}, before recovery", before, {}, "–"))
+        for entry in recovery.get("per-round", []):
+            if "perplexity" in entry:
+                done = entry["round"] - run["rounds"] + recovery["rounds"]
+                last = done == recovery["rounds"]
+                rows.append(
+                    line(
+                        f"{label} + recovery, {done} round{'s' if done > 1 else ''}",
+                        entry["perplexity"],
+                        run if last else {},
+                        rounds if last else "–",
+                    )
+                )
+        if "centralized" in recovery:
+            rows.append(line(f"{label} + recovery on the pooled shards", scores, run, rounds))
+    header = [
+        "model",
+        "ppl, clients' domain",
+        "ppl, other text",
+        "÷ centralized SparseGPT, domain",
+        "÷ centralized SparseGPT, other",
+        "÷ dense, domain",
+        "÷ dense fine-tuned, domain",
+        "up MB per client",
+        "down MB per client",
+        "rounds",
+        "wall s",
+    ]
+    pattern = r.arg("pattern")
+    return [
+        f"SmolLM2-135M at {sparsity_label(pattern)}"
+        f"{'' if ':' in pattern else ' unstructured'}, two organisations with `python-docs` "
+        "shards. Perplexity on the held-out python-docs topics (the clients' domain) and on "
+        f"*{Path(texts[1]).stem.title()}* (another domain), {r.arg('eval_windows')} windows of "
+        f"{r.arg('seqlen')} tokens. Recovery: `{r.arg('recovery_method')}`, "
+        f"{r.arg('recovery_steps')} steps of 4 windows per client and round at lr "
+        f"{r.arg('recovery_lr'):g}, {r.arg('recovery_samples')} windows per client; the dense "
+        "model is fine-tuned on every client's windows pooled, with the steps of all the "
+        "rounds (what centralized recovery does), so its gain is adaptation to the domain. "
+        "Bytes and rounds are of the whole run, pruning included.",
+        table(header, rows),
+    ]
+
+
 class Section(NamedTuple):
     file: str
     title: str

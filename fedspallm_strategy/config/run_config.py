@@ -105,8 +105,8 @@ class RunConfig:
     # sparse model on its own shard, keeping its zeros, and the server averages the changes:
     recovery_rounds: int = 0  # 0 = off
     recovery_method: str = "masked"  # masked (the kept weights, float32 model) | lora
-    recovery_steps: int = 20  # optimizer steps per client per recovery round
-    recovery_lr: float = 5e-5  # AdamW learning rate (lora: of the adapters; try 1e-4 to 1e-3)
+    recovery_steps: int = 8  # optimizer steps per client per recovery round (batches of 4)
+    recovery_lr: float = 1e-4  # AdamW learning rate (lora: of the adapters; try 1e-4 to 1e-3)
     recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
 
     @property
