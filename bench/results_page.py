@@ -801,6 +801,16 @@ SECTIONS: tuple[Section, ...] = (
         load_of_measurement=False,
         commands_note="the second adds its row to the file the first wrote",
     ),
+    Section(
+        "beyond_centralized_0.5.json",
+        "Beyond centralized SparseGPT: recovery at 50 %",
+        (
+            "python bench/beyond_centralized.py --pattern 0.5 --rows "
+            "dense,dense-ft,fed-local-recovery --recovery-rounds 2 --recovery-steps 8 "
+            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
+        ),
+        beyond_section,
+    ),
 )
 
 

@@ -52,6 +52,15 @@ def test_table_rows_are_the_values_in_the_json() -> None:
     clients = json.loads((ROOT / "bench/results/parallel_clients.json").read_text())
     assert clients["rows"][0]["perplexity"]["global"]["python-docs"] == 22.4559
     assert "| 2 | 1 | 232.3 | 149.0 | 15.09 | 22.70 / 23.70 | 23.20 | 22.46 |" in page
+    # beyond_centralized_0.5.json, by hand: after 2 recovery rounds 15.5803 on python-docs and
+    # 76.8523 on Persuasion; 15.5803 / dense 15.0943 = 1.032, / dense fine-tuned 11.5852 = 1.3448
+    beyond = json.loads((ROOT / "bench/results/beyond_centralized_0.5.json").read_text())
+    recovered = beyond["rows"]["fed-local-recovery"]
+    assert recovered["perplexity"]["global"]["python-docs"] == 15.5803
+    assert (
+        "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | – | – | 1.03 | "
+        "1.34 |" in page
+    )
 
 
 def test_every_section_names_its_command() -> None:
