@@ -811,6 +811,21 @@ SECTIONS: tuple[Section, ...] = (
         ),
         beyond_section,
     ),
+    Section(
+        "beyond_centralized_0.7.json",
+        "Beyond centralized SparseGPT: exact reconstruction and recovery at 70 %",
+        (
+            "python bench/beyond_centralized.py --pattern 0.7 --rows "
+            "central-sparsegpt,central-lsq,fed-global-lsq --recovery-rounds 2 --recovery-steps 8 "
+            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
+            "python bench/beyond_centralized.py --pattern 0.7 --rows "
+            "fed-global-lsq-recovery,exact-lsq --recovery-rounds 2 --recovery-steps 8 "
+            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
+        ),
+        beyond_section,
+        unchecked=("out", "rows"),
+        commands_note="the second adds its rows to the file the first wrote",
+    ),
 )
 
 

@@ -61,6 +61,14 @@ def test_table_rows_are_the_values_in_the_json() -> None:
         "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | – | – | 1.03 | "
         "1.34 |" in page
     )
+    # beyond_centralized_0.7.json, by hand: fed-global-lsq 46.1578 on python-docs against
+    # centralized SparseGPT's 68.4879: 0.674
+    seventy = json.loads((ROOT / "bench/results/beyond_centralized_0.7.json").read_text())
+    assert seventy["rows"]["fed-global-lsq"]["perplexity"]["global"]["python-docs"] == 46.1578
+    assert (
+        "| federated, global calibration + re-solve, `lsq` | 46.16 | 735.00 | 0.67 | 1.18 |"
+        in page
+    )
 
 
 def test_every_section_names_its_command() -> None:
