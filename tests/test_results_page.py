@@ -66,8 +66,7 @@ def test_table_rows_are_the_values_in_the_json() -> None:
     seventy = json.loads((ROOT / "bench/results/beyond_centralized_0.7.json").read_text())
     assert seventy["rows"]["fed-global-lsq"]["perplexity"]["global"]["python-docs"] == 46.1578
     assert (
-        "| federated, global calibration + re-solve, `lsq` | 46.16 | 735.00 | 0.67 | 1.18 |"
-        in page
+        "| federated, global calibration + re-solve, `lsq` | 46.16 | 735.00 | 0.67 | 1.18 |" in page
     )
 
 
