@@ -424,8 +424,12 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     ]
     connection = federation.connect("loopback", superlink_port)
 
-    # Then one recovery round: the three nodes with text fine-tune the global model.
-    recovery = "recovery-rounds=1 recovery-steps=2 recovery-samples=2 recovery-lr=0.001"
+    # Pruned with exact masked least squares, then one recovery round: the three nodes with
+    # text fine-tune the global model.
+    recovery = (
+        "reconstruction='lsq' recovery-rounds=1 recovery-steps=2 recovery-samples=2 "
+        "recovery-lr=0.001"
+    )
     run_id, run_dir, report = run_and_check(
         federation, connection, tmp_path / "runs", nodes=4, extra=recovery
     )
