@@ -707,6 +707,12 @@ class Section(NamedTuple):
 
 ENGINE_SHAPES = "576x576,1536x576,576x1536,2048x2048"
 REFERENCE = "git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref_sparsegpt"
+BEYOND = "python bench/beyond_centralized.py"
+# The recovery settings every beyond_centralized file shares (its rows refuse to mix settings).
+RECOVERY_FLAGS = (
+    "--recovery-rounds 2 --recovery-steps 8 --recovery-lr 0.0001 --recovery-samples 16 "
+    "--recovery-method masked"
+)
 
 SECTIONS: tuple[Section, ...] = (
     Section(
@@ -804,23 +810,16 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "beyond_centralized_0.5.json",
         "Beyond centralized SparseGPT: recovery at 50 %",
-        (
-            "python bench/beyond_centralized.py --pattern 0.5 --rows "
-            "dense,dense-ft,fed-local-recovery --recovery-rounds 2 --recovery-steps 8 "
-            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
-        ),
+        (f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery {RECOVERY_FLAGS}",),
         beyond_section,
     ),
     Section(
         "beyond_centralized_0.7.json",
         "Beyond centralized SparseGPT: exact reconstruction and recovery at 70 %",
         (
-            "python bench/beyond_centralized.py --pattern 0.7 --rows "
-            "central-sparsegpt,central-lsq,fed-global-lsq --recovery-rounds 2 --recovery-steps 8 "
-            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
-            "python bench/beyond_centralized.py --pattern 0.7 --rows "
-            "fed-global-lsq-recovery,exact-lsq --recovery-rounds 2 --recovery-steps 8 "
-            "--recovery-lr 0.0001 --recovery-samples 16 --recovery-method masked",
+            f"{BEYOND} --pattern 0.7 --rows central-sparsegpt,central-lsq,fed-global-lsq "
+            f"{RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 0.7 --rows fed-global-lsq-recovery,exact-lsq {RECOVERY_FLAGS}",
         ),
         beyond_section,
         unchecked=("out", "rows"),
