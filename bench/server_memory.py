@@ -1,9 +1,9 @@
 """The server's peak memory with the re-solve, from a 1B to a 7B model (synthesised clients).
 
 The mode: the run config's defaults (``strategy=fedspallm``, ``resolve=true``, local
-calibration, ``layers-per-round=0``, so the server sizes each round's group of layers from
-``memory-budget-gb``) with ``lean-uplink=true``, except ``model``, ``dtype=bfloat16``, a small
-``seqlen`` and ``eval-windows`` (the server's dense and final evaluations stay cheap),
+calibration, kept values as int8 in both rounds, ``layers-per-round=0``, so the server sizes
+each round's group of layers from ``memory-budget-gb``), except ``model``, ``dtype=bfloat16``,
+a small ``seqlen`` and ``eval-windows`` (the server's dense and final evaluations stay cheap),
 ``standalone-eval=false`` and a temporary ``output-dir``. ``--budget-gb`` overrides
 ``memory-budget-gb``.
 
@@ -14,9 +14,9 @@ every reply, evaluates the merged model and saves it (``model/`` and ``report.js
 
 The CLIENTS ARE SYNTHESISED (``bench/synthetic_replies.py``): they answer the same messages
 with replies of exactly the shape and size an honest SparseGPT client sends in this mode (keep
-masks in the prune rounds, kept values in the wire dtype in the re-solve rounds), made from the
-dense weights with seeded noise instead of calibration. Real SparseGPT clients on a 7B model
-take hours on a small CPU.
+masks and kept values in the prune rounds, kept values in the re-solve rounds, values in the
+wire dtype), made from the dense weights with seeded noise instead of calibration. Real
+SparseGPT clients on a 7B model take hours on a small CPU.
 
 Each row runs in its own process (``--row NAME``), which holds the server AND the in-process
 clients: a client builds one reply at a time (one decoder layer's tensors at a time), but
@@ -240,7 +240,6 @@ def run_row(name: str, args) -> dict:
         "seqlen": args.seqlen,
         "eval-windows": args.eval_windows,
         "standalone-eval": False,
-        "lean-uplink": True,  # the synthesised clients send masks, then values
         "output-dir": str(output),
     }
     if args.budget_gb is not None:
@@ -340,7 +339,7 @@ def table(rows: list[dict]) -> str:
         if not r.get("completed", True):
             done = [s["stage"] for s in r["stages"] if s["stage"].startswith("round ")]
             lines.append(
-                f"| {r['row']} | {r['layers']} | {r['run_config'].get('memory-budget-gb', 6.0):g} "
+                f"| {r['row']} | {r['layers']} | {r['run_config'].get('memory-budget-gb', 4.0):g} "
                 f"| {plan['group']} | {plan['layers'] // plan['group'] * 2} (planned) "
                 f"| {_gib(r['peak_rss_vmhwm_so_far'])} SO FAR (stopped after {r['wall_s']:.0f} s, "
                 f"in {done[-1].split(':')[0] if done else 'setup'}) "

@@ -10,15 +10,17 @@ shape and size an honest SparseGPT client sends there; their contents are made u
   ``RESOLVED_KEY`` and ``"metrics"``; empty payloads when this node has no layer to prune or
   re-solve this round), from:
 
-  - prune round (``step.prune``): in the default mode (``resolve=true``, ``keep-replies=false``:
-    ``RunConfig.sends_pruned_values`` is False) the payload carries keep-masks only,
-    ``payload.encode(None, masks)``. Each matrix's mask is the magnitude mask at the run's
-    pattern (``get_pruner("magnitude")``) of ``|W| * (1 + 0.05 * noise)``, the noise seeded
-    per (run seed, node, matrix), so the clients' masks differ a little, as SparseGPT's do;
-    With ``RunConfig.sends_column_norms`` (the default mode) the ``RESOLVED_KEY`` payload
-    of a prune round carries, per pruned matrix, no values (count 0, float16) and the client's
-    input energy per column ``Σ x_j²`` (float32, one per input column), which the server uses
-    to break the mask expansion's ties: here ``tokens x exp(0.5 noise)``, positive and seeded;
+  - prune round (``step.prune``): keep-masks, and with ``RunConfig.sends_pruned_values`` (the
+    default mode) the pruned matrices' kept values in the wire dtype (int8 codes and a scale
+    per mask row by default), as ``client_app.task.encode_pruned`` sends them. Each matrix's
+    mask is the magnitude mask at the run's pattern (``get_pruner("magnitude")``) of
+    ``|W| * (1 + 0.05 * noise)``, the noise seeded per (run seed, node, matrix), so the
+    clients' masks differ a little, as SparseGPT's do; its kept values are the dense ones times
+    ``(1 + 1e-3 * noise)``. With ``lean-uplink`` the payload carries the masks only, and
+    (``RunConfig.sends_column_norms``) the ``RESOLVED_KEY`` payload of a prune round carries,
+    per pruned matrix, no values (count 0, float16) and the client's input energy per column
+    ``Σ x_j²`` (float32, one per input column), which the server uses to break the mask
+    expansion's ties: here ``tokens x exp(0.5 noise)``, positive and seeded;
   - re-solve round (``step.resolve``, masks under ``MASKS_KEY``): the dense values under the
     given mask times ``(1 + 1e-3 * noise)``, cast to the wire dtype with
     ``client_app.task.to_wire``, encoded with ``encode_values`` (no column weights in a re-solve
@@ -27,9 +29,8 @@ shape and size an honest SparseGPT client sends there; their contents are made u
 
 The model loads lazily, one decoder layer's tensors at a time (``layer_tensors``), like the
 real client's; nothing is calibrated, so the step's start, keep-from and advance layers are
-read and checked but need no work. Settings that change what an honest client sends (values in
-the prune round, an owl profile, per-column weights, the clients' own perplexities) are
-refused rather than faked.
+read and checked but need no work. Settings that change what an honest client sends (an owl
+profile, per-column weights, the clients' own perplexities) are refused rather than faked.
 """
 
 from __future__ import annotations
@@ -81,8 +82,6 @@ def _generator(seed: int, node: str, name: str, kind: str) -> torch.Generator:
 def _refuse_unsupported(config: RunConfig, sparsities) -> None:
     """Settings under which an honest client would send more, or other, than this one."""
     problems = []
-    if config.sends_pruned_values:
-        problems.append("the prune round would carry values (sends_pruned_values)")
     if sparsities is not None:
         problems.append("an owl profile (per-layer sparsities)")
     if config.resolve_weighting != "uniform":
@@ -95,11 +94,14 @@ def _refuse_unsupported(config: RunConfig, sparsities) -> None:
         )
 
 
-def synthetic_masks(
+def synthetic_pruned(
     model, layers: tuple[int, ...], config: RunConfig, node: str
-) -> dict[str, torch.Tensor]:
-    """Keep-masks of ``layers``: magnitude at the run's pattern of ``|W| (1 + 0.05 noise)``."""
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """Pruned matrices of ``layers``: their kept values in the wire dtype (None when the prune
+    round sends masks only) and their keep-masks, the magnitude masks at the run's pattern of
+    ``|W| (1 + 0.05 noise)``; kept values are ``W (1 + 1e-3 noise)`` there, zero elsewhere."""
     pruner, pattern = get_pruner("magnitude"), config.sparsity_pattern
+    values: dict[str, torch.Tensor] | None = {} if config.sends_pruned_values else None
     masks = {}
     for layer in layers:
         tensors = layer_tensors(model, layer)  # this layer only, read from disk
@@ -110,8 +112,16 @@ def synthetic_masks(
             del noise
             _, masks[name] = pruner.prune(score, None, pattern)
             del score
+            if values is not None:
+                noise = torch.randn(
+                    weight.shape, generator=_generator(config.seed, node, name, "prune")
+                )
+                pruned = weight.float().mul_(noise.mul_(VALUE_NOISE).add_(1.0)).mul_(masks[name])
+                del noise
+                values[name] = to_wire(pruned, config.wire_dtype(weight.dtype))
+                del pruned
         del tensors
-    return masks
+    return values, masks
 
 
 def synthetic_values(
@@ -200,7 +210,9 @@ def train_layerwise(msg: Message, context: Context) -> Message:
         resolved.update(dict.fromkeys(column_weights, empty))
     resolved_payload = encode_values(resolved, column_weights, int8_masks=int8_masks)
     del resolved, column_weights, given, int8_masks
-    payload = encode(None, synthetic_masks(model, step.prune, config, who))
+    pruned, masks = synthetic_pruned(model, step.prune, config, who)
+    payload = encode(pruned, masks, int8=config.int8_wire)
+    del pruned, masks
     seconds = round(time.perf_counter() - start, 3)
     metrics = {
         "num-examples": segments,
