@@ -12,7 +12,9 @@ never move, so a delta needs no indices: its order is the row-major order of the
 ``lora``
     Rank-r adapters on the prunable Linears, base frozen; their update ``B @ A * alpha / r``
     is merged *under the mask* (its part at pruned positions is dropped). The adapters are
-    forward hooks, not peft modules, so nothing ever wraps the model.
+    forward hooks, not peft modules, so nothing ever wraps the model. Each decoder layer's
+    activations are recomputed in the backward pass (transformers' gradient checkpointing),
+    so a step holds one layer's activations, not all of them.
 
 Both commit ``before + delta`` (float32, cast to the weight dtype) exactly as
 :func:`apply_deltas` does, so a receiver holding the same pruned model gets bit-identical
@@ -27,9 +29,9 @@ offload, never one 24 GB card. (Non-float32 weights are refused: AdamW steps of 
 round away in bf16.)
 ``lora`` keeps the base frozen in its own dtype (bf16: 6.7e9 x 2 B ~ 13.5 GB) with no
 gradients or moments, plus float32 adapters of ``r * (out + in)`` weights per Linear (r = 8:
-~20e6 weights, x 16 B ~ 0.3 GB). The ~10 GB left on a 24 GB card is for activations, which
-are roughly 10 GB or more per 2048-token sequence without gradient checkpointing (not done
-here): it fits with short windows (T ~ 512, a few per step), not with long batches.
+~20e6 weights, x 16 B ~ 0.3 GB). With activations recomputed, a step holds each layer's input
+(``B x T x hidden`` in bf16: 4 x 2048 x 4096 x 2 B ~ 67 MB a layer, ~2 GB for 32), one layer's
+internals and the logits: a 7B fits one 24 GB card (``bench/recovery_memory.py`` measures it).
 Both also keep a float32 copy of the kept values from before training, on the CPU (at 50 %:
 3.3e9 x 4 B ~ 13 GB), to compute the deltas.
 
@@ -39,6 +41,8 @@ count as pruned in :func:`sparsity_masks` of the recovered model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,9 +50,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.families import family_of, num_layers, prunable_weights
 from llm_pruning.layer_store import layer_store
 
 METHODS = ("masked", "lora")
@@ -285,8 +290,9 @@ def _train_lora(
     model.train()
     losses = []
     try:
-        for _ in range(settings.steps):
-            losses.append(_step(model, next(batches).to(device), optimizer))
+        with _recomputed_activations(model):
+            for _ in range(settings.steps):
+                losses.append(_step(model, next(batches).to(device), optimizer))
     finally:
         for adapter in adapters.values():
             adapter.remove()
@@ -298,6 +304,30 @@ def _train_lora(
             for name, adapter in adapters.items()
         }
     return losses, deltas
+
+
+@contextlib.contextmanager
+def _recomputed_activations(model: PreTrainedModel) -> Iterator[None]:
+    """Gradient checkpointing of every decoder layer while in the block: a layer's forward
+    keeps only its inputs, and the backward pass runs it again. Done here rather than with
+    transformers' switch, whose name and side effects (an input hook it leaves behind)
+    change between versions. Non-reentrant: the frozen base's inputs need no
+    ``requires_grad``, and the adapters' hooks run again in the recomputation."""
+    layers = list(family_of(model).layers_of(model))
+    # A forward set on the instance (accelerate's hooks set one) is put back as it was.
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        # An instance attribute shadows the class's forward; Module.__call__ (and its hooks)
+        # still wraps it.
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 class _Adapter:

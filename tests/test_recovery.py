@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import re
 from dataclasses import dataclass
 
@@ -202,6 +204,33 @@ def test_mask_of_the_wrong_shape_raises(recovered: Recovered) -> None:
     masks[name] = masks[name].flatten()
     with pytest.raises(ValueError, match=re.escape(name)):
         apply_deltas(receiver, recovered.result.deltas, masks)
+
+
+def test_lora_recomputes_activations_in_training_only(tiny_cache, windows, monkeypatch) -> None:
+    """lora trains with every decoder layer checkpointed (a 7B's activations would not fit
+    24 GB otherwise), which gives the deltas it gives without, and is undone afterwards."""
+    pruned = pruned_model("tiny-llama", "unstructured", windows)
+    seen, real_step = [], recovery._step
+
+    def watching_step(model, *args, **kwargs):
+        layers = model.model.layers
+        seen.append(
+            all(isinstance(layer.__dict__.get("forward"), functools.partial) for layer in layers)
+        )
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(recovery, "_step", watching_step)
+    model = copy.deepcopy(pruned)
+    recomputed = recover(model, windows, settings("lora", steps=3))
+    assert seen == [True, True, True]
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+    monkeypatch.setattr(
+        recovery, "_recomputed_activations", lambda _model: contextlib.nullcontext()
+    )
+    kept = recover(copy.deepcopy(pruned), windows, settings("lora", steps=3))
+    assert seen[3:] == [False, False, False]
+    for name, delta in kept.deltas.items():
+        torch.testing.assert_close(recomputed.deltas[name], delta, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ (g) reproducible
