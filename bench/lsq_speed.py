@@ -1,4 +1,5 @@
-"""Speed and accuracy of the exact masked least squares (``reconstruction="lsq"``) on the CPU.
+"""Speed and accuracy of the exact masked least squares (``reconstruction="lsq"``), on the CPU
+or a GPU (``--device cuda``).
 
 For each ``--shapes`` matrix (random weight; Hessian of ``--segments x --seqlen`` synthetic
 activation rows, see :func:`activations`) and each ``--patterns`` entry, the bench times:
@@ -24,8 +25,13 @@ model, each with its own Hessian from the dense model's calibration forwards (``
     python bench/lsq_speed.py --model smollm2-135m --layers 0,3 \\
         --out bench/results/lsq_speed_smollm2.json   # SmolLM2's own Hessians
 
+    python bench/lsq_speed.py --device cuda --shapes 4096x4096,11008x4096,4096x11008 \\
+        --out bench/results/lsq_speed_cuda.json     # LLaMA-7B's shapes on a GPU
+
 Times are minima over ``--repeats`` runs, SparseGPT and lsq alternating (the machine may be
-shared). Writes bench/results/lsq_speed.json (``--out``).
+shared); on a GPU each is timed to the device's synchronisation. The synthetic matrices and
+activations are drawn on the CPU (the same numbers on every device), then moved. Writes
+bench/results/lsq_speed.json (``--out``).
 """
 
 from __future__ import annotations
@@ -149,8 +155,12 @@ def counted_products():
 
 
 def timed(function, *args, **kwargs):
+    """Seconds of ``function(*args, **kwargs)`` and its result; CUDA work finished in both."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
+    synchronize()
     start = time.perf_counter()
     result = function(*args, **kwargs)
+    synchronize()
     return time.perf_counter() - start, result
 
 
@@ -160,7 +170,7 @@ def synthetic_case(shape: str, args, generator: torch.Generator) -> tuple[str, T
     weight = torch.randn(out_features, in_features, generator=generator)
     stats = HessianStats(in_features)
     stats.add(activations(args.segments * args.seqlen, in_features, generator))
-    return shape, weight, stats.xtx
+    return shape, weight.to(args.device), stats.xtx.to(args.device)
 
 
 def model_cases(args) -> list[tuple[str, Tensor, Tensor]]:
@@ -178,7 +188,10 @@ def model_cases(args) -> list[tuple[str, Tensor, Tensor]]:
             stats = calibrator.statistics(index, get_pruner("sparsegpt"))
             for name, linear in prunable_weights(model, index).items():
                 label = f"{index}.{name.split('.')[-2]}"
-                cases.append((label, linear.weight.data.clone(), stats[name].xtx.clone()))
+                weight, xtx = linear.weight.data, stats[name].xtx
+                cases.append(
+                    (label, weight.to(args.device, copy=True), xtx.to(args.device, copy=True))
+                )
         calibrator.advance(index)
     return cases
 
@@ -301,8 +314,11 @@ def main() -> None:
     parser.add_argument("--sample-rows", type=int, default=32, help="rows for the references")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the solvers run: cpu, cuda")
     parser.add_argument("--out", type=Path, default=RESULTS / "lsq_speed.json")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()
