@@ -89,6 +89,8 @@ def run_case(model, name: str, args) -> dict:
     method, _, seqlen, capped, recompute = CASES[name]
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if gpu and device.index is None:  # the allocator's settings want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cap = args.card_gib * GIB if capped else None
     if gpu:
         total = torch.cuda.get_device_properties(device).total_memory

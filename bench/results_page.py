@@ -1,7 +1,10 @@
-"""Write docs/results.md from the benchmark results in bench/results/*.json.
+"""Write docs/results.md (and docs/results_gpu.md) from the benchmark results in
+bench/results/*.json.
 
-    python bench/results_page.py            # (re)write docs/results.md
-    python bench/results_page.py --check    # exit 1 if docs/results.md is not what it would write
+    python bench/results_page.py            # (re)write both pages
+    python bench/results_page.py --check    # exit 1 if a page is not what it would write
+
+Each page has its machine's results: ``PAGES`` lists them with their sections.
 
 The page has one environment header, built from what the result files record (their
 ``machine`` and ``measured`` fields), then one section per file in ``SECTIONS``: a sentence
@@ -48,8 +51,8 @@ EXCLUDED = frozenset(
         # The 1B row only (the 7B not run yet), in-process synthesised clients, measured with
         # lean-uplink while it was briefly the default; a section once both rows are in.
         "server_memory.json",
-        # The lsq solver against SparseGPT on single matrices; a section with the end-to-end
-        # reconstruction='lsq' comparison, which is not measured yet.
+        # The lsq solver against SparseGPT on single matrices on the CPU; its GPU run at 7B
+        # shapes is on the GPU page, and the end-to-end cost is in the beyond_centralized rows.
         "lsq_speed.json",
     }
 )
@@ -434,6 +437,86 @@ def client_memory_section(r: Result) -> list[str]:
         f"{r.arg('client_segments')} × {r.arg('client_seqlen')} `python-docs` tokens "
         "(GiB = 2³⁰ bytes, MB = 10⁶ bytes).",
         table(header, [row]),
+    ]
+
+
+def recovery_memory_section(r: Result) -> list[str]:
+    rows = []
+    for i, row in enumerate(r.get("rows")):
+        cap = row["allocator_cap_bytes"]
+        fits = r.get("rows", i, "fits")
+        rows.append(
+            [
+                str(r.get("rows", i, "method")),
+                str(r.get("rows", i, "dtype")),
+                f"{r.num('rows', i, 'seqlen'):g} × {r.num('rows', i, 'batch'):g}",
+                str(r.get("rows", i, "activations")),
+                gib(cap) if cap else "the whole card",
+                "yes" if fits else "**no** (out of memory)",
+                gib(r.num("rows", i, "peak_allocated_bytes")),
+                gib(r.num("rows", i, "peak_reserved_bytes")),
+                "yes" if r.get("rows", i, "zero_set_unchanged") else "**no**",
+                f1(r.num("rows", i, "seconds")),
+            ]
+        )
+    header = [
+        "method",
+        "model dtype",
+        "tokens a step (T × windows)",
+        "activations",
+        "allocator capped at GiB",
+        "fits",
+        "GPU peak allocated GiB",
+        "GPU peak reserved GiB",
+        "zeros unchanged",
+        "s",
+    ]
+    return [
+        "One client's recovery (`llm_pruning.recovery.recover`: the model moved to the GPU, "
+        f"{r.arg('steps')} optimizer steps, the kept values' changes read back) on a "
+        f"LLaMA-2-7B-shaped model (`{r.arg('model')}`'s shapes, 6.74e9 parameters, random "
+        "weights, every prunable matrix 50 % pruned), held on the CPU before and after, as a "
+        "client holds it. lora's `recomputed` rows cap the allocator where a 24 GB card's "
+        "memory ends (less its CUDA context): they fit such a card. `s`: the whole call, "
+        "moving the model both ways included. GiB = 2³⁰ bytes.",
+        table(header, rows),
+    ]
+
+
+def lsq_gpu_section(r: Result) -> list[str]:
+    rows = []
+    for i, _ in enumerate(r.get("results")):
+        base = ("results", i)
+        rows.append(
+            [
+                shape_label(str(r.get(*base, "matrix"))),
+                str(r.get(*base, "pattern")),
+                f"{r.num(*base, 'sgpt_s'):.3f}",
+                f"{r.num(*base, 'lsq_s'):.3f}",
+                f"{r.num(*base, 'lsq_products'):g}",
+                f"{r.num(*base, 'lsq_total_over_sgpt'):.1f}×",
+                f"{r.num(*base, 'sgpt_err_ratio'):.3f}",
+                f"{r.num(*base, 'lsq_err_ratio'):.4f}",
+            ]
+        )
+    header = [
+        "matrix (out × in)",
+        "pattern",
+        "SparseGPT s",
+        "lsq s (after SparseGPT)",
+        "matrix products",
+        "SparseGPT + lsq against SparseGPT",
+        "SparseGPT error",
+        "lsq error",
+    ]
+    return [
+        "`reconstruction='lsq'` against SparseGPT on LLaMA-7B's matrix shapes, on the GPU: "
+        "random weights, a Hessian of "
+        f"{r.arg('segments')} × {r.arg('seqlen')} synthetic activation rows with a power-law "
+        "spectrum. lsq starts from SparseGPT's values under SparseGPT's mask. Errors are "
+        "‖(W − W₀)X‖² over sampled rows, relative to a float64 direct solve of the same rows "
+        "(1.0 is the optimum).",
+        table(header, rows),
     ]
 
 
@@ -827,6 +910,28 @@ SECTIONS: tuple[Section, ...] = (
     ),
 )
 
+# Measured on a GPU machine: their own page, with its own environment header.
+GPU_PAGE = ROOT / "docs" / "results_gpu.md"
+GPU_SECTIONS: tuple[Section, ...] = (
+    Section(
+        "recovery_memory.json",
+        "Recovery at LLaMA-7B shape: GPU memory",
+        ("python bench/recovery_memory.py --device cuda",),
+        recovery_memory_section,
+    ),
+    Section(
+        "lsq_speed_cuda.json",
+        "Exact reconstruction at LLaMA-7B's shapes",
+        (
+            "python bench/lsq_speed.py --device cuda --shapes 4096x4096,11008x4096,4096x11008 "
+            "--out bench/results/lsq_speed_cuda.json",
+        ),
+        lsq_gpu_section,
+    ),
+)
+# (page, its sections, its title)
+PAGES = ((PAGE, SECTIONS, "Results"), (GPU_PAGE, GPU_SECTIONS, "Results on a GPU"))
+
 
 # ---------------------------------------------------------------- commands and environment
 
@@ -919,7 +1024,7 @@ def _same(results: list[Result], field: str, convert=str) -> str | None:
     return next(iter(values.values()))
 
 
-def environment(pairs: list[tuple[Section, Result]]) -> list[str]:
+def environment(pairs: list[tuple[Section, Result]], title: str = "Results") -> list[str]:
     measured = sorted({str(r.get("measured")) for _, r in pairs})
     for _, r in pairs:
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(r.get("measured"))):
@@ -933,6 +1038,9 @@ def environment(pairs: list[tuple[Section, Result]]) -> list[str]:
     cpu_text = f"{cores} CPU cores" if usable == cores else f"{cores} CPUs ({usable} usable)"
     if torch and torch.endswith("+cpu"):
         cpu_text += ", CPU only (a CPU build of torch)"
+    gpu = _same(recorded, "gpu")
+    if gpu:
+        cpu_text += f", one {gpu} GPU"
     versions = [
         ("Python", _same(recorded, "python")),
         ("torch", torch),
@@ -949,14 +1057,16 @@ def environment(pairs: list[tuple[Section, Result]]) -> list[str]:
         f"Versions: {known}",
         f"Measured on {dates}",
     ]
+    others = [f"[{t}]({page.name})" for page, _, t in PAGES if t != title]
     return [
-        "# Results",
+        f"# {title}",
         "All numbers on this page come from the JSON files in `bench/results/`: "
         f"`{GENERATOR}` writes the page from them, and each section gives the bench command "
         "that wrote its file. Perplexities are scored on evaluation windows spread evenly over "
         "the evaluation text. Times are wall-clock seconds on the machine below; where "
         "recorded, the load average when the bench started is given with its tables (a load "
-        "above the core count means other jobs shared the cores).",
+        "above the core count means other jobs shared the cores). Measured on another "
+        f"machine: {', '.join(others)}.",
         "\n".join(f"- {fact}" for fact in facts),
     ]
 
@@ -964,9 +1074,11 @@ def environment(pairs: list[tuple[Section, Result]]) -> list[str]:
 # ---------------------------------------------------------------- the page
 
 
-def load(results_dir: Path = RESULTS) -> list[tuple[Section, Result]]:
+def load(
+    results_dir: Path = RESULTS, sections: tuple[Section, ...] = SECTIONS
+) -> list[tuple[Section, Result]]:
     present = {p.name for p in results_dir.glob("*.json")}
-    known = {s.file for s in SECTIONS} | EXCLUDED
+    known = {s.file for _, page_sections, _ in PAGES for s in page_sections} | EXCLUDED
     unknown = sorted(present - known)
     if unknown:
         raise ResultError(
@@ -975,7 +1087,7 @@ def load(results_dir: Path = RESULTS) -> list[tuple[Section, Result]]:
             "to SECTIONS or to EXCLUDED (with the reason)"
         )
     pairs = []
-    for section in SECTIONS:
+    for section in sections:
         path = results_dir / section.file
         if not path.exists():
             raise ResultError(f"{_where(path)}: missing (bench/results_page.py shows it)")
@@ -983,9 +1095,11 @@ def load(results_dir: Path = RESULTS) -> list[tuple[Section, Result]]:
     return pairs
 
 
-def render(results_dir: Path = RESULTS) -> str:
-    pairs = load(results_dir)
-    blocks = environment(pairs)
+def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
+    """The text of ``page`` (one of :data:`PAGES`) from the files in ``results_dir``."""
+    _, sections, title = next(entry for entry in PAGES if entry[0] == page)
+    pairs = load(results_dir, sections)
+    blocks = environment(pairs, title)
     for section, r in pairs:
         for command in section.commands:
             check_command(r, section, command)
@@ -1010,23 +1124,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if docs/results.md is not up to date"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is not up to date")
     args = parser.parse_args(argv)
     try:
-        page = render()
+        pages = {page: render(page=page) for page, _, _ in PAGES}
     except ResultError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print(f"{_where(PAGE)} is stale: run `{GENERATOR}`", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(page)
-    print(f"wrote {_where(PAGE)}")
+        stale = [p for p, text in pages.items() if not p.exists() or p.read_text() != text]
+        for page in stale:
+            print(f"{_where(page)} is stale: run `{GENERATOR}`", file=sys.stderr)
+        return 1 if stale else 0
+    for page, text in pages.items():
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(text)
+        print(f"wrote {_where(page)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""docs/results.md is what bench/results_page.py writes from bench/results/*.json, now."""
+"""docs/results.md and docs/results_gpu.md are what bench/results_page.py writes from
+bench/results/*.json, now."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "results_page.py"
 PAGE = ROOT / "docs" / "results.md"
+GPU_PAGE = ROOT / "docs" / "results_gpu.md"
 
 
 def _load_generator():
@@ -26,9 +28,10 @@ def _load_generator():
 page_module = _load_generator()
 
 
-def test_committed_page_is_what_the_generator_writes_now() -> None:
-    assert PAGE.read_text() == page_module.render(), (
-        "docs/results.md is stale: run `python bench/results_page.py`"
+@pytest.mark.parametrize("page", [PAGE, GPU_PAGE], ids=lambda page: page.name)
+def test_committed_page_is_what_the_generator_writes_now(page: Path) -> None:
+    assert page.read_text() == page_module.render(page=page), (
+        f"docs/{page.name} is stale: run `python bench/results_page.py`"
     )
 
 
@@ -70,11 +73,35 @@ def test_table_rows_are_the_values_in_the_json() -> None:
     )
 
 
-def test_every_section_names_its_command() -> None:
-    page = PAGE.read_text()
-    sections = page.split("\n## ")[1:]
-    assert len(sections) == len(page_module.SECTIONS)
-    for section in sections:
+def test_gpu_table_rows_are_the_values_in_the_json() -> None:
+    page = GPU_PAGE.read_text()
+    assert "one NVIDIA H200 GPU" in page
+    # recovery_memory.json, by hand: lora at 2048 x 4 tokens peaked at 19,212,396,544 bytes
+    # allocated = 17.89 GiB, under the 23 GiB cap; masked at 512 x 4 at 127.79 GiB
+    memory = json.loads((ROOT / "bench/results/recovery_memory.json").read_text())
+    lora = memory["rows"][1]
+    assert (lora["method"], lora["seqlen"], lora["fits"]) == ("lora", 2048, True)
+    assert round(lora["peak_allocated_bytes"] / 2**30, 2) == 17.89
+    assert (
+        "| lora | bfloat16 | 2048 × 4 | recomputed | 23.00 | yes | 17.89 | 20.53 | yes | 62.3 |"
+        in page
+    )
+    # lsq_speed_cuda.json, by hand: 4096x11008 at 50 %: SparseGPT 0.566 s + lsq 0.581 s = 2.0x
+    assert (
+        "| 4096 × 11008 | unstructured 50% | 0.566 | 0.581 | 72 | 2.0× | 3.529 | 1.0076 |" in page
+    )
+    assert "[Results on a GPU](results_gpu.md)" in PAGE.read_text()
+
+
+@pytest.mark.parametrize(
+    ("page", "sections"),
+    [(PAGE, page_module.SECTIONS), (GPU_PAGE, page_module.GPU_SECTIONS)],
+    ids=["results.md", "results_gpu.md"],
+)
+def test_every_section_names_its_command(page: Path, sections) -> None:
+    texts = page.read_text().split("\n## ")[1:]
+    assert len(texts) == len(sections)
+    for section in texts:
         assert "\npython bench/" in section.split("```bash")[-1], section[:80]
 
 
