@@ -135,12 +135,12 @@ def run_case(model, name: str, args) -> dict:
 
 @contextlib.contextmanager
 def _activations_kept():
-    original = recovery._recomputed_activations
-    recovery._recomputed_activations = lambda _model: contextlib.nullcontext()
+    original = recovery.recomputed_activations
+    recovery.recomputed_activations = lambda _model: contextlib.nullcontext()
     try:
         yield
     finally:
-        recovery._recomputed_activations = original
+        recovery.recomputed_activations = original
 
 
 def _vmhwm() -> int:

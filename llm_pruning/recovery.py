@@ -41,8 +41,6 @@ count as pruned in :func:`sparsity_masks` of the recovered model.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,11 +48,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from llm_pruning.families import family_of, num_layers, prunable_weights
+from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.layer_store import layer_store
+from llm_pruning.lora import Adapter, recomputed_activations
 
 METHODS = ("masked", "lora")
 
@@ -284,13 +282,16 @@ def _train_lora(
     """Adapters trained on a frozen base; the deltas are their updates at kept positions
     (:func:`recover` commits them, as :func:`apply_deltas` would: the receiver's merge)."""
     model.requires_grad_(False)
-    adapters = {name: _Adapter(linears[name], settings, device) for name in masks}
+    adapters = {
+        name: Adapter(linears[name], settings.lora_rank, settings.lora_alpha, device)
+        for name in masks
+    }
     params = [p for adapter in adapters.values() for p in (adapter.a, adapter.b)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     model.train()
     losses = []
     try:
-        with _recomputed_activations(model):
+        with recomputed_activations(model):
             for _ in range(settings.steps):
                 losses.append(_step(model, next(batches).to(device), optimizer))
     finally:
@@ -304,57 +305,6 @@ def _train_lora(
             for name, adapter in adapters.items()
         }
     return losses, deltas
-
-
-@contextlib.contextmanager
-def _recomputed_activations(model: PreTrainedModel) -> Iterator[None]:
-    """Gradient checkpointing of every decoder layer while in the block: a layer's forward
-    keeps only its inputs, and the backward pass runs it again. Done here rather than with
-    transformers' switch, whose name and side effects (an input hook it leaves behind)
-    change between versions. Non-reentrant: the frozen base's inputs need no
-    ``requires_grad``, and the adapters' hooks run again in the recomputation."""
-    layers = list(family_of(model).layers_of(model))
-    # A forward set on the instance (accelerate's hooks set one) is put back as it was.
-    own = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        # An instance attribute shadows the class's forward; Module.__call__ (and its hooks)
-        # still wraps it.
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-    try:
-        yield
-    finally:
-        for layer, forward in zip(layers, own, strict=True):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-
-
-class _Adapter:
-    """A LoRA adapter on one Linear as a forward hook: no wrapper module, no parameter is
-    registered on the model, and removing the hook leaves the model as it was."""
-
-    def __init__(self, linear: nn.Linear, settings: RecoverySettings, device: torch.device):
-        out_features, in_features = linear.weight.shape
-        self.scale = settings.lora_alpha / settings.lora_rank
-        # As LoRA (and peft) initialise: A Kaiming-uniform, B zero, so training starts at the
-        # pruned model. Adapters stay float32 whatever the base dtype.
-        a = torch.empty(settings.lora_rank, in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.a = nn.Parameter(a.to(device))
-        self.b = nn.Parameter(torch.zeros(out_features, settings.lora_rank, device=device))
-        self.handle = linear.register_forward_hook(self._add)
-
-    def _add(self, _module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        low_rank = inputs[0].to(self.a.dtype) @ self.a.T @ self.b.T
-        return output + (low_rank * self.scale).to(output.dtype)
-
-    def update(self) -> Tensor:
-        """The adapter's full-size update of the weight, ``B @ A * alpha / rank``."""
-        return (self.b @ self.a) * self.scale
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def _batches(windows: Tensor, settings: RecoverySettings) -> Iterator[Tensor]:

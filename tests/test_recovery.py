@@ -224,9 +224,7 @@ def test_lora_recomputes_activations_in_training_only(tiny_cache, windows, monke
     recomputed = recover(model, windows, settings("lora", steps=3))
     assert seen == [True, True, True]
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
-    monkeypatch.setattr(
-        recovery, "_recomputed_activations", lambda _model: contextlib.nullcontext()
-    )
+    monkeypatch.setattr(recovery, "recomputed_activations", lambda _model: contextlib.nullcontext())
     kept = recover(copy.deepcopy(pruned), windows, settings("lora", steps=3))
     assert seen[3:] == [False, False, False]
     for name, delta in kept.deltas.items():
