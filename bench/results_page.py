@@ -729,7 +729,10 @@ def beyond_section(r: Result) -> list[str]:
         if before is None:
             rows.append(line(label, scores, run, rounds))
             continue
-        rows.append(line(f"{label}, before recovery", before, {}, "–"))
+        pruned = name.removesuffix("-recovery")
+        if pruned not in present or _beyond_model(r, pruned)[0] != before:
+            # the same run without recovery, already a row above, is this line
+            rows.append(line(f"{label}, before recovery", before, {}, "–"))
         for entry in recovery.get("per-round", []):
             if "perplexity" in entry:
                 done = entry["round"] - run["rounds"] + recovery["rounds"]
