@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from client_app.own_model import own_model_scores
 from client_app.running_inputs import (
     apply_global_layers,
     remove_activations,
@@ -25,7 +26,7 @@ from client_app.running_inputs import (
     save_activations,
     state_dir,
 )
-from client_app.task import all_weights, encode_pruned, own_perplexities, wire_values
+from client_app.task import all_weights, encode_pruned, wire_values
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import validate_layer
@@ -155,7 +156,7 @@ def run_round(
         save_activations(folder, calibrator.hidden, end)
     own = {}
     if config.clients_score_standalone and len(pruned_masks) == len(all_weights(model)):
-        own = own_perplexities(model, tokenizer, config, device)
+        own = own_model_scores(model, tokenizer, config, node, device)
     payload = encode_pruned(model, pruned_masks, config)
     resolved_payload = encode_values(resolved, column_weights, int8_masks=int8_masks)
     metrics = {

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
+from client_app.own_model import own_model_scores
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard, node_device
 from fedspallm_strategy.wire.payload import encode
-from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
-from llm_pruning.data import eval_tokens
 from llm_pruning.engine import prune_model
-from llm_pruning.evaluate import perplexity
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.models import load_model
 from llm_pruning.owl import profile_model, profile_patterns
@@ -66,30 +64,6 @@ def encode_pruned(model, masks: dict[str, torch.Tensor], config: RunConfig) -> b
 
 def all_weights(model) -> list[str]:
     return [name for index in range(num_layers(model)) for name in prunable_weights(model, index)]
-
-
-def own_perplexities(model, tokenizer, config: RunConfig, device) -> dict[str, float]:
-    """The perplexity of this node's own pruned model on every ``eval-data`` source, on the
-    windows the server scores (:data:`STANDALONE_METRIC` metrics). Its values do not travel, or
-    travel as int8, so the server cannot score it; a source this node cannot read is left out,
-    with a warning."""
-    scores = {}
-    for index, source in enumerate(config.eval_data):
-        try:
-            tokens = eval_tokens(source, tokenizer)
-            value = perplexity(
-                model,
-                tokens,
-                seqlen=config.seqlen,
-                max_windows=config.eval_windows or None,
-                device=device,
-            )
-        except (OSError, ValueError) as error:
-            log.warning("eval-data %r: own model not scored here: %s", source, error)
-            continue
-        scores[STANDALONE_METRIC.format(index)] = value
-        log.info("own pruned model: perplexity %.4f on %s", value, source)
-    return scores
 
 
 def prune_layers(
@@ -144,7 +118,7 @@ def prune_layers(
     )
     own = {}
     if config.clients_score_standalone and len(result.masks) == len(all_weights(model)):
-        own = own_perplexities(model, tokenizer, config, device)
+        own = own_model_scores(model, tokenizer, config, node, device)
     payload = encode_pruned(model, result.masks, config)
     metrics = {
         "num-examples": int(segments.shape[0]),

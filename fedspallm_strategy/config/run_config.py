@@ -69,7 +69,7 @@ class RunConfig:
     output_dir: str = "runs"  # where run folders go (relative: to where the SuperLink started)
     device: str = "cpu"  # server-side evaluation device; nodes may override in node config
     compare_centralized: bool = False  # also prune centrally on the pooled shards (simulation)
-    standalone_eval: bool = True  # also score each client's own pruned model (one eval each)
+    standalone_eval: bool = True  # also score each client's own model (and after its own recovery)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     max_payload_mb: float = 2048.0  # replies larger than this are rejected unread
     # Kept values on the wire: int8 (per-row scaled, 8 bits a kept value) or a float dtype
@@ -148,6 +148,14 @@ class RunConfig:
             and PRUNERS[self.pruner].updates_weights
             and (self.int8_wire or not self.sends_pruned_values)
         )
+
+    @property
+    def clients_recover_standalone(self) -> bool:
+        """Whether each client that scores its own pruned model also fine-tunes it on its own
+        recovery windows, with the steps a federated recovery gives it in all
+        (``recovery-rounds`` x ``recovery-steps``), and reports that perplexity too: the
+        standalone comparison of a run with recovery. The model stays on the client."""
+        return self.recovery_rounds > 0 and self.clients_score_standalone
 
     @property
     def recovery_settings(self) -> RecoverySettings:
@@ -320,8 +328,10 @@ class RunConfig:
             return
         if self.strategy == "standalone":
             raise ConfigError(
-                "recovery-rounds: strategy standalone has no global model to recover; each "
-                "member's own recovery is not offered yet: set recovery-rounds=0"
+                "recovery-rounds: strategy standalone has no global model to recover, and a "
+                "member's recovered model never leaves it; for each member's own recovery, "
+                "run a federated strategy with standalone-eval=true (the report's standalone "
+                "'after-recovery'), or set recovery-rounds=0"
             )
         if self.recovery_method == "masked" and self.dtype != "float32":
             raise ConfigError(

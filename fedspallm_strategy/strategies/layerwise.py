@@ -35,7 +35,6 @@ from fedspallm_strategy.merge.resolve_average import ResolveAverage
 from fedspallm_strategy.run.reply_store import store_reply
 from fedspallm_strategy.strategies.memory_plan import planned_layers_per_round
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
-from fedspallm_strategy.strategies.standalone import take_reported
 from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     GLOBAL_KEY,
@@ -317,7 +316,7 @@ class LayerwiseMerge(MergeStrategy):
         metrics = reply_metrics(reply)
         self.accounting.add_metrics(node, metrics)
         if self.config.clients_score_standalone:  # its own values stayed on it, or went int8
-            take_reported(self.reported, node, self.config, metrics)
+            self.reported.take(node, self.config, metrics)
         keep = self.config.keep_replies or not self.config.clients_score_standalone
         if keep and self.reply_dir is not None and self.config.calibration == "local" and masks:
             # local: the pruned layers form the node's standalone model

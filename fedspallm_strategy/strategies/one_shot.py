@@ -33,10 +33,9 @@ from fedspallm_strategy.strategies.base import ServerEvaluated
 from fedspallm_strategy.strategies.profile_round import declared_patterns
 from fedspallm_strategy.strategies.reply_specs import check_payload_cap, matrix_specs
 from fedspallm_strategy.strategies.standalone import (
+    Reported,
     best_standalone,
     standalone_perplexities,
-    standalone_section,
-    take_reported,
 )
 from fedspallm_strategy.wire.payload import decode
 from fedspallm_strategy.wire.payload_spec import payload_limit
@@ -110,7 +109,7 @@ class MergeStrategy(ServerEvaluated):
         self.accounting = Accounting()
         self.reply_files: dict[int, list[Path]] = {}
         self.client_profiles: dict[int, dict[int, float]] = {}  # standalone + owl: their own
-        self.reported: dict[int, dict[str, float]] = {}  # node -> its own model's perplexities
+        self.reported = Reported()  # the clients' own models' perplexities
 
     @classmethod
     def for_run(cls, run: RunSetup) -> MergeStrategy:
@@ -168,8 +167,7 @@ class MergeStrategy(ServerEvaluated):
             if standalone:
                 run.perplexities["standalone"] = standalone
         if self.reported:  # clients whose values stayed home or went int8 scored their own
-            mine = {str(node): scores for node, scores in sorted(self.reported.items())}
-            run.perplexities["standalone"] = standalone_section(mine)
+            run.perplexities["standalone"] = self.reported.section()
             run.report["standalone-scored-by"] = "clients"
         if self.rule == "standalone":  # nothing merged: the best client's own model is saved
             standalone = run.perplexities.get("standalone")
@@ -317,7 +315,7 @@ class MergeStrategy(ServerEvaluated):
         self.accounting.add_up(node, len(data))
         self.accounting.client_metrics[node] = metrics = reply_metrics(reply)
         if self.config.clients_score_standalone:  # its values went int8: it holds its model
-            take_reported(self.reported, node, self.config, metrics)
+            self.reported.take(node, self.config, metrics)
         if self.reply_dir is not None:
             store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import RunConfig
 from fedspallm_strategy.wire.payload import decode
-from fedspallm_strategy.wire.protocol import STANDALONE_METRIC
+from fedspallm_strategy.wire.protocol import STANDALONE_METRIC, STANDALONE_RECOVERED_METRIC
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
 from llm_pruning.models import load_model
@@ -92,24 +92,47 @@ def standalone_section(per_client: dict[str, dict[str, float]]) -> dict:
     return {"per_client": per_client, "mean": mean}
 
 
-def reported_perplexities(config: RunConfig, metrics: dict[str, float | int]) -> dict[str, float]:
+def reported_perplexities(
+    config: RunConfig, metrics: dict[str, float | int], template: str = STANDALONE_METRIC
+) -> dict[str, float]:
     """Eval set -> the perplexity a client reported for its own pruned model (the values stayed
-    on the client, so the server cannot score it). A claim, not a measurement: only a finite
-    number >= 1 (a perplexity's least) is taken; the merged model never depends on it."""
+    on the client, so the server cannot score it), or with ``STANDALONE_RECOVERED_METRIC``
+    for that model after its own recovery. A claim, not a measurement: only a finite number
+    >= 1 (a perplexity's least) is taken; the merged model never depends on it."""
     scores = {}
     for index, source in enumerate(config.eval_data):
-        value = metrics.get(STANDALONE_METRIC.format(index))
+        value = metrics.get(template.format(index))
         if isinstance(value, int | float) and math.isfinite(value) and value >= 1:
             scores[source] = round(float(value), 4)
     return scores
 
 
-def take_reported(
-    reported: dict[int, dict[str, float]], node: int, config: RunConfig, metrics: dict
-) -> None:
-    """Keep in ``reported`` what ``node`` reported of its own model, if it is a perplexity."""
-    if scores := reported_perplexities(config, metrics):
-        reported[node] = scores
+class Reported:
+    """What the clients reported of their own models: pruned, and after their own recovery."""
+
+    def __init__(self) -> None:
+        self.pruned: dict[int, dict[str, float]] = {}
+        self.recovered: dict[int, dict[str, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.pruned)
+
+    def take(self, node: int, config: RunConfig, metrics: dict) -> None:
+        """Keep what ``node`` reported, where it is a perplexity."""
+        if scores := reported_perplexities(config, metrics):
+            self.pruned[node] = scores
+        if config.clients_recover_standalone and (
+            scores := reported_perplexities(config, metrics, STANDALONE_RECOVERED_METRIC)
+        ):
+            self.recovered[node] = scores
+
+    def section(self) -> dict:
+        """The report's ``standalone``, with ``after-recovery`` where clients recovered."""
+        section = standalone_section({str(n): s for n, s in sorted(self.pruned.items())})
+        if self.recovered:
+            recovered = {str(n): s for n, s in sorted(self.recovered.items())}
+            section["after-recovery"] = standalone_section(recovered)
+        return section
 
 
 def best_standalone(

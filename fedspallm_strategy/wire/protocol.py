@@ -42,6 +42,8 @@ PROFILE_KEY = "profile"
 LAYER_SPARSITIES = "layer-sparsities"  # in a spec: the sparsity of each of its layers (owl)
 # A reply's metric: the perplexity of the client's own pruned model on eval-data source i.
 STANDALONE_METRIC = "standalone-perplexity-{}"
+# The same after the client fine-tuned its own model (a run with recovery-rounds).
+STANDALONE_RECOVERED_METRIC = "standalone-recovered-perplexity-{}"
 # exact + SecAgg+: the request travels as legacy FitIns.
 REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
 TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
@@ -74,6 +76,8 @@ CLIENT_KEYS = (
     "standalone-eval",
     "eval-data",
     "eval-windows",
+    # With recovery, that client also recovers its own model, for as many steps in all.
+    "recovery-rounds",
     "recovery-method",
     "recovery-steps",
     "recovery-lr",
