@@ -440,6 +440,59 @@ def client_memory_section(r: Result) -> list[str]:
     ]
 
 
+def server_memory_section(r: Result) -> list[str]:
+    rows = []
+    for i, row in enumerate(r.get("rows")):
+        if not row.get("completed"):
+            raise r.error(f"rows[{i}] ({row.get('row')}) did not complete")
+        first = {}
+        for entry in r.get("rows", i, "bytes_up_per_round"):
+            first.setdefault(entry["kind"], entry)  # the first (full) group of each kind
+        cells = []
+        for kind in ("prune", "resolve"):
+            entry = first[kind]
+            up = max(entry["bytes_up_per_client"].values())
+            cells.append(f"{up / entry['dense_fp16_bytes']:.3f}")
+        total = max(r.get("rows", i, "bytes_up_per_client_total").values())
+        rows.append(
+            [
+                str(r.get("rows", i, "row")),
+                f"{r.num('rows', i, 'layers'):g}",
+                f"{r.num('rows', i, 'memory_budget_gb'):g}",
+                f"{r.num('rows', i, 'layers_per_round'):g}",
+                f"{r.num('rows', i, 'rounds'):g}",
+                gib(r.num("rows", i, "peak_rss_vmhwm")),
+                gib(r.num("rows", i, "plan", "estimate_bytes")),
+                *cells,
+                f"{total / r.num('rows', i, 'dense_fp16_bytes_all_layers'):.3f}",
+                f1(r.num("rows", i, "wall_s")),
+            ]
+        )
+    header = [
+        "model",
+        "layers",
+        "memory-budget-gb",
+        "layers a round",
+        "rounds",
+        "peak RSS GiB (server + both clients)",
+        "the plan's estimate of the server's tensors, GiB",
+        "up per client ÷ dense fp16, prune round",
+        "the same, re-solve round",
+        "the same, whole run",
+        "wall s",
+    ]
+    return [
+        "The server of the default mode (re-solve, int8 values, `layers-per-round=0`: the group "
+        "of layers a round sized to `memory-budget-gb`) on 1B- and 7B-shaped models in bfloat16, "
+        f"with {r.arg('clients')} clients whose replies are synthesised "
+        "(`bench/synthetic_replies.py`: the shape and size of an honest SparseGPT client's, "
+        "made from the dense weights with noise, not pruned). The clients run in the server's "
+        "process and a round's replies wait there until the server takes them, so the peak "
+        "(`VmHWM`, whole process) is an upper bound of the server's own. GiB = 2³⁰ bytes.",
+        table(header, rows),
+    ]
+
+
 def recovery_memory_section(r: Result) -> list[str]:
     rows = []
     for i, row in enumerate(r.get("rows")):
@@ -910,6 +963,16 @@ SECTIONS: tuple[Section, ...] = (
         beyond_section,
         unchecked=("out", "rows"),
         commands_note="the second adds its rows to the file the first wrote",
+    ),
+    Section(
+        "beyond_centralized_2of4.json",
+        "Beyond centralized SparseGPT: exact reconstruction at 2:4",
+        (
+            f"{BEYOND} --pattern 2:4 --rows central-sparsegpt,central-lsq,fed-global-lsq,"
+            f"exact-lsq {RECOVERY_FLAGS}",
+        ),
+        beyond_section,
+        unchecked=("out", "rows"),  # the file records its rows in the order they were run
     ),
 )
 

@@ -73,6 +73,17 @@ def test_table_rows_are_the_values_in_the_json() -> None:
     )
 
 
+def test_two_of_four_rows_are_the_values_in_the_json() -> None:
+    page = PAGE.read_text()
+    # beyond_centralized_2of4.json, by hand: centralized lsq 27.0587 on python-docs against
+    # centralized SparseGPT's 35.2391 = 0.768; 213.8314 / 206.5078 = 1.035 on Persuasion
+    rows = json.loads((ROOT / "bench/results/beyond_centralized_2of4.json").read_text())["rows"]
+    assert rows["central-lsq"]["perplexity"]["centralized"]["python-docs"] == 27.0587
+    assert (
+        "| centralized, `lsq` | 27.06 | 213.83 | 0.77 | 1.04 | – | – | – | – | – | 136.4 |" in page
+    )
+
+
 def test_gpu_table_rows_are_the_values_in_the_json() -> None:
     page = GPU_PAGE.read_text()
     assert "one NVIDIA H200 GPU" in page
