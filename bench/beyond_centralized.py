@@ -48,6 +48,8 @@ ROWS = {
     "fed-global-lsq-recovery": {"calibration": "global", "reconstruction": "lsq", "recover": 1},
     "exact-lsq": {"strategy": "exact", "reconstruction": "lsq"},
     "fed-local-recovery": {"recover": 1},  # the default mode, then recovery
+    # The same, with each member's own model scored, pruned and after its own recovery.
+    "fed-local-recovery-members": {"recover": 1, "standalone-eval": True},
 }
 CLIENTS = 2
 

@@ -728,18 +728,42 @@ BEYOND_LABELS = {
     "fed-global-lsq-recovery": "federated, global calibration + re-solve, `lsq`",
     "exact-lsq": "`exact`, `lsq`",
     "fed-local-recovery": "federated, the default mode",
+    "fed-local-recovery-members": "federated, the default mode",
 }
+# A row that is another row's run with the members' own models scored too.
+_MEMBERS_SUFFIX = "-members"
 
 
 def _beyond_model(r: Result, name: str) -> tuple[dict, dict | None]:
     """A row's model's perplexities, and its perplexities before recovery (None without)."""
     scores = r.get("rows", name, "perplexity")
-    models = [k for k in scores if k != "dense" and not k.endswith("-before-recovery")]
+    models = [
+        k for k in scores if k not in ("dense", "standalone") and not k.endswith("-before-recovery")
+    ]
     if name == "dense":
         models = ["dense"]
     if len(models) != 1:
         raise r.error(f"rows.{name}.perplexity: expected one model besides dense, got {models}")
     return scores[models[0]], scores.get(f"{models[0]}-before-recovery")
+
+
+def _member_lines(r: Result, name: str, line) -> list[list[str]]:
+    """The mean of the members' own models, pruned and after their own recovery, where the
+    row's run scored them (``standalone-eval``)."""
+    members = r.get("rows", name, "perplexity").get("standalone")
+    if not members:
+        return []
+    lines = [
+        line(f"each member alone (mean of {len(members['per_client'])})", members["mean"], {}, "–")
+    ]
+    after = members.get("after-recovery")
+    if after:
+        settings = r.get("rows", name, "run-config")
+        steps = settings["recovery-rounds"] * settings["recovery-steps"]
+        count = len(after["per_client"])
+        label = f"each member alone + its own recovery, {steps} steps (mean of {count})"
+        lines.append(line(label, after["mean"], {}, "–"))
+    return lines
 
 
 def beyond_section(r: Result) -> list[str]:
@@ -779,6 +803,11 @@ def beyond_section(r: Result) -> list[str]:
         scores, before = _beyond_model(r, name)
         rounds = str(run["rounds"]) if run.get("rounds") else "–"
         recovery = run.get("recovery") or {}
+        same_run = name.removesuffix(_MEMBERS_SUFFIX)
+        if same_run != name and same_run in present and _beyond_model(r, same_run)[0] == scores:
+            # its federated lines are the row above's: only the members' lines are new
+            rows += _member_lines(r, name, line)
+            continue
         if before is None:
             rows.append(line(label, scores, run, rounds))
             continue
@@ -800,6 +829,7 @@ def beyond_section(r: Result) -> list[str]:
                 )
         if "centralized" in recovery:
             rows.append(line(f"{label} + recovery on the pooled shards", scores, run, rounds))
+        rows += _member_lines(r, name, line)
     header = [
         "model",
         "ppl, clients' domain",
