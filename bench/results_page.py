@@ -979,8 +979,13 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "beyond_centralized_0.5.json",
         "Beyond centralized SparseGPT: recovery at 50 %",
-        (f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery {RECOVERY_FLAGS}",),
+        (
+            f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery-members {RECOVERY_FLAGS}",
+        ),
         beyond_section,
+        unchecked=("out", "rows"),
+        commands_note="the second adds its rows to the file the first wrote",
     ),
     Section(
         "beyond_centralized_0.7.json",

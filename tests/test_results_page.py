@@ -64,6 +64,14 @@ def test_table_rows_are_the_values_in_the_json() -> None:
         "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | – | – | 1.03 | "
         "1.34 |" in page
     )
+    # the members' own models recovered alone, by hand: (16.2668 + 18.4125) / 2 = 17.3396;
+    # / dense 15.0943 = 1.149
+    members = beyond["rows"]["fed-local-recovery-members"]["perplexity"]["standalone"]
+    assert members["after-recovery"]["mean"]["python-docs"] == 17.3396
+    assert (
+        "| each member alone + its own recovery, 16 steps (mean of 2) | 17.34 | 82.20 | – | – | "
+        "1.15 | 1.50 |" in page
+    )
     # beyond_centralized_0.7.json, by hand: fed-global-lsq 46.1578 on python-docs against
     # centralized SparseGPT's 68.4879: 0.674
     seventy = json.loads((ROOT / "bench/results/beyond_centralized_0.7.json").read_text())
