@@ -29,6 +29,7 @@ from fedspallm_strategy.wire.values_payload import Expected, decode_values, enco
 from llm_pruning.data import calibration_segments
 from llm_pruning.engine import prune_model
 from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.lazy import layer_tensors
 from llm_pruning.models import load_model
 from llm_pruning.pruners import HessianStats, SparsityPattern, get_pruner, sparsegpt_prune
 from server_app.federation import run_federation
@@ -475,3 +476,39 @@ def test_robust_resolve_average_ignores_one_outlier_of_three():
     for values in (*honest, poisoned):
         mean.add({"w": values}, {})
     assert mean.finish("w")[0] > 1e5  # the paper's mean follows the poisoner
+
+
+def test_a_lazy_server_holds_no_dense_values_between_prune_and_resolve(tmp_path, monkeypatch):
+    """In local calibration every layer is pruned before any is re-solved. A lazily loaded
+    server model reads a layer's dense kept values back from its checkpoint at the re-solve,
+    where an eager one copies them at the merge (memory that grows with every layer pruned):
+    the same merged model either way."""
+    held = []
+    merge = LayerwiseMerge._merge_pruned
+
+    def counting_merge(self, *args):
+        merge(self, *args)
+        held.append(len(self.dense_kept))
+
+    monkeypatch.setattr(LayerwiseMerge, "_merge_pruned", counting_merge)
+    config = make_config(tmp_path, resolve=True, **{"layers-per-round": 1})
+    merged = {}
+    for run_id, lazy in ((3, True), (4, False)):
+        model, _ = load_model(config.model, lazy=lazy)
+        grid = InProcessGrid(client_app, partitions(2), {}, run_id=run_id)
+        strategy = LayerwiseMerge(model, config, node_budgets={1: None, 2: None})
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds)
+        merged[lazy] = {
+            name: layer_tensors(model, layer)[name].clone()
+            for layer in range(num_layers(model))
+            for name in prunable_weights(model, layer)
+        }
+    per_layer = len(prunable_weights(model, 0))
+    # 4 prune rounds, then the re-solves: lazy holds nothing, eager one layer's more a round
+    # After each round's merge: lazy holds the re-solving layer's only; eager every pruned
+    # layer's until its re-solve (4 prune rounds, then 4 re-solve rounds).
+    lazy, eager = held[:8], held[8:]
+    assert lazy == [0, 0, 0, 0] + [per_layer] * 4
+    assert eager == [per_layer * k for k in (1, 2, 3, 4, 4, 3, 2, 1)]
+    assert merged[True].keys() == merged[False].keys()
+    assert all(torch.equal(merged[True][n], merged[False][n]) for n in merged[True])

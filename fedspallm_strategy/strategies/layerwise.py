@@ -50,6 +50,7 @@ from fedspallm_strategy.wire.replies import reply_bytes, reply_metrics, screen
 from fedspallm_strategy.wire.round_plan import RoundStep, plan_rounds
 from fedspallm_strategy.wire.values_payload import Expected, decode_values, values_limit
 from llm_pruning.families import num_layers, prunable_weights
+from llm_pruning.layer_store import layer_store
 from llm_pruning.lazy import layer_tensors, resident_layers
 
 if TYPE_CHECKING:
@@ -241,9 +242,8 @@ class LayerwiseMerge(MergeStrategy):
             patterns=self.patterns,
         )
         resolve_names = self._resolve_names(step)
-        for name, linear in self._resolve_linears(step).items():
-            if name not in self.dense_kept:  # the layer holds dense * mask since its prune round
-                self.dense_kept[name] = linear.weight.data[self.global_masks[name]]
+        for layer in step.resolve:
+            self._read_dense_kept(layer)
         average = ResolveAverage(
             self.global_masks, resolve_names, self.config.aggregation, self.config.trim_fraction
         )
@@ -336,7 +336,7 @@ class LayerwiseMerge(MergeStrategy):
         for layer in step.prune:
             for name, linear in prunable_weights(self.model, layer).items():
                 merged, keep = merger.finish(name)
-                if self.config.resolves and self.config.sends_pruned_values:
+                if self._keeps_dense_values:  # the dense values, about to be overwritten
                     self.dense_kept[name] = linear.weight.data[keep].clone()  # bounds re-solves
                 linear.weight.data.copy_(merged)
                 if self.config.resolves or self.config.calibration == "global":
@@ -355,6 +355,31 @@ class LayerwiseMerge(MergeStrategy):
                     linear.weight.data[keep] = kept_nonzero(mean.to(linear.weight.dtype))
                 if self.config.calibration == "local":
                     del self.global_masks[name]  # nothing is handed down in local calibration
+
+    @property
+    def _keeps_dense_values(self) -> bool:
+        """Whether a pruned layer's dense kept values are copied at its merge, to bound its
+        re-solve replies later: only where nothing else has them. A lazily loaded model reads
+        them back from its checkpoint at the re-solve, so the server's memory does not grow
+        with every layer pruned and not yet re-solved (all of them, in local calibration)."""
+        return (
+            self.config.resolves
+            and self.config.sends_pruned_values
+            and layer_store(self.model) is None
+        )
+
+    def _read_dense_kept(self, layer: int) -> None:
+        """``dense_kept`` of ``layer``'s matrices for its re-solve round, where its merge did not
+        keep them: from the checkpoint (the layer now holds merged values), or from the layer,
+        which holds dense * mask since its prune round when the replies carried no values."""
+        store = layer_store(self.model)
+        from_checkpoint = self.config.sends_pruned_values and store is not None
+        dense = store.tensors(layer, original=True) if from_checkpoint else None
+        for name, linear in prunable_weights(self.model, layer).items():
+            if name not in self.dense_kept:
+                values = dense[name] if dense is not None else linear.weight.data
+                self.dense_kept[name] = values[self.global_masks[name]]
+        del dense
 
     def _resolve_names(self, step: RoundStep) -> list[str]:
         return list(self._resolve_linears(step))
