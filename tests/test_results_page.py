@@ -92,6 +92,19 @@ def test_two_of_four_rows_are_the_values_in_the_json() -> None:
     )
 
 
+def test_server_memory_rows_are_the_values_in_the_json() -> None:
+    page = PAGE.read_text()
+    # server_memory.json, by hand: synthetic-1b peaked at 6,058,323,968 bytes = 5.64 GiB; its
+    # whole run sent 0.564x dense fp16 per client; synthetic-7b was stopped in round 37 of 64
+    rows = json.loads((ROOT / "bench/results/server_memory.json").read_text())["rows"]
+    assert round(rows[0]["peak_rss_vmhwm"] / 2**30, 2) == 5.64
+    assert "| synthetic-1b | 16 | 4 | 4 | 8 | 5.64 | 3.55 | 0.313 | 0.251 | 0.564 | 320.2 |" in page
+    assert not rows[1]["completed"]
+    assert (
+        "| synthetic-7b | 32 | 4 | 1 | stopped after 2096 s, in round 37/64 | 7.25 so far |" in page
+    )
+
+
 def test_gpu_table_rows_are_the_values_in_the_json() -> None:
     page = GPU_PAGE.read_text()
     assert "one NVIDIA H200 GPU" in page
