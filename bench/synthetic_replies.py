@@ -43,10 +43,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.app import prepare_process
 from client_app.app import resources as real_resources
 from client_app.task import to_wire
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_shard
-from fedspallm_strategy.run.logs import share_flower_handlers
 from fedspallm_strategy.wire.payload import decode, encode
 from fedspallm_strategy.wire.protocol import (
     MASKS_KEY,
@@ -181,7 +181,7 @@ def _given_masks(model, data: bytes | None, layers: tuple[int, ...]) -> dict[str
 @app.train("layerwise")
 def train_layerwise(msg: Message, context: Context) -> Message:
     """This node's part of one layer-wise round, synthesised (module docstring)."""
-    share_flower_handlers()
+    prepare_process()
     start = time.perf_counter()
     config, layer_ids = request_from_record(msg.content[SPEC_KEY])
     step = RoundStep.from_dict(dict(msg.content.config_records[STEP_KEY]))

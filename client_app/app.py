@@ -15,6 +15,7 @@ from client_app.profile_task import profile_layers
 from client_app.recovery_task import recover_global
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
+from fedspallm_strategy.run.allocator import return_freed_memory
 from fedspallm_strategy.run.logs import share_flower_handlers
 from fedspallm_strategy.wire.protocol import (
     DELTAS_KEY,
@@ -37,6 +38,13 @@ from fedspallm_strategy.wire.round_plan import RoundStep
 from fedspallm_strategy.wire.secure_encoding import secure_vectors
 
 app = ClientApp()
+
+
+def prepare_process() -> None:
+    """Once per process, whatever message comes first: our logs on Flower's handlers, and
+    freed tensor memory handed back to the system (``run/allocator.py``)."""
+    share_flower_handlers()
+    return_freed_memory()
 
 
 def secure_exact_mod(msg: Message, context: Context, call_next) -> Message:
@@ -68,7 +76,7 @@ def resources(msg: Message, context: Context) -> Message:
 @app.train(mods=[secure_exact_mod])
 def train(msg: Message, context: Context) -> Message:
     """Prune the layers named in the message; reply with one safetensors payload."""
-    share_flower_handlers()
+    prepare_process()
     config, layer_ids = request_from_record(msg.content[SPEC_KEY])
     node = NodeConfig.from_mapping(context.node_config)
     sparsities = request_sparsities(msg.content[SPEC_KEY])
@@ -86,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 def train_profile(msg: Message, context: Context) -> Message:
     """sparsity-profile='owl': this node's profile of the dense model (outlier counts per
     layer, or exact's column-norm statistics of every layer)."""
-    share_flower_handlers()
+    prepare_process()
     config, _ = request_from_record(msg.content[SPEC_KEY])
     request = msg.content.config_records[PROFILE_KEY]
     shared = [group.split(",") for group in request.get("shared", [])]
@@ -104,7 +112,7 @@ def train_profile(msg: Message, context: Context) -> Message:
 @app.train("layerwise")
 def train_layerwise(msg: Message, context: Context) -> Message:
     """Layer-wise FedSpaLLM: this node's part of one round (advance, re-solve, prune)."""
-    share_flower_handlers()
+    prepare_process()
     config, layer_ids = request_from_record(msg.content[SPEC_KEY])
     step = RoundStep.from_dict(dict(msg.content.config_records[STEP_KEY]))
     if list(step.prune) != layer_ids:
@@ -132,7 +140,7 @@ def train_layerwise(msg: Message, context: Context) -> Message:
 def train_recover(msg: Message, context: Context) -> Message:
     """A recovery round: fine-tune the global sparse model on this node's shard, keeping its
     zeros; reply with the kept values' changes."""
-    share_flower_handlers()
+    prepare_process()
     config, _ = request_from_record(msg.content[SPEC_KEY])
     global_layers = record_bytes(msg.content, GLOBAL_KEY)
     if global_layers is None:
@@ -150,7 +158,7 @@ def train_recover(msg: Message, context: Context) -> Message:
 @app.train("exact")
 def train_exact(msg: Message, context: Context) -> Message:
     """Strategy exact: advance through last round's pruned global layers, send statistics."""
-    share_flower_handlers()
+    prepare_process()
     reply = exact_statistics(**_exact_request(msg.content, context))
     content = RecordDict(
         {PAYLOAD_KEY: bytes_record(reply.payload), "metrics": MetricRecord(reply.metrics)}
@@ -161,7 +169,7 @@ def train_exact(msg: Message, context: Context) -> Message:
 def train_secure_exact(msg: Message, context: Context) -> Message:
     """Strategy exact with secure aggregation: the statistics as FitRes parameters, which
     ``secaggplus_mod`` quantises and masks before anything leaves the node."""
-    share_flower_handlers()
+    prepare_process()
     content, settings = request_from_fitins(recorddict_to_fitins(msg.content, keep_input=True))
     entries, metrics = collect_statistics(**_exact_request(content, context))
     vectors = secure_vectors(

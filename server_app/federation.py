@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_shard
+from fedspallm_strategy.run.allocator import return_freed_memory
 from fedspallm_strategy.strategies.centralized import Centralized, pooled
 from fedspallm_strategy.strategies.grids import StreamingReplies
 from fedspallm_strategy.strategies.recovery_rounds import recover_centrally, run_recovery_rounds
@@ -63,6 +64,7 @@ def run_federation(
     check_eval_tasks(config)
     if config.push_to_hub:  # no token or no hub would fail only after every client pruned
         check_hub_access(config.push_to_hub)
+    return_freed_memory()  # before the model: a layer freed each round must not stay in the heap
     with clock("load"):
         model, tokenizer = load_run_model(config.model, config.torch_dtype, config.ignore)
         check_against_model(config, model)

@@ -196,11 +196,13 @@ def test_public_api_imports_without_flower():
 
 
 # What the ClientApp may use of the shared package: the configuration, the wire protocol
-# (keys, round plan, codecs) and logging; never the server's strategies, maths or state.
+# (keys, round plan, codecs), and the per-process set-up (logging, the allocator setting);
+# never the server's strategies, maths or state.
 CLIENT_SIDE = (
     "fedspallm_strategy.config",
     "fedspallm_strategy.wire",
     "fedspallm_strategy.run.logs",
+    "fedspallm_strategy.run.allocator",
 )
 
 
