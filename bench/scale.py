@@ -69,6 +69,9 @@ class Run:
     way: str  # "sim" | "deploy"
     model: str
     clients: int
+    # "magnitude": layers-per-round=1, resolve=false, a mask-only pruner (real clients);
+    # "default": the run config's defaults, clients SYNTHESISED (bench/synthetic_replies.py)
+    mode: str = "magnitude"
 
 
 RUNS = [
@@ -78,7 +81,10 @@ RUNS = [
     Run("deploy-1b-2", "deploy", "synthetic-1b", 2),
     Run("sim-7b-2", "sim", "synthetic-7b", 2),
     Run("sim-7b-4", "sim", "synthetic-7b", 4),
+    Run("sim-1b-2-default", "sim", "synthetic-1b", 2, "default"),
+    Run("sim-7b-2-default", "sim", "synthetic-7b", 2, "default"),
 ]
+SYNTHETIC_CLIENT = ROOT / "bench" / "synthetic_replies.py"
 
 
 # ----------------------------------------------------------------- watching processes
@@ -166,6 +172,17 @@ def stop_marked(marker: str, grace_s: float = 20) -> None:
 
 def run_config(args, run: Run, output_dir: Path) -> dict:
     small = run.model == "synthetic-1b"
+    if run.mode == "default":  # only what keeps the evaluations small and the run separate
+        return {
+            "model": run.model,
+            "dtype": "bfloat16",
+            "seqlen": args.seqlen,
+            "eval-windows": 1,
+            "standalone-eval": False,  # the synthesised clients score no models
+            "min-clients": run.clients,
+            "round-timeout": 3600.0,
+            "output-dir": str(output_dir),
+        }
     return {
         "model": run.model,
         "dtype": "bfloat16",
@@ -268,10 +285,35 @@ def overrides(config: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
+def synthetic_app(work: Path) -> Path:
+    """A copy of this app whose ClientApp is ``bench/synthetic_replies.py``'s: the same
+    packages and ServerApp, the clients' replies synthesised (``mode='default'`` runs)."""
+    import tomllib
+
+    app = work / "app"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for package in ("llm_pruning", "fedspallm_strategy", "client_app", "server_app"):
+        shutil.copytree(ROOT / package, app / package, ignore=ignore)
+    for name in ("README.md", "LICENSE"):
+        shutil.copy(ROOT / name, app / name)
+    shutil.copy(SYNTHETIC_CLIENT, app / SYNTHETIC_CLIENT.name)
+    text = (ROOT / "pyproject.toml").read_text()
+    real = tomllib.loads(text)["tool"]["flwr"]["app"]["components"]["clientapp"]
+    text = text.replace(f'clientapp = "{real}"', 'clientapp = "synthetic_replies:app"')
+    text = text.replace(
+        '    "/README.md",\n', f'    "/README.md",\n    "/{SYNTHETIC_CLIENT.name}",\n'
+    )
+    if "synthetic_replies:app" not in text or f"/{SYNTHETIC_CLIENT.name}" not in text:
+        raise SystemExit("pyproject.toml: cannot point the app copy at the synthetic ClientApp")
+    (app / "pyproject.toml").write_text(text)
+    return app
+
+
 def run_simulation(args, run: Run, work: Path, env: dict) -> str:
     if superlink_running():
         raise SystemExit("a local SuperLink is already running: stop it first (fixed ports)")
-    command = ["flwr", "run", ".", "--stream", "--run-config"]
+    app = synthetic_app(work) if run.mode == "default" else Path(".")
+    command = ["flwr", "run", str(app), "--stream", "--run-config"]
     command += [overrides(run_config(args, run, work / "runs"))]
     command += ["--federation-config", f"num-supernodes={run.clients}"]
     try:
@@ -328,31 +370,53 @@ def run_deployment(args, run: Run, work: Path, env: dict) -> str:
 
 
 def measure(args, run: Run) -> dict:
+    """One run, watched; a run that fails or passes ``--timeout`` gives a row marked
+    ``completed: false`` with its peaks so far and why it stopped."""
     marker = uuid.uuid4().hex
     work = Path(tempfile.mkdtemp(prefix=f"scale-{run.name}-", dir=args.work))
     env = environment(work / "flwr-home", marker, args.cache)
     watcher = Watcher(marker)
     watcher.start()
     began = time.perf_counter()
-    try:
-        folder = (run_simulation if run.way == "sim" else run_deployment)(args, run, work, env)
-    finally:
-        watcher.halt.set()
-        watcher.join()
-        stop_marked(marker)  # e.g. flwr-simulation and Ray, which outlive their SuperLink
-    wall = time.perf_counter() - began
-    report = json.loads((Path(folder) / "report.json").read_text())
-    rounds = report.get("layerwise", {}).get("per_round", [])
-    ups = [r["bytes-up"] for r in rounds]
-    per_round = [b - a for a, b in zip([0, *ups], ups, strict=False)]
-    row = {
+    head = {
         "run": run.name,
         "way": run.way,
         "model": run.model,
         "clients": run.clients,
+        "mode": run.mode,
+        "synthetic_clients": run.mode == "default",
         "config": run_config(args, run, Path("runs")),
+    }
+    try:
+        folder = (run_simulation if run.way == "sim" else run_deployment)(args, run, work, env)
+    except (SystemExit, subprocess.TimeoutExpired) as error:
+        stopped = f"{type(error).__name__}: {error}"
+        return {
+            **head,
+            "completed": False,
+            "stopped_by": stopped[-600:],
+            "roles": watcher.by_role(),
+            "wall_s": round(time.perf_counter() - began, 1),
+        }
+    finally:
+        watcher.halt.set()
+        watcher.join()
+        stop_marked(marker)  # e.g. flwr-simulation and Ray, which outlive their SuperLink
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    wall = time.perf_counter() - began
+    report = json.loads((Path(folder) / "report.json").read_text())
+    layerwise = report.get("layerwise", {})
+    rounds = layerwise.get("per_round", [])
+    ups = [r["bytes-up"] for r in rounds]
+    per_round = [b - a for a, b in zip([0, *ups], ups, strict=False)]
+    return {
+        **head,
+        "completed": True,
         "wall_s": round(wall, 1),
         "roles": watcher.by_role(),
+        "layers_per_round": layerwise.get("layers-per-round"),
+        "memory_budget_gb": layerwise.get("memory-budget-gb"),
         "largest_message_bytes": report["communication"]["largest_up"],
         "bytes_per_round_max": max(per_round, default=0),
         "bytes_up_total": report["communication"]["total_up"],
@@ -361,9 +425,6 @@ def measure(args, run: Run) -> dict:
         "sparsity": report["sparsity"]["overall"],
         "timings": report["timings"],
     }
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return row
 
 
 # ----------------------------------------------------------------- the 70B arithmetic
@@ -394,9 +455,10 @@ def extrapolate(rows: list[dict], base: int) -> list[dict]:
     part is what the two differ in). Arithmetic, not a run.
     """
     out = []
-    by_key = {(r["way"], r["clients"], r["model"]): r for r in rows}
-    for (way, clients, model), row in sorted(by_key.items()):
-        small = by_key.get((way, clients, "synthetic-1b"))
+    done = [r for r in rows if r.get("completed", True)]
+    by_key = {(r["way"], r["clients"], r.get("mode", "magnitude"), r["model"]): r for r in done}
+    for (way, clients, mode, model), row in sorted(by_key.items()):
+        small = by_key.get((way, clients, mode, "synthetic-1b"))
         if model != "synthetic-7b" or small is None:
             continue
         (o1, l1), (o7, l7), (o70, l70) = (
@@ -414,6 +476,7 @@ def extrapolate(rows: list[dict], base: int) -> list[dict]:
                 {
                     "role": role,
                     "way": way,
+                    "mode": mode,
                     "clients": clients,
                     "measured_1b_gb": round((p1 + base) / GB, 2),
                     "measured_7b_gb": round((p7 + base) / GB, 2),
@@ -465,10 +528,15 @@ def table(rows: list[dict]) -> str:
             entry = row["roles"].get(role)
             return f"{entry['peak_rss_bytes'] / GB:.2f}" if entry else "–"
 
+        peaks = f"| {gb('superlink')} | {gb('serverapp')} | {gb('clientapp')} | {gb('supernode')} "
+        start = f"| {r['run']} | {r['model']} | {r['clients']} | {r['wall_s']:.0f} "
+        if not r.get("completed", True):
+            lines.append(start + peaks + "| stopped: peaks so far | – | – | – |")
+            continue
         lines.append(
-            f"| {r['run']} | {r['model']} | {r['clients']} | {r['wall_s']:.0f} "
-            f"| {gb('superlink')} | {gb('serverapp')} | {gb('clientapp')} | {gb('supernode')} "
-            f"| {r['largest_message_bytes'] / 1e6:.1f} | {r['bytes_per_round_max'] / 1e6:.1f} "
+            start
+            + peaks
+            + f"| {r['largest_message_bytes'] / 1e6:.1f} | {r['bytes_per_round_max'] / 1e6:.1f} "
             f"| {r['rounds']} | {r['rejected']} |"
         )
     return "\n".join(lines)
@@ -479,7 +547,11 @@ def flatness(rows: list[dict]) -> list[str]:
     for way in ("sim", "deploy"):
         for model in ("synthetic-1b", "synthetic-7b"):
             chosen = sorted(
-                (r for r in rows if r["way"] == way and r["model"] == model),
+                (
+                    r
+                    for r in rows
+                    if r["way"] == way and r["model"] == model and r.get("mode") != "default"
+                ),
                 key=lambda r: r["clients"],
             )
             if len(chosen) >= 2:
