@@ -24,6 +24,15 @@ def machine() -> dict:
     }
 
 
+def proc_status_bytes(key: str) -> int:
+    """A memory line of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
 def write_results(path: Path, *, info: dict, args, skip: tuple[str, ...] = (), **sections) -> None:
     """One JSON per bench: the machine, the arguments that made it, then its sections."""
     settings = {

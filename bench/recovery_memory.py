@@ -38,7 +38,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from _common import machine, write_results  # noqa: E402
+from _common import machine, proc_status_bytes, write_results  # noqa: E402
 
 from llm_pruning import recovery  # noqa: E402
 from llm_pruning.families import num_layers, prunable_weights  # noqa: E402
@@ -120,7 +120,7 @@ def run_case(model, name: str, args) -> dict:
         row["seconds"] = round(time.perf_counter() - start, 1)
     row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device) if gpu else None
     row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device) if gpu else None
-    row["peak_rss_bytes"] = _vmhwm()
+    row["peak_rss_bytes"] = proc_status_bytes("VmHWM")
     after = recovery.sparsity_masks(model)
     row["zero_set_unchanged"] = all(torch.equal(after[n], mask) for n, mask in masks.items())
     del after, masks
@@ -141,14 +141,6 @@ def _activations_kept():
         yield
     finally:
         recovery.recomputed_activations = original
-
-
-def _vmhwm() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def table(rows: list[dict]) -> str:

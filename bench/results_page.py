@@ -650,7 +650,7 @@ def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
     recorded = [r.get("rows", i, "run") for i in range(len(runs))]
     if sorted(named) != sorted(recorded):
         raise r.error(f"rows {recorded} are not the runs its commands name ({named})")
-    rows = []
+    rows, default_rows = [], []
     for i, run in enumerate(runs):
         completed(r, run, f"rows[{i}]")
 
@@ -658,13 +658,19 @@ def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
             roles = r.get("rows", i, "roles")
             return gb(r.num("rows", i, "roles", name, "peak_rss_bytes")) if name in roles else "–"
 
+        start = [
+            r.get("rows", i, "run"),
+            r.get("rows", i, "model"),
+            f"{r.num('rows', i, 'clients'):g}",
+            f"{r.num('rows', i, 'wall_s'):.0f}",
+            *(role(name) for name, _ in ROLES),
+        ]
+        if run.get("mode") == "default":
+            default_rows.append(start + _default_run_cells(r, i, run))
+            continue
         rows.append(
             [
-                r.get("rows", i, "run"),
-                r.get("rows", i, "model"),
-                f"{r.num('rows', i, 'clients'):g}",
-                f"{r.num('rows', i, 'wall_s'):.0f}",
-                *(role(name) for name, _ in ROLES),
+                *start,
                 role("supernode"),
                 mb(r.num("rows", i, "largest_message_bytes")),
                 mb(r.num("rows", i, "bytes_per_round_max")),
@@ -672,13 +678,14 @@ def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
                 f"{r.num('rows', i, 'rejected'):g}",
             ]
         )
+    runs = [run for run in runs if run.get("mode") != "default"]
     header = (
         ["run", "model", "K", "wall s"]
         + [f"{title} GB" for _, title in ROLES]
         + ["SuperNode GB", "largest message MB", "bytes/round max MB", "rounds", "rejected"]
     )
-    configs = [r.get("rows", i, "config") for i in range(len(runs))]
-    pruners = sorted({str(r.get("rows", i, "config", "pruner")) for i in range(len(runs))})
+    configs = [run["config"] for run in runs]
+    pruners = sorted({str(c.get("pruner")) for c in configs})
     per_round = sorted({str(c.get("layers-per-round")) for c in configs})
     dtypes = sorted({str(c.get("dtype")) for c in configs})
     fractions = sorted(
@@ -725,11 +732,41 @@ def scale_section(r: Result, commands: tuple[str, ...]) -> list[str]:
             ["model", "pruner", "one layer MB", "all layers in one reply MB"],
             size_rows,
         ),
+        *_default_runs_text(default_rows),
         "Peak RSS per role fitted on the 1B and 7B runs above of the same way and K as "
         "base + a × (bytes outside the decoder layers) + b × (bytes of one layer), with base "
         f"{gb(r.num('baseline_rss_bytes'))} GB (a process that only imported torch, "
         "transformers and flwr), and evaluated at LLaMA-2-70B's sizes (computed, not run).",
         table(["role", "way", "K", "1B GB", "7B GB", "70B GB (extrapolated)"], fit_rows),
+    ]
+
+
+def _default_run_cells(r: Result, i: int, run: dict) -> list[str]:
+    """A default-mode run's cells after its role peaks: layers a round, rounds, bytes, state."""
+    if not run.get("completed", True):
+        return ["–", "–", "–", "stopped at the time limit: peaks so far"]
+    return [
+        f"{r.num('rows', i, 'layers_per_round'):g}",
+        f"{r.num('rows', i, 'rounds'):g}",
+        mb(r.num("rows", i, "bytes_up_total") / r.num("rows", i, "clients")),
+        f"completed, {r.num('rows', i, 'rejected'):g} rejected",
+    ]
+
+
+def _default_runs_text(rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    header = ["run", "model", "K", "wall s"] + [f"{title} GB" for _, title in ROLES]
+    header += ["layers a round", "rounds", "up per client MB", "run"]
+    return [
+        "The default mode (the run config's defaults: SparseGPT, the re-solve, int8 values, "
+        "the layer group sized to `memory-budget-gb`; `dtype` bfloat16) in simulation. Its "
+        "clients are SYNTHESISED: a ClientApp that answers every message with replies of the "
+        "exact shape and size an honest SparseGPT client sends, made from the dense weights "
+        "with seeded noise instead of calibration (`bench/synthetic_replies.py`), so the "
+        "ClientApp column is that ClientApp's, not a pruning client's. The ServerApp column is "
+        "the process that runs the real server (and, in simulation, Flower's message store).",
+        table(header, rows),
     ]
 
 

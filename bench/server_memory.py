@@ -59,7 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, write_results  # noqa: E402
+from _common import machine, proc_status_bytes, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -71,15 +71,6 @@ TIMELINE_SECONDS = 5.0  # the RSS timeline kept in the results: one sample per t
 
 
 # ------------------------------------------------------------------------- measuring
-
-
-def _proc_status_bytes(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 class Sampler(threading.Thread):
@@ -96,7 +87,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         last = -1.0
         while not self._stop_event.is_set():
-            now, rss = time.perf_counter() - self.start_time, _proc_status_bytes("VmRSS")
+            now, rss = time.perf_counter() - self.start_time, proc_status_bytes("VmRSS")
             if rss > self.peak:
                 self.peak, self.peak_at = rss, now
             if now - last >= TIMELINE_SECONDS:
@@ -225,7 +216,7 @@ def run_row(name: str, args) -> dict:
     sampler.start()
     stages = Stages(sampler.start_time)
     logging.getLogger().addHandler(stages)
-    hwm_before = _proc_status_bytes("VmHWM")
+    hwm_before = proc_status_bytes("VmHWM")
 
     from synthetic_replies import app as synthetic_app
 
@@ -263,7 +254,7 @@ def run_row(name: str, args) -> dict:
                 "clients": args.clients,
                 "synthetic_clients": True,
                 "run_config": settings | {"output-dir": "<temporary>"},
-                "peak_rss_vmhwm_so_far": _proc_status_bytes("VmHWM"),
+                "peak_rss_vmhwm_so_far": proc_status_bytes("VmHWM"),
                 "peak_rss_sampled_so_far": sampler.peak,
                 "wall_s": round(wall, 1),
                 "layers": plan["layers"],
@@ -276,7 +267,7 @@ def run_row(name: str, args) -> dict:
     finally:
         wall = time.perf_counter() - start
         sampler.stop()
-        hwm = _proc_status_bytes("VmHWM")
+        hwm = proc_status_bytes("VmHWM")
         shutil.rmtree(output, ignore_errors=True)  # the saved 7B model is 13.5 GB
     layerwise = report["layerwise"]
     if report["rejected"] or layerwise["dropped"]:

@@ -55,8 +55,9 @@ def own_perplexities(
         except (OSError, ValueError) as error:
             log.warning("eval-data %r: own model not scored here: %s", source, error)
             continue
-        scores[template.format(index)] = value
-        log.info("own model (%s): perplexity %.4f on %s", template[:-3], value, source)
+        key = template.format(index)
+        scores[key] = value
+        log.info("own model: %s = %.4f on %s", key, value, source)
     return scores
 
 

@@ -379,7 +379,6 @@ class LayerwiseMerge(MergeStrategy):
             if name not in self.dense_kept:
                 values = dense[name] if dense is not None else linear.weight.data
                 self.dense_kept[name] = values[self.global_masks[name]]
-        del dense
 
     def _resolve_names(self, step: RoundStep) -> list[str]:
         return list(self._resolve_linears(step))
