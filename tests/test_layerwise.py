@@ -512,3 +512,26 @@ def test_a_lazy_server_holds_no_dense_values_between_prune_and_resolve(tmp_path,
     assert eager == [per_layer * k for k in (1, 2, 3, 4, 4, 3, 2, 1)]
     assert merged[True].keys() == merged[False].keys()
     assert all(torch.equal(merged[True][n], merged[False][n]) for n in merged[True])
+
+
+@pytest.mark.parametrize(
+    "settings, stored",
+    [
+        ({"standalone-eval": False}, False),  # nobody scores the members' models
+        ({"standalone-eval": True}, True),  # float32 values: the server scores them
+        ({"standalone-eval": False, "keep-replies": True}, True),  # asked for
+    ],
+)
+def test_replies_go_to_disk_only_where_something_reads_them(tmp_path, settings, stored):
+    config = make_config(tmp_path, resolve=True, **{"layers-per-round": 2}, **settings)
+    assert not config.clients_score_standalone  # float32 values: the members score nothing
+    model, _ = load_model(config.model)
+    grid = InProcessGrid(client_app, partitions(2), {}, run_id=5)
+    strategy = LayerwiseMerge(
+        model, config, node_budgets={1: None, 2: None}, reply_dir=tmp_path / "replies"
+    )
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds)
+    files = sorted((tmp_path / "replies").glob("*.safetensors"))
+    # 4 layers in 2 prune rounds, each node's pruned layers stored once a round when stored
+    assert len(files) == (4 if stored else 0)
+    assert sum(len(paths) for paths in strategy.reply_files.values()) == len(files)

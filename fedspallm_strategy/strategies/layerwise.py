@@ -317,8 +317,7 @@ class LayerwiseMerge(MergeStrategy):
         self.accounting.add_metrics(node, metrics)
         if self.config.clients_score_standalone:  # its own values stayed on it, or went int8
             self.reported.take(node, self.config, metrics)
-        keep = self.config.keep_replies or not self.config.clients_score_standalone
-        if keep and self.reply_dir is not None and self.config.calibration == "local" and masks:
+        if self._stores_replies and self.config.calibration == "local" and masks:
             # local: the pruned layers form the node's standalone model
             store_reply(self.reply_dir, self.reply_files, node, data)
         return tensors, masks, values, norms
@@ -355,6 +354,16 @@ class LayerwiseMerge(MergeStrategy):
                     linear.weight.data[keep] = kept_nonzero(mean.to(linear.weight.dtype))
                 if self.config.calibration == "local":
                     del self.global_masks[name]  # nothing is handed down in local calibration
+
+    @property
+    def _stores_replies(self) -> bool:
+        """Whether the pruned layers' replies go to disk: asked for (``keep-replies``), or the
+        server scores the members' models (``standalone-eval`` where they score none); not
+        otherwise, where they would be written only to be deleted (7.8 GB at 7B, 2 clients)."""
+        if self.reply_dir is None:
+            return False
+        server_scores = self.config.standalone_eval and not self.config.clients_score_standalone
+        return self.config.keep_replies or self.rule == "standalone" or server_scores
 
     @property
     def _keeps_dense_values(self) -> bool:
