@@ -11,6 +11,8 @@ pooled, the federation's steps, a batch per shard): domain adaptation, not recov
 
     python bench/beyond_centralized.py --pattern 0.7 --rows central-sparsegpt,central-lsq
     python bench/beyond_centralized.py --pattern 0.5 --rows dense-ft,fed-local-recovery
+    python bench/beyond_centralized.py --pattern 0.5 --rows dense-ft,fed-local-recovery \
+        --recovery-rounds 4 --tag 4-rounds
 
 Rows already in the output file are kept (a run adds rows); ``--fresh`` starts over.
 """
@@ -130,17 +132,21 @@ def main() -> None:
     parser.add_argument("--recovery-samples", type=int, default=RunConfig.recovery_samples)
     parser.add_argument("--recovery-method", default=RunConfig.recovery_method)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--tag", default="", help="ends the file's name: another file for other settings"
+    )
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
-    path = args.out / f"beyond_centralized_{args.pattern.replace(':', 'of')}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = args.out / f"beyond_centralized_{args.pattern.replace(':', 'of')}{tag}.json"
     saved = {} if args.fresh or not path.exists() else json.loads(path.read_text())
     rows = saved.get("rows", {})
     commands = saved.get("commands", [])
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "fresh")}
+    settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
     if saved and {k: v for k, v in saved["args"].items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     for name in args.rows.split(","):
@@ -174,7 +180,7 @@ def _command(args) -> str:
         f"python bench/beyond_centralized.py --pattern {args.pattern} --rows {args.rows} "
         f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
         f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
-        f"--recovery-method {args.recovery_method}"
+        f"--recovery-method {args.recovery_method}" + (f" --tag {args.tag}" if args.tag else "")
     )
 
 

@@ -389,6 +389,8 @@ def measure(args, run: Run) -> dict:
     }
     try:
         folder = (run_simulation if run.way == "sim" else run_deployment)(args, run, work, env)
+        # read before the run's folder goes with ``work`` below
+        report = json.loads((Path(folder) / "report.json").read_text())
     except (SystemExit, subprocess.TimeoutExpired) as error:
         stopped = f"{type(error).__name__}: {error}"
         return {
@@ -405,7 +407,6 @@ def measure(args, run: Run) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     wall = time.perf_counter() - began
-    report = json.loads((Path(folder) / "report.json").read_text())
     layerwise = report.get("layerwise", {})
     rounds = layerwise.get("per_round", [])
     ups = [r["bytes-up"] for r in rounds]
@@ -490,7 +491,8 @@ def extrapolate(rows: list[dict], base: int) -> list[dict]:
 
 def message_sizes(cache: Path) -> list[dict]:
     """The exact size of a valid reply: one decoder layer, and every layer in one message (the
-    paper's one-shot round), for a mask-only pruner and for SparseGPT's kept bf16 values."""
+    paper's one-shot round), for a mask-only pruner and for SparseGPT's kept values as they
+    travel by default (int8, a float32 scale per row)."""
     import torch
 
     from fedspallm_strategy.config import RunConfig
@@ -616,6 +618,7 @@ def main() -> None:
             args.out,
             info=machine(),
             args=args,
+            measured=time.strftime("%Y-%m-%d"),  # the date docs/results.md's header wants
             rows=kept + rows,
             baseline_rss_bytes=base,
             extrapolation=extrapolate(kept + rows, base),
@@ -628,10 +631,10 @@ def main() -> None:
     extra = extrapolate(everything, base)
     text += "\n\n" + "\n".join(f"- {line}" for line in lines)
     if extra:
-        text += "\n\n| role | way | K | 1B GB | 7B GB | 70B GB (extrapolated) |\n"
-        text += "|---|---|---|---|---|---|\n"
+        text += "\n\n| role | way | mode | K | 1B GB | 7B GB | 70B GB (extrapolated) |\n"
+        text += "|---|---|---|---|---|---|---|\n"
         text += "\n".join(
-            f"| {e['role']} | {e['way']} | {e['clients']} | {e['measured_1b_gb']} "
+            f"| {e['role']} | {e['way']} | {e['mode']} | {e['clients']} | {e['measured_1b_gb']} "
             f"| {e['measured_7b_gb']} | {e['extrapolated_70b_gb']} |"
             for e in extra
         )

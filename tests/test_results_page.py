@@ -92,17 +92,19 @@ def test_two_of_four_rows_are_the_values_in_the_json() -> None:
     )
 
 
-def test_server_memory_rows_are_the_values_in_the_json() -> None:
+def test_default_mode_scale_rows_are_the_values_in_the_json() -> None:
     page = PAGE.read_text()
-    # server_memory.json, by hand: synthetic-1b peaked at 6,058,323,968 bytes = 5.64 GiB; its
-    # whole run sent 0.564x dense fp16 per client; synthetic-7b was stopped in round 37 of 64
-    rows = json.loads((ROOT / "bench/results/server_memory.json").read_text())["rows"]
-    assert round(rows[0]["peak_rss_vmhwm"] / 2**30, 2) == 5.64
-    assert "| synthetic-1b | 16 | 4 | 4 | 8 | 5.64 | 3.55 | 0.313 | 0.251 | 0.564 | 320.2 |" in page
-    assert not rows[1]["completed"]
+    # scale.json, by hand: sim-7b-2-default's ServerApp peaked at 5,909,356,544 bytes = 5.91 GB
+    # and its ClientApp at 2,924,556,288 = 2.92 GB; 14,593,135,328 bytes up from 2 clients =
+    # 7296.6 MB each, in 64 rounds of one layer
+    rows = json.loads((ROOT / "bench/results/scale.json").read_text())["rows"]
+    row = next(r for r in rows if r["run"] == "sim-7b-2-default")
+    assert row["completed"] and row["roles"]["serverapp"]["peak_rss_bytes"] == 5_909_356_544
     assert (
-        "| synthetic-7b | 32 | 4 | 1 | stopped after 2096 s, in round 37/64 | 7.25 so far |" in page
+        "| sim-7b-2-default | synthetic-7b | 2 | 3078 | 0.18 | 5.91 | 2.92 | 1 | 64 | 7296.6 "
+        "| completed, 0 rejected |" in page
     )
+    assert max(r["peak_rss_bytes"] for r in row["roles"].values()) < 8e9
 
 
 def test_gpu_table_rows_are_the_values_in_the_json() -> None:
