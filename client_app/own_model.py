@@ -22,7 +22,7 @@ from llm_pruning.evaluate import perplexity
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors
 from llm_pruning.models import load_model
-from llm_pruning.recovery import recover
+from llm_pruning.recovery import recover, teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,17 @@ def own_recovered_perplexities(
     """Fine-tune an in-memory copy of this node's pruned ``model`` on its own recovery windows
     for ``recovery-rounds`` x ``recovery-steps`` steps (keeping its zeros), and score it.
     ``model`` itself is left as it is."""
-    own = eager_copy(model, config, node)
     windows = load_recovery_shard(config, node, tokenizer)
     settings = config.recovery_settings
-    steps = config.recovery_rounds * config.recovery_steps
-    result = recover(own, windows, dataclasses.replace(settings, steps=steps), device=device)
+    settings = dataclasses.replace(settings, steps=config.recovery_rounds * settings.steps)
+    own = load_eager(config, node)
+    teacher = teacher_targets(own, windows, settings, device)  # still dense
+    copy_pruned(model, own)
+    result = recover(own, windows, settings, device=device, teacher=teacher)
     log.info(
         "own model recovered alone: %s, %d steps, loss %.4f -> %.4f",
         settings.method,
-        steps,
+        settings.steps,
         result.losses[0],
         result.losses[-1],
     )
@@ -85,10 +87,21 @@ def own_recovered_perplexities(
 def eager_copy(model, config: RunConfig, node: NodeConfig):
     """The dense model loaded whole, with ``model``'s pruned matrices written into it (``model``
     may load its layers lazily; training needs every layer in memory)."""
+    own = load_eager(config, node)
+    copy_pruned(model, own)
+    return own
+
+
+def load_eager(config: RunConfig, node: NodeConfig):
+    """The run's dense model, every layer in memory."""
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
     own, _ = load_model(config.model, dtype=config.torch_dtype, cache=cache, ignore=config.ignore)
+    return own
+
+
+def copy_pruned(model, own) -> None:
+    """Write ``model``'s prunable matrices into ``own`` (the same architecture)."""
     for index in range(num_layers(own)):
         pruned = layer_tensors(model, index)
         for name, linear in prunable_weights(own, index).items():
             linear.weight.data.copy_(pruned[name])
-    return own

@@ -18,7 +18,7 @@ from fedspallm_strategy.config import NodeConfig, RunConfig, load_recovery_shard
 from fedspallm_strategy.wire.values_payload import encode_values
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model
-from llm_pruning.recovery import recover, sparsity_masks
+from llm_pruning.recovery import recover, sparsity_masks, teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) ->
     model, tokenizer = load_model(
         config.model, dtype=config.torch_dtype, cache=cache, ignore=config.ignore
     )
-    apply_global_layers(model, global_layers, range(num_layers(model)), require_values=True)
     windows = load_recovery_shard(config, node, tokenizer)
+    device = node_device(config, node)
+    teacher = teacher_targets(model, windows, config.recovery_settings, device)  # still dense
+    apply_global_layers(model, global_layers, range(num_layers(model)), require_values=True)
     log.info(
         "recovery: %s, %d steps on %d windows of %d tokens",
         config.recovery_method,
@@ -50,7 +52,7 @@ def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) ->
         windows.shape[1],
     )
     masks = sparsity_masks(model)  # the global model's: the deltas' order
-    result = recover(model, windows, config.recovery_settings, device=node_device(config, node))
+    result = recover(model, windows, config.recovery_settings, device=device, teacher=teacher)
     deltas = encode_deltas(result.deltas, masks, config)
     metrics = {
         "tokens": result.tokens,

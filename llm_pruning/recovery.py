@@ -16,6 +16,16 @@ never move, so a delta needs no indices: its order is the row-major order of the
     activations are recomputed in the backward pass (transformers' gradient checkpointing),
     so a step holds one layer's activations, not all of them.
 
+Either can also learn from the dense model (``distill`` > 0): before the model is pruned,
+:func:`teacher_targets` records the dense model's most likely next tokens and their
+probabilities at every position of the windows a run will train on; the training loss is then
+``(1 - distill) x`` next-token NLL ``+ distill x`` cross-entropy to those top-k
+distributions. Only the targets are kept (``N x T x k`` ids and probabilities, a few MB),
+never a second model. A few thousand tokens of one shard say little about the language as a
+whole, while the dense model's distribution over the whole vocabulary at each of them says
+much more: the pruned model is steered back towards what it was instead of memorising the
+windows.
+
 Both commit ``before + delta`` (float32, cast to the weight dtype) exactly as
 :func:`apply_deltas` does, so a receiver holding the same pruned model gets bit-identical
 matrices.
@@ -34,6 +44,11 @@ gradients or moments, plus float32 adapters of ``r * (out + in)`` weights per Li
 internals and the logits: a 7B fits one 24 GB card (``bench/recovery_memory.py`` measures it).
 Both also keep a float32 copy of the kept values from before training, on the CPU (at 50 %:
 3.3e9 x 4 B ~ 13 GB), to compute the deltas.
+With ``distill`` > 0, the dense model first runs forward once over the windows to be trained
+on, a batch at a time without gradients (before the pruned values are written, so no second
+model), and every step adds a float32 log-softmax of the batch's logits: 4 x 2048 x 32000 x
+4 B ~ 1 GB at 7B. The targets themselves are ``N x (T - 1) x 32`` ids and probabilities
+(16 windows of 2048 tokens: 8 MB).
 
 Not corrected (vanishingly rare in float32): a kept value that lands on exactly 0.0 would
 count as pruned in :func:`sparsity_masks` of the recovered model.
@@ -55,6 +70,9 @@ from llm_pruning.layer_store import layer_store
 from llm_pruning.lora import Adapter, recomputed_activations
 
 METHODS = ("masked", "lora")
+# Next tokens kept per position from the dense model: at 50-70 % sparsity the dense model's
+# top 32 tokens hold most of its probability; the rest is a long tail.
+TEACHER_TOP_K = 32
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,9 @@ class RecoverySettings:
         Windows per step.
     lora_rank, lora_alpha
         Adapter rank and scale (the update is ``B @ A * lora_alpha / lora_rank``).
+    distill
+        Weight of the dense model's targets in the loss, in [0, 1] (0: next-token NLL only;
+        :func:`recover` then needs :func:`teacher_targets` of the dense model).
     seed
         Seeds the window order, the adapters' initialisation and any dropout.
     """
@@ -83,6 +104,7 @@ class RecoverySettings:
     batch_size: int
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    distill: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +118,28 @@ class RecoverySettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"recovery {name} must be a finite number > 0; got {value!r}")
+        if not isinstance(self.distill, int | float) or not 0 <= self.distill <= 1:
+            raise ValueError(f"recovery distill must be a number in [0, 1]; got {self.distill!r}")
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The dense model's ``k`` most likely next tokens at every position of the windows.
+
+    Attributes
+    ----------
+    ids
+        ``(N, T - 1, k)`` int32: for window n and position t, the tokens most likely to follow.
+    probs
+        ``(N, T - 1, k)`` float32, summing to 1 over k (the top-k renormalised). Zero for the
+        windows the run never trains on (``used`` is False).
+    used
+        ``(N,)`` bool: the windows whose targets were computed.
+    """
+
+    ids: Tensor
+    probs: Tensor
+    used: Tensor
 
 
 @dataclass
@@ -130,11 +174,52 @@ def sparsity_masks(model: PreTrainedModel) -> dict[str, Tensor]:
     }
 
 
+def teacher_targets(
+    model: PreTrainedModel,
+    windows: Tensor,
+    settings: RecoverySettings,
+    device: str | torch.device = "cpu",
+    k: int = TEACHER_TOP_K,
+) -> TeacherTargets | None:
+    """The dense ``model``'s top-``k`` next-token distributions on the windows that
+    :func:`recover` with ``settings`` will train on (its seeded batches), one batch at a time;
+    None where ``settings.distill`` is 0 (nothing to compute).
+
+    Call it on the dense model, before the pruned values are written into it. The model is
+    moved to ``device`` and back to the CPU, in its former train/eval mode.
+    """
+    if not settings.distill:
+        return None
+    _check_inputs(model, windows)
+    count, length = windows.shape
+    k = min(k, model.config.vocab_size)
+    chosen = sorted(_trained_windows(count, settings))
+    ids = torch.zeros(count, length - 1, k, dtype=torch.int32)
+    probs = torch.zeros(count, length - 1, k)
+    used = torch.zeros(count, dtype=torch.bool)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(chosen), settings.batch_size):
+                part = chosen[start : start + settings.batch_size]
+                logits = model(input_ids=windows[part].to(device), use_cache=False).logits
+                top = logits[:, :-1].float().topk(k, dim=-1)
+                ids[part] = top.indices.to("cpu", torch.int32)
+                probs[part] = torch.softmax(top.values, dim=-1).cpu()
+                used[part] = True
+    finally:
+        model.to("cpu")
+        model.train(was_training)
+    return TeacherTargets(ids, probs, used)
+
+
 def recover(
     model: PreTrainedModel,
     windows: Tensor,
     settings: RecoverySettings,
     device: str | torch.device = "cpu",
+    teacher: TeacherTargets | None = None,
 ) -> RecoveryResult:
     """Fine-tune an eager ``model`` in place on ``windows`` ``(N, T)``, keeping its zeros.
 
@@ -144,6 +229,9 @@ def recover(
     caller's RNG state is left as it was. On the CPU the same settings give bit-identical
     results.
 
+    ``teacher`` (from :func:`teacher_targets` of the dense model, same windows and settings)
+    is required when ``settings.distill`` > 0 and ignored otherwise.
+
     Returns
     -------
     RecoveryResult
@@ -152,13 +240,16 @@ def recover(
     """
     start = time.perf_counter()
     _check_inputs(model, windows)
+    teacher = _check_teacher(teacher, windows, settings)
     linears = _prunable_linears(model)
     masks = {name: mask.cpu() for name, mask in sparsity_masks(model).items()}
     if settings.method == "masked":
         _require_float32(linears)
     before = {name: linears[name].weight.detach().float()[mask] for name, mask in masks.items()}
     try:
-        losses, deltas = _train(model, linears, masks, windows, settings, torch.device(device))
+        losses, deltas = _train(
+            model, linears, masks, _Batches(windows, settings, teacher), torch.device(device)
+        )
     except BaseException:  # an error or interrupt mid-training leaves the model as it was
         _commit(linears, masks, before, {n: torch.zeros_like(v) for n, v in before.items()})
         raise
@@ -200,8 +291,7 @@ def _train(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    windows: Tensor,
-    settings: RecoverySettings,
+    batches: _Batches,
     device: torch.device,
 ) -> tuple[list[float], dict[str, Tensor] | None]:
     """Run the method on ``device`` under a seeded, forked RNG; whatever happens, the model
@@ -215,9 +305,9 @@ def _train(
     model.to(device)
     try:
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(settings.seed)  # dropout and adapter initialisation
-            train = _train_masked if settings.method == "masked" else _train_lora
-            return train(model, linears, masks, _batches(windows, settings), settings, device)
+            torch.manual_seed(batches.settings.seed)  # dropout and adapter initialisation
+            train = _train_masked if batches.settings.method == "masked" else _train_lora
+            return train(model, linears, masks, batches, device)
     finally:
         model.to("cpu")
         model.train(was_training)
@@ -229,8 +319,7 @@ def _train_masked(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    batches: Iterator[Tensor],
-    settings: RecoverySettings,
+    batches: _Batches,
     device: torch.device,
 ) -> tuple[list[float], None]:
     # Only the prunable weights train: the federation merges nothing else (embeddings, norms,
@@ -243,11 +332,11 @@ def _train_masked(
     grad_masks = [(weights[name], mask.to(device)) for name, mask in masks.items()]
     # No weight decay: a few hundred steps nudge a pretrained model; decay would only shrink
     # the kept weights towards the zeros we are trying to recover from.
-    optimizer = torch.optim.AdamW(list(weights.values()), lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(weights.values()), lr=batches.settings.lr, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in range(settings.steps):
-        losses.append(_step(model, next(batches).to(device), optimizer, grad_masks))
+    for _ in range(batches.settings.steps):
+        losses.append(_step(model, batches, device, optimizer, grad_masks))
         with torch.no_grad():
             for weight, mask in grad_masks:
                 weight.mul_(mask)
@@ -256,14 +345,16 @@ def _train_masked(
 
 def _step(
     model: PreTrainedModel,
-    batch: Tensor,
+    batches: _Batches,
+    device: torch.device,
     optimizer: torch.optim.Optimizer,
     grad_masks: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> float:
-    """One optimizer step on ``batch``; the loss before it. ``grad_masks`` (parameter, mask):
-    zero gradients at pruned positions keep AdamW's moments and update exactly zero there."""
+    """One optimizer step on the next batch; the loss before it. ``grad_masks`` (parameter,
+    mask): zero gradients at pruned positions keep AdamW's moments and update exactly zero
+    there."""
     optimizer.zero_grad(set_to_none=True)
-    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss = batches.next_loss(model, device)
     loss.backward()
     for param, mask in grad_masks:
         param.grad.mul_(mask)
@@ -275,12 +366,12 @@ def _train_lora(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    batches: Iterator[Tensor],
-    settings: RecoverySettings,
+    batches: _Batches,
     device: torch.device,
 ) -> tuple[list[float], dict[str, Tensor]]:
     """Adapters trained on a frozen base; the deltas are their updates at kept positions
     (:func:`recover` commits them, as :func:`apply_deltas` would: the receiver's merge)."""
+    settings = batches.settings
     model.requires_grad_(False)
     adapters = {
         name: Adapter(linears[name], settings.lora_rank, settings.lora_alpha, device)
@@ -293,7 +384,7 @@ def _train_lora(
     try:
         with recomputed_activations(model):
             for _ in range(settings.steps):
-                losses.append(_step(model, next(batches).to(device), optimizer))
+                losses.append(_step(model, batches, device, optimizer))
     finally:
         for adapter in adapters.values():
             adapter.remove()
@@ -307,15 +398,49 @@ def _train_lora(
     return losses, deltas
 
 
-def _batches(windows: Tensor, settings: RecoverySettings) -> Iterator[Tensor]:
-    """``batch_size`` windows at a time, cycling through seeded permutations of them."""
+class _Batches:
+    """The training batches in their seeded order, and the loss of the next one."""
+
+    def __init__(
+        self, windows: Tensor, settings: RecoverySettings, teacher: TeacherTargets | None
+    ) -> None:
+        self.windows = windows
+        self.settings = settings
+        self.teacher = teacher
+        self._order = _batch_indices(windows.shape[0], settings)
+
+    def next_loss(self, model: PreTrainedModel, device: torch.device) -> Tensor:
+        """``(1 - distill)`` x next-token NLL ``+ distill`` x cross-entropy to the dense
+        model's top-k distributions, both averaged over the batch's predicted tokens."""
+        chosen = next(self._order)
+        batch = self.windows[chosen].to(device)
+        if self.teacher is None:
+            return model(input_ids=batch, labels=batch, use_cache=False).loss
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        nll = -log_probs.gather(-1, batch[:, 1:, None]).mean()
+        ids = self.teacher.ids[chosen].to(device, torch.long)
+        probs = self.teacher.probs[chosen].to(device)
+        distilled = -(probs * log_probs.gather(-1, ids)).sum(dim=-1).mean()
+        weight = self.settings.distill
+        return (1 - weight) * nll + weight * distilled
+
+
+def _trained_windows(count: int, settings: RecoverySettings) -> set[int]:
+    """The indices of the windows ``settings.steps`` batches use."""
+    batches = _batch_indices(count, settings)
+    return {index for _ in range(settings.steps) for index in next(batches)}
+
+
+def _batch_indices(count: int, settings: RecoverySettings) -> Iterator[list[int]]:
+    """``batch_size`` window indices at a time, cycling through seeded permutations."""
     generator = torch.Generator().manual_seed(settings.seed)
     order: list[int] = []
     while True:
         while len(order) < settings.batch_size:
-            order += torch.randperm(windows.shape[0], generator=generator).tolist()
+            order += torch.randperm(count, generator=generator).tolist()
         chosen, order = order[: settings.batch_size], order[settings.batch_size :]
-        yield windows[chosen]
+        yield chosen
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -367,6 +492,28 @@ def _check_delta(
         raise ValueError(f"delta for '{name}': {delta.numel()} values, but its mask keeps {kept}")
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(f"delta for '{name}': has non-finite values (NaN or inf)")
+
+
+def _check_teacher(
+    teacher: TeacherTargets | None, windows: Tensor, settings: RecoverySettings
+) -> TeacherTargets | None:
+    """The targets the loss uses: ``teacher`` where ``settings.distill`` > 0, else None."""
+    if not settings.distill:
+        return None
+    if teacher is None:
+        raise ValueError(
+            "recovery distill > 0 needs the dense model's targets (teacher_targets, computed "
+            "before the model was pruned)"
+        )
+    count, length = windows.shape
+    if teacher.ids.shape[:2] != (count, length - 1) or teacher.probs.shape != teacher.ids.shape:
+        raise ValueError(
+            f"recovery teacher targets of shape {tuple(teacher.ids.shape)} do not match "
+            f"{count} windows of {length} tokens"
+        )
+    if not all(bool(teacher.used[index]) for index in _trained_windows(count, settings)):
+        raise ValueError("recovery teacher targets lack windows these settings train on")
+    return teacher
 
 
 def _check_inputs(model: PreTrainedModel, windows: Tensor) -> None:

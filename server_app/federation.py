@@ -151,6 +151,7 @@ def recover_run(strategy, grid: Grid, run: RunSetup) -> None:
         "steps": config.recovery_steps,
         "lr": config.recovery_lr,
         "samples": config.recovery_samples,
+        "distill": config.recovery_distill,
     }
     with run.clock("recovery"):
         if strategy.compares_to_centralized:  # a federation: the clients fine-tune

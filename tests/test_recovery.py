@@ -21,6 +21,7 @@ from llm_pruning.recovery import (
     apply_deltas,
     recover,
     sparsity_masks,
+    teacher_targets,
 )
 
 SEQLEN = 24
@@ -29,8 +30,12 @@ PATTERNS = {"unstructured": SparsityPattern(0.5), "2:4": SparsityPattern(0.5, 2,
 LR = {"masked": 1e-3, "lora": 1e-2}
 
 
-def settings(method: str, *, steps: int = 12, seed: int = 3) -> RecoverySettings:
-    return RecoverySettings(method, steps=steps, lr=LR[method], batch_size=4, seed=seed)
+def settings(
+    method: str, *, steps: int = 12, seed: int = 3, distill: float = 0.0
+) -> RecoverySettings:
+    return RecoverySettings(
+        method, steps=steps, lr=LR[method], batch_size=4, distill=distill, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")
@@ -345,9 +350,98 @@ def test_bad_windows_are_refused(tiny_llama, bad) -> None:
         {"lr": -1e-3},
         {"lora_rank": 0},
         {"lora_alpha": 0},
+        {"distill": 1.5},
+        {"distill": -0.1},
     ],
 )
 def test_bad_settings_are_refused(changes) -> None:
     values = {"method": "lora", "steps": 1, "lr": 1e-3, "batch_size": 1, **changes}
     with pytest.raises(ValueError, match="recovery"):
         RecoverySettings(**values)
+
+
+# ------------------------------------------------------------------ learning from the dense model
+
+
+def first_batch(count: int, seed: int) -> list[int]:
+    """The windows of a run's first step: the head of its seeded permutation."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:4].tolist()
+
+
+def test_teacher_targets_are_the_dense_models_top_k_on_the_trained_windows(
+    tiny_llama, windows
+) -> None:
+    model, _ = tiny_llama
+    one_step = settings("masked", steps=1, distill=0.5)
+    targets = teacher_targets(model, windows, one_step, k=5)
+    trained = first_batch(len(windows), one_step.seed)
+    assert sorted(torch.nonzero(targets.used).flatten().tolist()) == sorted(trained)
+    assert targets.ids.shape == targets.probs.shape == (8, SEQLEN - 1, 5)
+    with torch.no_grad():
+        logits = model(input_ids=windows[trained], use_cache=False).logits[:, :-1]
+    top = logits.topk(5, dim=-1)
+    assert torch.equal(targets.ids[trained].long(), top.indices)
+    torch.testing.assert_close(targets.probs[trained], torch.softmax(top.values, dim=-1))
+    torch.testing.assert_close(targets.probs[trained].sum(-1), torch.ones(4, SEQLEN - 1))
+    untrained = [i for i in range(8) if i not in trained]
+    assert not targets.probs[untrained].any()  # nothing computed for windows never used
+    assert teacher_targets(model, windows, settings("masked", steps=1)) is None  # no distill
+
+
+@pytest.mark.parametrize("weight", [0.25, 1.0])
+def test_distilled_loss_mixes_nll_and_cross_entropy_to_the_dense_targets(
+    tiny_cache, windows, weight
+) -> None:
+    dense, _ = load_model("tiny-llama")
+    one_step = settings("masked", steps=1, distill=weight)
+    targets = teacher_targets(dense, windows, one_step)
+    model = pruned_model("tiny-llama", "unstructured", windows)
+    batch = windows[first_batch(len(windows), one_step.seed)]
+    with torch.no_grad():  # by hand, on the pruned model before its step
+        log_probs = torch.log_softmax(model(input_ids=batch, use_cache=False).logits, dim=-1)
+        nll = model(input_ids=batch, labels=batch, use_cache=False).loss
+        chosen = first_batch(len(windows), one_step.seed)
+        ids, probs = targets.ids[chosen].long(), targets.probs[chosen]
+        cross = -(probs * log_probs[:, :-1].gather(-1, ids)).sum(-1).mean()
+    result = recover(model, windows, one_step, teacher=targets)
+    assert result.losses[0] == pytest.approx(float((1 - weight) * nll + weight * cross), rel=1e-5)
+    assert abs(float(cross - nll)) > 0.01  # so the mix is told apart from the NLL alone
+
+
+@pytest.mark.parametrize("method", ["masked", "lora"])
+def test_distilled_recovery_keeps_the_zeros_and_moves_towards_the_dense_model(
+    tiny_cache, windows, method
+) -> None:
+    dense, _ = load_model("tiny-llama")
+    distilled = settings(method, distill=1.0)
+    targets = teacher_targets(dense, windows, distilled)
+    pruned = pruned_model("tiny-llama", "2:4", windows)
+    model = copy.deepcopy(pruned)
+    result = recover(model, windows, distilled, teacher=targets)
+    masks = sparsity_masks(pruned)
+    assert all(torch.equal(mask, sparsity_masks(model)[name]) for name, mask in masks.items())
+    assert sum(result.losses[-3:]) / 3 < result.losses[0]  # closer to the dense model's targets
+
+
+def test_distill_zero_ignores_any_teacher(tiny_cache, windows) -> None:
+    dense, _ = load_model("tiny-llama")
+    targets = teacher_targets(dense, windows, settings("masked", steps=3, distill=0.5))
+    pruned = pruned_model("tiny-llama", "unstructured", windows)
+    plain = recover(copy.deepcopy(pruned), windows, settings("masked", steps=3))
+    given = recover(copy.deepcopy(pruned), windows, settings("masked", steps=3), teacher=targets)
+    assert all(torch.equal(plain.deltas[name], given.deltas[name]) for name in plain.deltas)
+
+
+def test_distill_without_matching_targets_is_refused(tiny_cache, windows) -> None:
+    dense, _ = load_model("tiny-llama")
+    model = pruned_model("tiny-llama", "unstructured", windows)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="dense model's targets"):
+        recover(model, windows, settings("masked", steps=1, distill=0.5))
+    few = teacher_targets(dense, windows[:4], settings("masked", steps=1, distill=0.5))
+    with pytest.raises(ValueError, match="do not match 8 windows"):
+        recover(model, windows, settings("masked", steps=1, distill=0.5), teacher=few)
+    one_step = teacher_targets(dense, windows, settings("masked", steps=1, distill=0.5))
+    with pytest.raises(ValueError, match="lack windows"):  # 3 steps use windows it skipped
+        recover(model, windows, settings("masked", steps=3, distill=0.5), teacher=one_step)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

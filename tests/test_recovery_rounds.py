@@ -21,7 +21,7 @@ from fedspallm_strategy.wire.protocol import DELTAS_KEY, bytes_record, record_by
 from fedspallm_strategy.wire.values_payload import Expected, decode_values, encode_values
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.models import load_model
-from llm_pruning.recovery import recover
+from llm_pruning.recovery import recover, teacher_targets
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
@@ -65,23 +65,28 @@ def pruned(tmp_path_factory):
     return matrices(run_dir)
 
 
-def test_one_round_adds_the_mean_of_what_each_client_computes_alone(tmp_path, pruned):
-    config = config_of(tmp_path, **{"recovery-rounds": 1})
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_one_round_adds_the_mean_of_what_each_client_computes_alone(tmp_path, pruned, distill):
+    config = config_of(tmp_path, **{"recovery-rounds": 1, "recovery-distill": distill})
     run_dir, report = run(config)
     assert report["rejected"] == []
     assert report["recovery"]["per-round"][0]["clients"] == 2
-    # Each client alone: the pruned model, its own windows, the same settings.
-    model, tokenizer = load_model(config.model)
+    assert report["recovery"]["distill"] == distill
+    # Each client alone: the dense model's targets (where distilling), then the pruned model,
+    # its own windows, the same settings.
     deltas = []
     for partition in (0, 1):
+        model, tokenizer = load_model(config.model)
+        node = NodeConfig(partition_id=partition, num_partitions=2)
+        windows = load_recovery_shard(config, node, tokenizer)
+        assert windows.shape == (4, 32)
+        teacher = teacher_targets(model, windows, config.recovery_settings)
+        assert (teacher is None) == (distill == 0)
         with torch.no_grad():
             for layer in range(num_layers(model)):
                 for name, linear in prunable_weights(model, layer).items():
                     linear.weight.copy_(pruned[name])
-        node = NodeConfig(partition_id=partition, num_partitions=2)
-        windows = load_recovery_shard(config, node, tokenizer)
-        assert windows.shape == (4, 32)
-        deltas.append(recover(model, windows, config.recovery_settings).deltas)
+        deltas.append(recover(model, windows, config.recovery_settings, teacher=teacher).deltas)
     found = matrices(run_dir)
     for name, before in pruned.items():
         keep = before != 0
@@ -155,6 +160,8 @@ def test_the_masked_bound_is_adams_own():
         ({"recovery-samples": 0}, "recovery-samples"),
         ({"recovery-lr": 0.0}, "recovery-lr"),
         ({"recovery-lr": float("nan")}, "recovery-lr"),
+        ({"recovery-distill": 1.5}, "recovery-distill"),
+        ({"recovery-distill": -0.5}, "recovery-distill"),
         ({"recovery-rounds": 1, "dtype": "bfloat16"}, "recovery-method"),
         ({"recovery-rounds": 1, "strategy": "standalone"}, "recovery-rounds"),
     ],

@@ -108,6 +108,9 @@ class RunConfig:
     recovery_steps: int = 8  # optimizer steps per client per recovery round (batches of 4)
     recovery_lr: float = 1e-4  # AdamW learning rate (lora: of the adapters; try 1e-4 to 1e-3)
     recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
+    # weight in [0, 1] of the dense model's top-32 next-token probabilities in the loss, the
+    # rest next-token NLL (0: NLL only; > 0: a forward pass of the dense model first)
+    recovery_distill: float = 0.0
 
     @property
     def resolves(self) -> bool:
@@ -165,6 +168,7 @@ class RunConfig:
             steps=self.recovery_steps,
             lr=self.recovery_lr,
             batch_size=min(RECOVERY_BATCH, self.recovery_samples),
+            distill=self.recovery_distill,
             seed=self.seed,
         )
 
@@ -324,6 +328,10 @@ class RunConfig:
         at_least("recovery-samples", self.recovery_samples, 1)
         if not (math.isfinite(self.recovery_lr) and self.recovery_lr > 0):
             raise ConfigError(f"recovery-lr must be a positive number, got {self.recovery_lr}")
+        if not 0 <= self.recovery_distill <= 1:
+            raise ConfigError(
+                f"recovery-distill must be a number in [0, 1], got {self.recovery_distill}"
+            )
         if not self.recovery_rounds:
             return
         if self.strategy == "standalone":

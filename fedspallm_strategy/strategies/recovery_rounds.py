@@ -65,7 +65,7 @@ from fedspallm_strategy.wire.replies import RejectedReply, reply_bytes, reply_me
 from fedspallm_strategy.wire.values_payload import Expected, decode_values, values_limit
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.lazy import layer_tensors, update_layer
-from llm_pruning.recovery import recover, sparsity_masks
+from llm_pruning.recovery import recover, sparsity_masks, teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +251,12 @@ def recover_centrally(model, config: RunConfig, tokenizer, node_configs) -> dict
         batch_size=min(RECOVERY_BATCH * len(ordered), int(windows.shape[0])),
     )
     eager, _ = load_model(config.model, dtype=config.torch_dtype, ignore=config.ignore)
+    teacher = teacher_targets(eager, windows, settings, config.device)  # still dense
     values, masks = global_matrices(model)
     for layer in range(num_layers(eager)):
         update_layer(eager, layer, {n: values[n] for n in prunable_weights(eager, layer)})
     del values
-    result = recover(eager, windows, settings, device=config.device)
+    result = recover(eager, windows, settings, device=config.device, teacher=teacher)
     if sparsity_masks(eager).keys() != masks.keys():
         raise RuntimeError("centralized recovery: the eager copy names other matrices")
     largest = apply_mean(model, result.deltas, masks)

@@ -82,6 +82,7 @@ CLIENT_KEYS = (
     "recovery-steps",
     "recovery-lr",
     "recovery-samples",
+    "recovery-distill",
 )
 
 
