@@ -40,6 +40,8 @@ from server_app.report import Evaluator
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_TEXT = ROOT.parent / "shared" / "data" / "austen" / "persuasion.txt"
 
+# Recovery that also learns from the dense model (half the loss), beside plain recovery.
+DISTILL = {"recovery-distill": 0.5}
 # Row -> run-config overrides (recovery rows add the recovery keys).
 ROWS = {
     "central-sparsegpt": {"strategy": "centralized"},
@@ -48,8 +50,17 @@ ROWS = {
     "fed-global": {"calibration": "global"},
     "fed-global-lsq": {"calibration": "global", "reconstruction": "lsq"},
     "fed-global-lsq-recovery": {"calibration": "global", "reconstruction": "lsq", "recover": 1},
+    "fed-global-lsq-recovery-distill": {
+        "calibration": "global",
+        "reconstruction": "lsq",
+        "recover": 1,
+        **DISTILL,
+    },
     "exact-lsq": {"strategy": "exact", "reconstruction": "lsq"},
+    "central-recovery": {"strategy": "centralized", "recover": 1},  # recovery's upper bound
+    "central-recovery-distill": {"strategy": "centralized", "recover": 1, **DISTILL},
     "fed-local-recovery": {"recover": 1},  # the default mode, then recovery
+    "fed-local-recovery-distill": {"recover": 1, **DISTILL},
     # The same, with each member's own model scored, pruned and after its own recovery.
     "fed-local-recovery-members": {"recover": 1, "standalone-eval": True},
 }
@@ -70,7 +81,7 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
         "recovery-lr": args.recovery_lr,
         "recovery-samples": args.recovery_samples,
         "recovery-method": args.recovery_method,
-        "recovery-distill": args.recovery_distill,
+        "recovery-distill": 0.0,  # the rows that distil say so
     }
     values.update({k: v for k, v in overrides.items() if k != "recover"})
     if overrides.get("recover"):
@@ -132,7 +143,6 @@ def main() -> None:
     parser.add_argument("--recovery-lr", type=float, default=RunConfig.recovery_lr)
     parser.add_argument("--recovery-samples", type=int, default=RunConfig.recovery_samples)
     parser.add_argument("--recovery-method", default=RunConfig.recovery_method)
-    parser.add_argument("--recovery-distill", type=float, default=RunConfig.recovery_distill)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--tag", default="", help="ends the file's name: another file for other settings"
@@ -149,9 +159,7 @@ def main() -> None:
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
-    # A file from before a setting existed was measured at its default.
-    before = {"recovery_distill": RunConfig.recovery_distill}
-    if saved and {k: v for k, v in {**before, **saved["args"]}.items() if k != "rows"} != settings:
+    if saved and {k: v for k, v in saved["args"].items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     for name in args.rows.split(","):
         if name in rows:
@@ -184,9 +192,7 @@ def _command(args) -> str:
         f"python bench/beyond_centralized.py --pattern {args.pattern} --rows {args.rows} "
         f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
         f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
-        f"--recovery-method {args.recovery_method}"
-        + (f" --recovery-distill {args.recovery_distill}" if args.recovery_distill else "")
-        + (f" --tag {args.tag}" if args.tag else "")
+        f"--recovery-method {args.recovery_method}" + (f" --tag {args.tag}" if args.tag else "")
     )
 
 

@@ -707,13 +707,17 @@ BEYOND_LABELS = {
     "dense": "dense",
     "dense-ft": "dense, fine-tuned with the recovery budget",
     "central-sparsegpt": "centralized SparseGPT",
+    "central-recovery": "centralized SparseGPT",
+    "central-recovery-distill": "centralized SparseGPT",
     "central-lsq": "centralized, `lsq`",
     "central-lsq-recovery": "centralized, `lsq`",
     "fed-global": "federated, global calibration + re-solve",
     "fed-global-lsq": "federated, global calibration + re-solve, `lsq`",
     "fed-global-lsq-recovery": "federated, global calibration + re-solve, `lsq`",
+    "fed-global-lsq-recovery-distill": "federated, global calibration + re-solve, `lsq`",
     "exact-lsq": "`exact`, `lsq`",
     "fed-local-recovery": "federated, the default mode",
+    "fed-local-recovery-distill": "federated, the default mode",
     "fed-local-recovery-members": "federated, the default mode",
 }
 # A row that is another row's run with the members' own models scored too.
@@ -782,11 +786,14 @@ def beyond_section(r: Result) -> list[str]:
         ]
 
     rows = []
+    shown = []  # every model's perplexities already a line: a pruned model shows once
     for name, label in BEYOND_LABELS.items():
         if name not in present:
             continue
         run = present[name]
         scores, before = _beyond_model(r, name)
+        distill = (run.get("run-config") or {}).get("recovery-distill", 0)
+        recovered = f"recovery, {distill:g} distilled" if distill else "recovery"
         rounds = str(run["rounds"]) if run.get("rounds") else "–"
         recovery = run.get("recovery") or {}
         same_run = name.removesuffix(_MEMBERS_SUFFIX)
@@ -796,25 +803,25 @@ def beyond_section(r: Result) -> list[str]:
             continue
         if before is None:
             rows.append(line(label, scores, run, rounds))
+            shown.append(scores)
             continue
-        pruned = name.removesuffix("-recovery")
-        if pruned not in present or _beyond_model(r, pruned)[0] != before:
-            # the same run without recovery, already a row above, is this line
+        if before not in shown:
             rows.append(line(f"{label}, before recovery", before, {}, "–"))
+            shown.append(before)
         for entry in recovery.get("per-round", []):
             if "perplexity" in entry:
                 done = entry["round"] - run["rounds"] + recovery["rounds"]
                 last = done == recovery["rounds"]
                 rows.append(
                     line(
-                        f"{label} + recovery, {done} round{'s' if done > 1 else ''}",
+                        f"{label} + {recovered}, {done} round{'s' if done > 1 else ''}",
                         entry["perplexity"],
                         run if last else {},
                         rounds if last else "–",
                     )
                 )
         if "centralized" in recovery:
-            rows.append(line(f"{label} + recovery on the pooled shards", scores, run, rounds))
+            rows.append(line(f"{label} + {recovered} on the pooled shards", scores, run, rounds))
         rows += _member_lines(r, name, line)
     header = [
         "model",
@@ -830,6 +837,20 @@ def beyond_section(r: Result) -> list[str]:
         "wall s",
     ]
     pattern = r.arg("pattern")
+    distilled = sorted(
+        {
+            d
+            for run in present.values()
+            if (d := (run.get("run-config") or {}).get("recovery-distill"))
+        }
+    )
+    distill_note = (
+        f' "Distilled {", ".join(f"{d:g}" for d in distilled)}": that share of the loss is '
+        "cross-entropy to the dense model's top-32 next-token probabilities, the rest "
+        "next-token NLL (`recovery-distill`); the dense model is fine-tuned with the NLL only."
+        if distilled
+        else ""
+    )
     return [
         f"SmolLM2-135M at {sparsity_label(pattern)}"
         f"{'' if ':' in pattern else ' unstructured'}, two organisations with `python-docs` "
@@ -840,7 +861,7 @@ def beyond_section(r: Result) -> list[str]:
         f"{r.arg('recovery_lr'):g}, {r.arg('recovery_samples')} windows per client; the dense "
         "model is fine-tuned on every client's windows pooled, with the steps of all the "
         "rounds (what centralized recovery does), so its gain is adaptation to the domain. "
-        "Bytes and rounds are of the whole run, pruning included.",
+        "Bytes and rounds are of the whole run, pruning included." + distill_note,
         table(header, rows),
     ]
 
