@@ -92,6 +92,29 @@ def test_two_of_four_rows_are_the_values_in_the_json() -> None:
     )
 
 
+def test_recovery_lines_are_divided_by_dense_fine_tuned_only_at_its_budget() -> None:
+    page = PAGE.read_text()
+    # beyond_centralized_0.5_samples-64.json, by hand: dense fine-tuned 9.9567; the default
+    # mode after both rounds 15.6019: / 9.9567 = 1.567, / dense 15.0942 = 1.034
+    path = ROOT / "bench/results/beyond_centralized_0.5_samples-64.json"
+    rows = json.loads(path.read_text())["rows"]
+    assert rows["dense-ft"]["perplexity"]["dense-ft"]["python-docs"] == 9.9567
+    assert (
+        "| federated, the default mode + recovery, 2 rounds | 15.60 | 75.94 | – | – | 1.03 | 1.57 |"
+        in page
+    )
+    # beyond_centralized_0.5_4-rounds.json: the dense model fine-tuned for 4 rounds' steps
+    # (19.8132) divides only the 4-round line: 17.5352 / 19.8132 = 0.885
+    assert (
+        "| federated, the default mode + recovery, 2 rounds | 15.51 | 77.90 | – | – | 1.03 | – |"
+        in page
+    )
+    assert (
+        "| federated, the default mode + recovery, 4 rounds | 17.54 | 90.57 | – | – | 1.16 | 0.89 |"
+        in page
+    )
+
+
 def test_default_mode_scale_rows_are_the_values_in_the_json() -> None:
     page = PAGE.read_text()
     # scale.json, by hand: sim-7b-2-default's ServerApp peaked at 5,909,356,544 bytes = 5.91 GB
