@@ -64,6 +64,15 @@ def test_table_rows_are_the_values_in_the_json() -> None:
         "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | – | – | 1.03 | "
         "1.34 |" in page
     )
+    # recovery half distilled from the dense model, by hand: 15.7759 / dense 15.0942 = 1.045,
+    # / dense fine-tuned 11.5852 = 1.362
+    distilled = beyond["rows"]["fed-local-recovery-distill"]
+    assert distilled["run-config"]["recovery-distill"] == 0.5
+    assert distilled["perplexity"]["global"]["python-docs"] == 15.7759
+    assert (
+        "| federated, the default mode + recovery, 0.5 distilled, 2 rounds | 15.78 | 75.66 | – | "
+        "– | 1.05 | 1.36 |" in page
+    )
     # the members' own models recovered alone, by hand: (16.2668 + 18.4125) / 2 = 17.3396;
     # / dense 15.0943 = 1.149
     members = beyond["rows"]["fed-local-recovery-members"]["perplexity"]["standalone"]
