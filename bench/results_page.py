@@ -1022,6 +1022,17 @@ SECTIONS: tuple[Section, ...] = (
         unchecked=("out", "rows", "tag"),
     ),
     Section(
+        "beyond_centralized_0.5_4-rounds-samples-64.json",
+        "Beyond centralized SparseGPT: recovery at 50 %, 4 rounds, 64 windows per client",
+        (
+            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery,dense "
+            f"{RECOVERY_FLAGS.replace('rounds 2', 'rounds 4').replace('samples 16', 'samples 64')}"
+            " --tag 4-rounds-samples-64",
+        ),
+        beyond_section,
+        unchecked=("out", "rows", "tag"),
+    ),
+    Section(
         "beyond_centralized_0.7.json",
         "Beyond centralized SparseGPT: exact reconstruction and recovery at 70 %",
         (

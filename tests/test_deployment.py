@@ -425,10 +425,10 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     connection = federation.connect("loopback", superlink_port)
 
     # Pruned with exact masked least squares, then one recovery round: the three nodes with
-    # text fine-tune the global model.
+    # text fine-tune the global model, half of the loss from the dense model's targets.
     recovery = (
         "reconstruction='lsq' recovery-rounds=1 recovery-steps=2 recovery-samples=2 "
-        "recovery-lr=0.001"
+        "recovery-lr=0.001 recovery-distill=0.5"
     )
     run_id, run_dir, report = run_and_check(
         federation, connection, tmp_path / "runs", nodes=4, extra=recovery
@@ -442,6 +442,7 @@ def test_insecure_federation_with_node_configs(federation, tmp_path):
     assert {r["node"] for r in report["rejected"]} == {int(bad)}, report["rejected"]
     (recovered,) = report["recovery"]["per-round"]
     assert recovered["clients"] == 3
+    assert report["recovery"]["distill"] == 0.5
     rounds = [r["round"] for r in report["rejected"]]
     assert rounds[0] == 1 and rounds[-1] == recovered["round"], report["rejected"]
     reason = report["rejected"][0]["reason"]

@@ -124,6 +124,20 @@ def test_recovery_lines_are_divided_by_dense_fine_tuned_only_at_its_budget() -> 
     )
 
 
+def test_four_rounds_on_64_windows_are_the_values_in_the_json() -> None:
+    page = PAGE.read_text()
+    # beyond_centralized_0.5_4-rounds-samples-64.json, by hand: after 4 rounds 15.1858 on
+    # python-docs: / dense 15.0942 = 1.006, / dense fine-tuned 8.9021 = 1.706
+    path = ROOT / "bench/results/beyond_centralized_0.5_4-rounds-samples-64.json"
+    rows = json.loads(path.read_text())["rows"]
+    assert rows["dense-ft"]["perplexity"]["dense-ft"]["python-docs"] == 8.9021
+    assert rows["fed-local-recovery"]["perplexity"]["global"]["python-docs"] == 15.1858
+    assert (
+        "| federated, the default mode + recovery, 4 rounds | 15.19 | 78.78 | – | – | 1.01 | "
+        "1.71 |" in page
+    )
+
+
 def test_default_mode_scale_rows_are_the_values_in_the_json() -> None:
     page = PAGE.read_text()
     # scale.json, by hand: sim-7b-2-default's ServerApp peaked at 5,909,356,544 bytes = 5.91 GB
