@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +68,14 @@ from transformers import PreTrainedModel
 from llm_pruning.families import num_layers, prunable_weights
 from llm_pruning.layer_store import layer_store
 from llm_pruning.lora import Adapter, recomputed_activations
+from llm_pruning.recovery_batches import (  # noqa: F401  (teacher_targets: re-exported)
+    Batches,
+    TeacherTargets,
+    check_teacher,
+    teacher_targets,
+)
 
 METHODS = ("masked", "lora")
-# Next tokens kept per position from the dense model, renormalised: the whole distribution
-# would cost N x T x vocab floats (16 x 2048 x 32000 x 4 B ~ 4 GB at 7B), 32 of them 8 MB.
-TEACHER_TOP_K = 32
 
 
 @dataclass(frozen=True)
@@ -122,26 +125,6 @@ class RecoverySettings:
             raise ValueError(f"recovery distill must be a number in [0, 1]; got {self.distill!r}")
 
 
-@dataclass(frozen=True)
-class TeacherTargets:
-    """The dense model's ``k`` most likely next tokens at every position of the windows.
-
-    Attributes
-    ----------
-    ids
-        ``(N, T - 1, k)`` int32: for window n and position t, the tokens most likely to follow.
-    probs
-        ``(N, T - 1, k)`` float32, summing to 1 over k (the top-k renormalised). Zero for the
-        windows the run never trains on (``used`` is False).
-    used
-        ``(N,)`` bool: the windows whose targets were computed.
-    """
-
-    ids: Tensor
-    probs: Tensor
-    used: Tensor
-
-
 @dataclass
 class RecoveryResult:
     """What one client's recovery changed.
@@ -174,46 +157,6 @@ def sparsity_masks(model: PreTrainedModel) -> dict[str, Tensor]:
     }
 
 
-def teacher_targets(
-    model: PreTrainedModel,
-    windows: Tensor,
-    settings: RecoverySettings,
-    device: str | torch.device = "cpu",
-    k: int = TEACHER_TOP_K,
-) -> TeacherTargets | None:
-    """The dense ``model``'s top-``k`` next-token distributions on the windows that
-    :func:`recover` with ``settings`` will train on (its seeded batches), one batch at a time;
-    None where ``settings.distill`` is 0 (nothing to compute).
-
-    Call it on the dense model, before the pruned values are written into it. The model is
-    moved to ``device`` and back to the CPU, in its former train/eval mode.
-    """
-    if not settings.distill:
-        return None
-    _check_inputs(model, windows)
-    count, length = windows.shape
-    k = min(k, model.config.vocab_size)
-    chosen = sorted(_trained_windows(count, settings))
-    ids = torch.zeros(count, length - 1, k, dtype=torch.int32)
-    probs = torch.zeros(count, length - 1, k)
-    used = torch.zeros(count, dtype=torch.bool)
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(chosen), settings.batch_size):
-                part = chosen[start : start + settings.batch_size]
-                logits = model(input_ids=windows[part].to(device), use_cache=False).logits
-                top = logits[:, :-1].float().topk(k, dim=-1)
-                ids[part] = top.indices.to("cpu", torch.int32)
-                probs[part] = torch.softmax(top.values, dim=-1).cpu()
-                used[part] = True
-    finally:
-        model.to("cpu")
-        model.train(was_training)
-    return TeacherTargets(ids, probs, used)
-
-
 def recover(
     model: PreTrainedModel,
     windows: Tensor,
@@ -240,7 +183,7 @@ def recover(
     """
     start = time.perf_counter()
     _check_inputs(model, windows)
-    teacher = _check_teacher(teacher, windows, settings)
+    teacher = check_teacher(teacher, windows, settings)
     linears = _prunable_linears(model)
     masks = {name: mask.cpu() for name, mask in sparsity_masks(model).items()}
     if settings.method == "masked":
@@ -248,7 +191,7 @@ def recover(
     before = {name: linears[name].weight.detach().float()[mask] for name, mask in masks.items()}
     try:
         losses, deltas = _train(
-            model, linears, masks, _Batches(windows, settings, teacher), torch.device(device)
+            model, linears, masks, Batches(windows, settings, teacher), torch.device(device)
         )
     except BaseException:  # an error or interrupt mid-training leaves the model as it was
         _commit(linears, masks, before, {n: torch.zeros_like(v) for n, v in before.items()})
@@ -291,7 +234,7 @@ def _train(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    batches: _Batches,
+    batches: Batches,
     device: torch.device,
 ) -> tuple[list[float], dict[str, Tensor] | None]:
     """Run the method on ``device`` under a seeded, forked RNG; whatever happens, the model
@@ -319,7 +262,7 @@ def _train_masked(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    batches: _Batches,
+    batches: Batches,
     device: torch.device,
 ) -> tuple[list[float], None]:
     # Only the prunable weights train: the federation merges nothing else (embeddings, norms,
@@ -345,7 +288,7 @@ def _train_masked(
 
 def _step(
     model: PreTrainedModel,
-    batches: _Batches,
+    batches: Batches,
     device: torch.device,
     optimizer: torch.optim.Optimizer,
     grad_masks: Sequence[tuple[Tensor, Tensor]] = (),
@@ -366,7 +309,7 @@ def _train_lora(
     model: PreTrainedModel,
     linears: dict[str, nn.Linear],
     masks: dict[str, Tensor],
-    batches: _Batches,
+    batches: Batches,
     device: torch.device,
 ) -> tuple[list[float], dict[str, Tensor]]:
     """Adapters trained on a frozen base; the deltas are their updates at kept positions
@@ -396,51 +339,6 @@ def _train_lora(
             for name, adapter in adapters.items()
         }
     return losses, deltas
-
-
-class _Batches:
-    """The training batches in their seeded order, and the loss of the next one."""
-
-    def __init__(
-        self, windows: Tensor, settings: RecoverySettings, teacher: TeacherTargets | None
-    ) -> None:
-        self.windows = windows
-        self.settings = settings
-        self.teacher = teacher
-        self._order = _batch_indices(windows.shape[0], settings)
-
-    def next_loss(self, model: PreTrainedModel, device: torch.device) -> Tensor:
-        """``(1 - distill)`` x next-token NLL ``+ distill`` x cross-entropy to the dense
-        model's top-k distributions, both averaged over the batch's predicted tokens."""
-        chosen = next(self._order)
-        batch = self.windows[chosen].to(device)
-        if self.teacher is None:
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        nll = -log_probs.gather(-1, batch[:, 1:, None]).mean()
-        ids = self.teacher.ids[chosen].to(device, torch.long)
-        probs = self.teacher.probs[chosen].to(device)
-        distilled = -(probs * log_probs.gather(-1, ids)).sum(dim=-1).mean()
-        weight = self.settings.distill
-        return (1 - weight) * nll + weight * distilled
-
-
-def _trained_windows(count: int, settings: RecoverySettings) -> set[int]:
-    """The indices of the windows ``settings.steps`` batches use."""
-    batches = _batch_indices(count, settings)
-    return {index for _ in range(settings.steps) for index in next(batches)}
-
-
-def _batch_indices(count: int, settings: RecoverySettings) -> Iterator[list[int]]:
-    """``batch_size`` window indices at a time, cycling through seeded permutations."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    order: list[int] = []
-    while True:
-        while len(order) < settings.batch_size:
-            order += torch.randperm(count, generator=generator).tolist()
-        chosen, order = order[: settings.batch_size], order[settings.batch_size :]
-        yield chosen
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -492,28 +390,6 @@ def _check_delta(
         raise ValueError(f"delta for '{name}': {delta.numel()} values, but its mask keeps {kept}")
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(f"delta for '{name}': has non-finite values (NaN or inf)")
-
-
-def _check_teacher(
-    teacher: TeacherTargets | None, windows: Tensor, settings: RecoverySettings
-) -> TeacherTargets | None:
-    """The targets the loss uses: ``teacher`` where ``settings.distill`` > 0, else None."""
-    if not settings.distill:
-        return None
-    if teacher is None:
-        raise ValueError(
-            "recovery distill > 0 needs the dense model's targets (teacher_targets, computed "
-            "before the model was pruned)"
-        )
-    count, length = windows.shape
-    if teacher.ids.shape[:2] != (count, length - 1) or teacher.probs.shape != teacher.ids.shape:
-        raise ValueError(
-            f"recovery teacher targets of shape {tuple(teacher.ids.shape)} do not match "
-            f"{count} windows of {length} tokens"
-        )
-    if not all(bool(teacher.used[index]) for index in _trained_windows(count, settings)):
-        raise ValueError("recovery teacher targets lack windows these settings train on")
-    return teacher
 
 
 def _check_inputs(model: PreTrainedModel, windows: Tensor) -> None:
