@@ -105,9 +105,7 @@ def check_teacher(
 class Batches:
     """The training batches in their seeded order, and the loss of the next one."""
 
-    def __init__(
-        self, windows: Tensor, settings, teacher: TeacherTargets | None
-    ) -> None:
+    def __init__(self, windows: Tensor, settings, teacher: TeacherTargets | None) -> None:
         self.windows = windows
         self.settings = settings
         self.teacher = teacher
