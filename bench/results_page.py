@@ -992,14 +992,17 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section(
         "beyond_centralized_0.5.json",
-        "Beyond centralized SparseGPT: recovery at 50 %",
+        "Beyond centralized SparseGPT: reconstruction and recovery at 50 %",
         (
             f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery {RECOVERY_FLAGS}",
             f"{BEYOND} --pattern 0.5 --rows fed-local-recovery-members {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery-distill {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 0.5 --rows central-sparsegpt,central-lsq,exact-lsq,fed-global,"
+            f"fed-global-lsq-recovery,central-recovery {RECOVERY_FLAGS}",
         ),
         beyond_section,
         unchecked=("out", "rows"),
-        commands_note="the second adds its rows to the file the first wrote",
+        commands_note="each later one adds its rows to the file the first wrote",
     ),
     Section(
         "beyond_centralized_0.5_4-rounds.json",
