@@ -72,6 +72,7 @@ from llm_pruning.recovery_batches import (  # noqa: F401  (teacher_targets: re-e
     Batches,
     TeacherTargets,
     check_teacher,
+    check_windows,
     teacher_targets,
 )
 
@@ -395,13 +396,7 @@ def _check_delta(
 def _check_inputs(model: PreTrainedModel, windows: Tensor) -> None:
     if layer_store(model) is not None:
         raise ValueError("recovery needs an eager model; this one loads its layers lazily")
-    if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        raise ValueError("recovery windows must be a LongTensor of shape (N, T)")
-    if windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise ValueError(f"recovery needs N >= 1 windows of T >= 2 tokens; got {windows.shape}")
-    vocab = model.config.vocab_size
-    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
-        raise ValueError(f"recovery windows hold token ids outside the vocabulary [0, {vocab})")
+    check_windows(model, windows)
 
 
 def _require_float32(linears: Mapping[str, nn.Linear]) -> None:

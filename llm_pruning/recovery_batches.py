@@ -57,6 +57,7 @@ def teacher_targets(
     """
     if not settings.distill:
         return None
+    check_windows(model, windows)
     count, length = windows.shape
     k = min(k, model.config.vocab_size)
     chosen = sorted(_trained_windows(count, settings))
@@ -78,6 +79,18 @@ def teacher_targets(
         model.to("cpu")
         model.train(was_training)
     return TeacherTargets(ids, probs, used)
+
+
+def check_windows(model: PreTrainedModel, windows: Tensor) -> None:
+    """Raise ``ValueError`` unless ``windows`` is an ``(N, T)`` LongTensor of ``model``'s token
+    ids with N >= 1 and T >= 2 (a window predicts T - 1 next tokens)."""
+    if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise ValueError("recovery windows must be a LongTensor of shape (N, T)")
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"recovery needs N >= 1 windows of T >= 2 tokens; got {windows.shape}")
+    vocab = model.config.vocab_size
+    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
+        raise ValueError(f"recovery windows hold token ids outside the vocabulary [0, {vocab})")
 
 
 def check_teacher(

@@ -338,6 +338,8 @@ def test_bad_windows_are_refused(tiny_llama, bad) -> None:
     model, _ = tiny_llama
     with pytest.raises(ValueError, match="windows"):
         recover(model, bad, settings("masked", steps=1))
+    with pytest.raises(ValueError, match="windows"):  # before any forward pass of the dense model
+        teacher_targets(model, bad, settings("masked", steps=1, distill=0.5))
 
 
 @pytest.mark.parametrize(
