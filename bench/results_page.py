@@ -1042,10 +1042,12 @@ SECTIONS: tuple[Section, ...] = (
             f"{BEYOND} --pattern 0.7 --rows central-sparsegpt,central-lsq,fed-global-lsq "
             f"{RECOVERY_FLAGS}",
             f"{BEYOND} --pattern 0.7 --rows fed-global-lsq-recovery,exact-lsq {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 0.7 --rows dense,dense-ft,fed-global,central-recovery "
+            f"{RECOVERY_FLAGS}",
         ),
         beyond_section,
         unchecked=("out", "rows"),
-        commands_note="the second adds its rows to the file the first wrote",
+        commands_note="each later one adds its rows to the file the first wrote",
     ),
     Section(
         "beyond_centralized_2of4.json",
@@ -1053,9 +1055,21 @@ SECTIONS: tuple[Section, ...] = (
         (
             f"{BEYOND} --pattern 2:4 --rows central-sparsegpt,central-lsq,fed-global-lsq,"
             f"exact-lsq {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 2:4 --rows dense,dense-ft {RECOVERY_FLAGS}",
         ),
         beyond_section,
         unchecked=("out", "rows"),  # the file records its rows in the order they were run
+        commands_note="the second adds its rows to the file the first wrote",
+    ),
+    Section(
+        "beyond_centralized_0.5_lora.json",
+        "Beyond centralized SparseGPT: recovery with LoRA adapters at 50 %",
+        (
+            f"{BEYOND} --pattern 0.5 --rows fed-global-lsq-recovery "
+            f"{RECOVERY_FLAGS.replace('method masked', 'method lora')} --tag lora",
+        ),
+        beyond_section,
+        unchecked=("out", "rows", "tag"),
     ),
 )
 
