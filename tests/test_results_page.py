@@ -56,12 +56,13 @@ def test_table_rows_are_the_values_in_the_json() -> None:
     assert clients["rows"][0]["perplexity"]["global"]["python-docs"] == 22.4559
     assert "| 2 | 1 | 232.3 | 149.0 | 15.09 | 22.70 / 23.70 | 23.20 | 22.46 |" in page
     # beyond_centralized_0.5.json, by hand: after 2 recovery rounds 15.5803 on python-docs and
-    # 76.8523 on Persuasion; 15.5803 / dense 15.0943 = 1.032, / dense fine-tuned 11.5852 = 1.3448
+    # 76.8523 on Persuasion; 15.5803 / dense 15.0943 = 1.032, / dense fine-tuned 11.5852 = 1.3448,
+    # / centralized SparseGPT 22.3396 = 0.697 (and 76.8523 / 89.2612 = 0.861 on Persuasion)
     beyond = json.loads((ROOT / "bench/results/beyond_centralized_0.5.json").read_text())
     recovered = beyond["rows"]["fed-local-recovery"]
     assert recovered["perplexity"]["global"]["python-docs"] == 15.5803
     assert (
-        "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | – | – | 1.03 | "
+        "| federated, the default mode + recovery, 2 rounds | 15.58 | 76.85 | 0.70 | 0.86 | 1.03 | "
         "1.34 |" in page
     )
     # recovery half distilled from the dense model, by hand: 15.7759 / dense 15.0942 = 1.045,
@@ -93,11 +94,13 @@ def test_table_rows_are_the_values_in_the_json() -> None:
 def test_two_of_four_rows_are_the_values_in_the_json() -> None:
     page = PAGE.read_text()
     # beyond_centralized_2of4.json, by hand: centralized lsq 27.0587 on python-docs against
-    # centralized SparseGPT's 35.2391 = 0.768; 213.8314 / 206.5078 = 1.035 on Persuasion
+    # centralized SparseGPT's 35.2391 = 0.768; 213.8314 / 206.5078 = 1.035 on Persuasion;
+    # / dense 15.0943 = 1.793, / dense fine-tuned 11.5852 = 2.336
     rows = json.loads((ROOT / "bench/results/beyond_centralized_2of4.json").read_text())["rows"]
     assert rows["central-lsq"]["perplexity"]["centralized"]["python-docs"] == 27.0587
     assert (
-        "| centralized, `lsq` | 27.06 | 213.83 | 0.77 | 1.04 | – | – | – | – | – | 136.4 |" in page
+        "| centralized, `lsq` | 27.06 | 213.83 | 0.77 | 1.04 | 1.79 | 2.34 | – | – | – | 136.4 |"
+        in page
     )
 
 
