@@ -1056,10 +1056,11 @@ SECTIONS: tuple[Section, ...] = (
             f"{BEYOND} --pattern 2:4 --rows central-sparsegpt,central-lsq,fed-global-lsq,"
             f"exact-lsq {RECOVERY_FLAGS}",
             f"{BEYOND} --pattern 2:4 --rows dense,dense-ft {RECOVERY_FLAGS}",
+            f"{BEYOND} --pattern 2:4 --rows fed-global {RECOVERY_FLAGS}",
         ),
         beyond_section,
         unchecked=("out", "rows"),  # the file records its rows in the order they were run
-        commands_note="the second adds its rows to the file the first wrote",
+        commands_note="each later one adds its rows to the file the first wrote",
     ),
     Section(
         "beyond_centralized_0.5_lora.json",

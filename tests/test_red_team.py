@@ -18,7 +18,12 @@ from client_app.app import app as client_app
 from client_app.exact_task import exact_statistics
 from client_app.task import prune_layers
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig
-from fedspallm_strategy.merge.plausibility import change_bound, check_kept_values, relative_change
+from fedspallm_strategy.merge.plausibility import (
+    change_bound,
+    check_kept_values,
+    entry_factor,
+    relative_change,
+)
 from fedspallm_strategy.strategies.exact import Exact
 from fedspallm_strategy.strategies.one_shot import MergeStrategy
 from fedspallm_strategy.wire.safetensors_reader import PayloadError
@@ -110,6 +115,30 @@ def test_one_flipped_exponent_bit_inside_the_matrix_bound_is_rejected(honest, mo
     (reason,) = rejections(strategy, 2)
     assert name in reason and "entry" in reason
     assert rejections(strategy, 1) == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "moved_rms", "refused"),
+    [("unstructured", 30.0, True), ("2:4", 30.0, False), ("2:4", 45.0, True)],
+)
+def test_the_per_entry_bound_is_wider_under_n_m(pattern, moved_rms, refused):
+    """6,400 kept values of +-1 (RMS 1; the matrix bound is 1 at 50 %), one moved by
+    ``moved_rms``: the matrix changes by moved / sqrt(6400), 30 / 80 = 0.375 or 45 / 80 = 0.56,
+    inside its bound, so only the per-entry bound decides: 20 RMS unstructured refuses 30,
+    N:M's 40 lets 30 through and refuses 45."""
+    parsed = SparsityPattern.parse(pattern, 0.5)
+    assert entry_factor(parsed) == (40.0 if parsed.m else 20.0)
+    dense_kept = torch.ones(6400)
+    dense_kept[::2] = -1.0
+    kept = dense_kept.clone()
+    kept[7] += moved_rms
+    bound = change_bound(parsed, 1.0)
+    assert bound == 1.0
+    if refused:
+        with pytest.raises(PayloadError, match="kept entry 7 moved"):
+            check_kept_values("w", kept, dense_kept, bound, entry_factor(parsed))
+    else:
+        check_kept_values("w", kept, dense_kept, bound, entry_factor(parsed))
 
 
 def test_honest_replies_pass_the_per_entry_bound(honest, model, dense):

@@ -23,14 +23,19 @@ worst |w − d| / rms(D) / √  50 %   70 %   80 %   2:4
 =========================  =====  =====  =====  =====
 SmolLM2, own mask           2.03   2.32   2.80   6.93
 SmolLM2, re-solve           3.27   3.59   4.17   8.54
+SmolLM2, global, all layers                       30.2
 tiny-llama (2 × 64 tokens)  3.16   4.11   3.19   4.26
 tiny-opt (2 × 64 tokens)    2.35   4.98   2.53   3.21
 =========================  =====  =====  =====  =====
 
-``ENTRY_FACTOR`` 20 leaves 2.3× over the worst (2:4 re-solve) and 3× or more elsewhere; the
-bit flip above is 32 to 316 RMS (by matrix: the RMS of SmolLM2's kept weights is 1/4 to 1/26
-of their largest |value|), refused at 50 % in every matrix (in units of the largest |value|
-honest changes differed 4× between SmolLM2 and the random models: a worse common scale).
+The "global" line is a whole federated run (``calibration='global'``, two python-docs shards,
+every matrix of the 30 layers, the prune and re-solve replies): one matrix, layer 24's
+``o_proj``, needs 27.8 to 30.2 at 2:4; the next worst needs 10.7. ``ENTRY_FACTOR`` 20 leaves
+3× or more over every unstructured case; under N:M, ``ENTRY_FACTOR_NM`` 40 leaves 1.3× over
+that matrix. The bit flip above is 32 to 316 RMS (by matrix: the RMS of SmolLM2's kept weights
+is 1/4 to 1/26 of their largest |value|), refused at 50 % in every matrix and, at 2:4, where it
+is over 40 (in units of the largest |value| honest changes differed 4× between SmolLM2 and the
+random models: a worse common scale).
 
 Zeroed kept values have a relative change of exactly 1, inside the bound at 50 %, and move
 the model as far again from the honest one. Honest compensation adds to the kept weights:
@@ -51,8 +56,10 @@ from llm_pruning.pruners import SparsityPattern
 # At sparsity 0 nothing is compensated, only rounded to the wire dtype (bf16: 2⁻⁸ relative;
 # int8: half a step of a row's absmax / 127, a few % of a matrix's norm at most).
 _MIN_SCALE = 0.05
-# One entry may move ENTRY_FACTOR x the matrix bound x the RMS of the dense kept values.
+# One entry may move ENTRY_FACTOR x the matrix bound x the RMS of the dense kept values
+# (ENTRY_FACTOR_NM under an N:M pattern, whose compensation concentrates more: see above).
 ENTRY_FACTOR = 20.0
+ENTRY_FACTOR_NM = 40.0
 # The kept values' norm may not fall under this share of the dense kept values' norm.
 VANISH_FLOOR = 0.5
 
@@ -61,6 +68,11 @@ def change_bound(pattern: SparsityPattern, max_relative_change: float) -> float:
     """The largest relative change on kept entries a reply of ``pattern`` may show."""
     s = pattern.sparsity
     return max_relative_change * max(math.sqrt(s / (1 - s)), _MIN_SCALE)
+
+
+def entry_factor(pattern: SparsityPattern) -> float:
+    """How many matrix bounds (in dense kept RMS) one entry of a ``pattern`` reply may move."""
+    return ENTRY_FACTOR_NM if pattern.m else ENTRY_FACTOR
 
 
 def relative_change(kept: Tensor, dense_kept: Tensor) -> float:
@@ -72,9 +84,16 @@ def relative_change(kept: Tensor, dense_kept: Tensor) -> float:
     return change / scale if scale > 0 else (0.0 if change == 0 else math.inf)
 
 
-def check_kept_values(name: str, kept: Tensor, dense_kept: Tensor, bound: float) -> None:
+def check_kept_values(
+    name: str,
+    kept: Tensor,
+    dense_kept: Tensor,
+    bound: float,
+    factor: float = ENTRY_FACTOR,
+) -> None:
     """Refuse kept values that moved further from the dense weights than ``bound`` (the
-    matrix) or ``ENTRY_FACTOR × bound × rms`` (any one entry), or whose norm vanishes."""
+    matrix) or ``factor × bound × rms`` (any one entry; :func:`entry_factor` of the reply's
+    pattern), or whose norm vanishes."""
     change = relative_change(kept, dense_kept)
     if not change <= bound:
         raise PayloadError(
@@ -96,11 +115,11 @@ def check_kept_values(name: str, kept: Tensor, dense_kept: Tensor, bound: float)
     rms = norm / math.sqrt(dense.numel())
     moved = (values - dense).abs()
     index = int(moved.argmax())
-    limit = ENTRY_FACTOR * bound
+    limit = factor * bound
     if not moved[index].item() <= limit * rms:
         raise PayloadError(
             f"{name}: kept entry {index} moved from {dense[index].item():.4g} to "
             f"{values[index].item():.4g}, {moved[index].item() / rms:.3g} x the dense kept "
-            f"values' RMS; the per-entry bound is {limit:.3g} ({ENTRY_FACTOR:g} x the matrix "
+            f"values' RMS; the per-entry bound is {limit:.3g} ({factor:g} x the matrix "
             "bound)"
         )

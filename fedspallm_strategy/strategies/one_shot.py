@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.merge.merging import MatrixMerger
-from fedspallm_strategy.merge.plausibility import change_bound, check_kept_values
+from fedspallm_strategy.merge.plausibility import change_bound, check_kept_values, entry_factor
 from fedspallm_strategy.merge.sampling import layer_budget, sample_layers
 from fedspallm_strategy.run import checkpoint
 from fedspallm_strategy.run.accounting import Accounting
@@ -334,7 +334,8 @@ class MergeStrategy(ServerEvaluated):
         for name, tensor in tensors.items():
             keep = masks[name]
             bound = self.change_bound_of(name, patterns)
-            check_kept_values(name, tensor[keep], weights[name].data[keep], bound)
+            factor = entry_factor(patterns.get(name, self.config.sparsity_pattern))
+            check_kept_values(name, tensor[keep], weights[name].data[keep], bound, factor)
         return tensors, masks, data
 
     def change_bound_of(self, name: str, patterns: Mapping | None = None) -> float:
