@@ -30,7 +30,6 @@ from transformers import PreTrainedModel
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.merge.merging import MatrixMerger, kept_nonzero
 from fedspallm_strategy.merge.packed_masks import PackedMasks
-from fedspallm_strategy.merge.plausibility import check_kept_values, entry_factor
 from fedspallm_strategy.merge.resolve_average import ResolveAverage
 from fedspallm_strategy.run.reply_store import store_reply
 from fedspallm_strategy.strategies.memory_plan import planned_layers_per_round
@@ -310,8 +309,7 @@ class LayerwiseMerge(MergeStrategy):
         for name in pruned:
             del values[0][name]
         for name, kept in values[0].items():
-            factor = entry_factor(self.patterns.get(name, self.config.sparsity_pattern))
-            check_kept_values(name, kept, self.dense_kept[name], self.change_bound_of(name), factor)
+            self.check_plausible(name, kept, self.dense_kept[name])
         up = len(data) + len(resolved)
         self.accounting.add_up(node, up)
         metrics = reply_metrics(reply)

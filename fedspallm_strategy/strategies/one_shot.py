@@ -97,7 +97,6 @@ class MergeStrategy(ServerEvaluated):
         self.completed_rounds = 0  # before this process started, when resuming
         self.pattern = config.sparsity_pattern
         self.pruner = get_pruner(config.pruner)
-        self.change_bound = change_bound(self.pattern, config.max_relative_change)
         self.rng = np.random.default_rng(config.seed)  # layer sampling
         self.generator = torch.Generator().manual_seed(config.seed)  # fedprllm tie-breaks
         self.remaining = list(range(num_layers(model)))  # layers no valid reply delivered yet
@@ -333,17 +332,20 @@ class MergeStrategy(ServerEvaluated):
         weights = dict(self.model.named_parameters())  # still dense: merged after the round
         for name, tensor in tensors.items():
             keep = masks[name]
-            bound = self.change_bound_of(name, patterns)
-            factor = entry_factor(patterns.get(name, self.config.sparsity_pattern))
-            check_kept_values(name, tensor[keep], weights[name].data[keep], bound, factor)
+            self.check_plausible(name, tensor[keep], weights[name].data[keep], patterns)
         return tensors, masks, data
 
-    def change_bound_of(self, name: str, patterns: Mapping | None = None) -> float:
-        """The plausibility bound of matrix ``name``: at its own sparsity under a profile."""
-        patterns = self.patterns if patterns is None else patterns
-        if name not in patterns:
-            return self.change_bound
-        return change_bound(patterns[name], self.config.max_relative_change)
+    def check_plausible(
+        self,
+        name: str,
+        kept: torch.Tensor,
+        dense_kept: torch.Tensor,
+        patterns: Mapping | None = None,
+    ) -> None:
+        """:func:`check_kept_values` at matrix ``name``'s own pattern (profile, else run)."""
+        pattern = (self.patterns if patterns is None else patterns).get(name, self.pattern)
+        bound = change_bound(pattern, self.config.max_relative_change)
+        check_kept_values(name, kept, dense_kept, bound, entry_factor(pattern))
 
     def _write_layer(self, layer: int, merger: MatrixMerger) -> dict[str, torch.Tensor]:
         written = {}
