@@ -178,7 +178,7 @@ def main() -> None:
                     "machine": machine(),
                     "measured": time.strftime("%Y-%m-%d"),
                     "args": {**settings, "rows": ",".join(rows)},
-                    "commands": sorted({*commands, _command(args)}),
+                    "commands": commands + [c for c in [_command(args)] if c not in commands],
                     "rows": rows,
                 },
                 indent=1,

@@ -875,7 +875,9 @@ def beyond_section(r: Result) -> list[str]:
 class Section(NamedTuple):
     file: str
     title: str
-    commands: tuple[str, ...]
+    # None: the commands the file records itself (its ``commands`` field, every invocation
+    # that wrote a row), so the page cannot list a command that did not run
+    commands: tuple[str, ...] | None
     render: Callable[..., list[str]]
     records_machine: bool = True
     # False where the file's machine record is not the measuring invocation's (its load
@@ -889,13 +891,6 @@ class Section(NamedTuple):
 
 ENGINE_SHAPES = "576x576,1536x576,576x1536,2048x2048"
 REFERENCE = "git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref_sparsegpt"
-BEYOND = "python bench/beyond_centralized.py"
-# The recovery settings every beyond_centralized file shares (its rows refuse to mix settings).
-RECOVERY_FLAGS = (
-    "--recovery-rounds 2 --recovery-steps 8 --recovery-lr 0.0001 --recovery-samples 16 "
-    "--recovery-method masked"
-)
-
 SECTIONS: tuple[Section, ...] = (
     Section(
         "compare_strategies_profiles.json",
@@ -990,87 +985,24 @@ SECTIONS: tuple[Section, ...] = (
         load_of_measurement=False,
         commands_note="each later one adds its rows to the file the first wrote",
     ),
-    Section(
-        "beyond_centralized_0.5.json",
-        "Beyond centralized SparseGPT: reconstruction and recovery at 50 %",
-        (
-            f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery-members {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery-distill {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 0.5 --rows central-sparsegpt,central-lsq,exact-lsq,fed-global,"
-            f"fed-global-lsq-recovery,central-recovery {RECOVERY_FLAGS}",
-        ),
-        beyond_section,
-        unchecked=("out", "rows"),
-        commands_note="each later one adds its rows to the file the first wrote",
-    ),
-    Section(
-        "beyond_centralized_0.5_4-rounds.json",
-        "Beyond centralized SparseGPT: recovery at 50 %, 4 rounds",
-        (
-            f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery "
-            f"{RECOVERY_FLAGS.replace('rounds 2', 'rounds 4')} --tag 4-rounds",
-        ),
-        beyond_section,
-        unchecked=("out", "rows", "tag"),
-    ),
-    Section(
-        "beyond_centralized_0.5_samples-64.json",
-        "Beyond centralized SparseGPT: recovery at 50 %, 64 windows per client",
-        (
-            f"{BEYOND} --pattern 0.5 --rows dense,dense-ft,fed-local-recovery "
-            f"{RECOVERY_FLAGS.replace('samples 16', 'samples 64')} --tag samples-64",
-        ),
-        beyond_section,
-        unchecked=("out", "rows", "tag"),
-    ),
-    Section(
-        "beyond_centralized_0.5_4-rounds-samples-64.json",
-        "Beyond centralized SparseGPT: recovery at 50 %, 4 rounds, 64 windows per client",
-        (
-            f"{BEYOND} --pattern 0.5 --rows fed-local-recovery,dense "
-            f"{RECOVERY_FLAGS.replace('rounds 2', 'rounds 4').replace('samples 16', 'samples 64')}"
-            " --tag 4-rounds-samples-64",
-        ),
-        beyond_section,
-        unchecked=("out", "rows", "tag"),
-    ),
-    Section(
-        "beyond_centralized_0.7.json",
-        "Beyond centralized SparseGPT: exact reconstruction and recovery at 70 %",
-        (
-            f"{BEYOND} --pattern 0.7 --rows central-sparsegpt,central-lsq,fed-global-lsq "
-            f"{RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 0.7 --rows fed-global-lsq-recovery,exact-lsq {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 0.7 --rows dense,dense-ft,fed-global,central-recovery "
-            f"{RECOVERY_FLAGS}",
-        ),
-        beyond_section,
-        unchecked=("out", "rows"),
-        commands_note="each later one adds its rows to the file the first wrote",
-    ),
-    Section(
-        "beyond_centralized_2of4.json",
-        "Beyond centralized SparseGPT: exact reconstruction at 2:4",
-        (
-            f"{BEYOND} --pattern 2:4 --rows central-sparsegpt,central-lsq,fed-global-lsq,"
-            f"exact-lsq {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 2:4 --rows dense,dense-ft {RECOVERY_FLAGS}",
-            f"{BEYOND} --pattern 2:4 --rows fed-global {RECOVERY_FLAGS}",
-        ),
-        beyond_section,
-        unchecked=("out", "rows"),  # the file records its rows in the order they were run
-        commands_note="each later one adds its rows to the file the first wrote",
-    ),
-    Section(
-        "beyond_centralized_0.5_lora.json",
-        "Beyond centralized SparseGPT: recovery with LoRA adapters at 50 %",
-        (
-            f"{BEYOND} --pattern 0.5 --rows fed-global-lsq-recovery "
-            f"{RECOVERY_FLAGS.replace('method masked', 'method lora')} --tag lora",
-        ),
-        beyond_section,
-        unchecked=("out", "rows", "tag"),
+    *(
+        Section(
+            f"beyond_centralized_{name}.json",
+            f"Beyond centralized SparseGPT: {title}",
+            None,
+            beyond_section,
+            unchecked=("out", "rows", "tag"),
+            commands_note="each adds its rows to this file",
+        )
+        for name, title in (
+            ("0.5", "reconstruction and recovery at 50 %"),
+            ("0.5_4-rounds", "recovery at 50 %, 4 rounds"),
+            ("0.5_samples-64", "recovery at 50 %, 64 windows per client"),
+            ("0.5_4-rounds-samples-64", "recovery at 50 %, 4 rounds, 64 windows per client"),
+            ("0.7", "exact reconstruction and recovery at 70 %"),
+            ("2of4", "exact reconstruction and recovery at 2:4"),
+            ("0.5_lora", "recovery with LoRA adapters at 50 %"),
+        )
     ),
 )
 
@@ -1265,10 +1197,15 @@ def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
     pairs = load(results_dir, sections)
     blocks = environment(pairs, title)
     for section, r in pairs:
-        for command in section.commands:
+        commands = section.commands
+        if commands is None:
+            commands = r.get("commands")
+            if not commands or not all(isinstance(c, str) for c in commands):
+                raise r.error("field 'commands' is not a list of command lines")
+        for command in commands:
             check_command(r, section, command)
         if section.render is scale_section:
-            body = section.render(r, section.commands)
+            body = section.render(r, commands)
         else:
             body = section.render(r)
         blocks.append(f"## {section.title}")
@@ -1279,8 +1216,11 @@ def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
             load_avg = r.num("machine", "loadavg_at_start", 0)
             blocks.append(f"Load average when the bench started: {load_avg:.2f}.")
         note = f" ({section.commands_note})" if section.commands_note else ""
-        word = "Command" if len(section.commands) == 1 else "Commands"
-        blocks.append(f"{word}{note}:\n\n```bash\n" + "\n".join(section.commands) + "\n```")
+        if len(commands) == 1:
+            word, note = "Command", ""
+        else:
+            word = "Commands"
+        blocks.append(f"{word}{note}:\n\n```bash\n" + "\n".join(commands) + "\n```")
     return "\n\n".join(blocks) + "\n"
 
 

@@ -201,6 +201,7 @@ def _copy_results(tmp_path: Path) -> Path:
         ("engine_speed_whole.json", ("results", "sparsegpt", "timings", "prune")),
         ("scale.json", ("measured",)),
         ("parallel_clients.json", ("machine",)),
+        ("beyond_centralized_0.7.json", ("commands",)),
     ],
 )
 def test_a_result_missing_a_required_field_is_refused_by_name(
@@ -233,3 +234,27 @@ def test_a_command_that_disagrees_with_the_recorded_args_is_refused(tmp_path: Pa
     (results / name).write_text(json.dumps(data, indent=1))
     with pytest.raises(page_module.ResultError, match=r"federation_overhead_smollm2\.json.*seqlen"):
         page_module.render(results)
+
+
+def test_a_recorded_command_that_disagrees_with_the_recorded_args_is_refused(
+    tmp_path: Path,
+) -> None:
+    results = _copy_results(tmp_path)
+    name = "beyond_centralized_0.7.json"
+    data = json.loads((results / name).read_text())
+    data["args"]["recovery_lr"] = 0.001  # every recorded command says --recovery-lr 0.0001
+    (results / name).write_text(json.dumps(data, indent=1))
+    refused = r"beyond_centralized_0\.7\.json.*recovery-lr"
+    with pytest.raises(page_module.ResultError, match=refused):
+        page_module.render(results)
+
+
+def test_a_section_without_its_own_commands_lists_the_files_commands() -> None:
+    """The beyond_centralized sections show the invocations their file recorded, in its order."""
+    page = PAGE.read_text()
+    for section in page_module.SECTIONS:
+        if section.commands is not None:
+            continue
+        recorded = json.loads((ROOT / "bench" / "results" / section.file).read_text())["commands"]
+        text = page.split(f"\n## {section.title}\n")[1].split("\n## ")[0]
+        assert text.split("```bash\n")[-1].split("\n```")[0].split("\n") == recorded
