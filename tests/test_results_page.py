@@ -103,6 +103,15 @@ def test_two_of_four_rows_are_the_values_in_the_json() -> None:
         "| centralized, `lsq` | 27.06 | 213.83 | 0.77 | 1.04 | 1.79 | 2.34 | – | – | – | 136.4 |"
         in page
     )
+    # the bar configuration after 2 recovery rounds, by hand: 18.5515 / dense 15.0943 = 1.229,
+    # / dense fine-tuned 11.5852 = 1.601, / centralized SparseGPT 35.2391 = 0.526; on Persuasion
+    # 178.6657 / 206.5078 = 0.865
+    recovered = rows["fed-global-lsq-recovery"]["perplexity"]["global"]
+    assert recovered["python-docs"] == 18.5515
+    assert (
+        "| federated, global calibration + re-solve, `lsq` + recovery, 2 rounds | 18.55 | 178.67 "
+        "| 0.53 | 0.87 | 1.23 | 1.60 | 228.4 | 682.8 | 33 | 1277.5 |" in page
+    )
 
 
 def test_recovery_lines_are_divided_by_dense_fine_tuned_only_at_its_budget() -> None:
