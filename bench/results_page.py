@@ -856,6 +856,18 @@ def beyond_section(r: Result) -> list[str]:
         if distilled
         else ""
     )
+    overfit_note = ""
+    if (
+        bases["dense"]
+        and bases["dense-ft"]
+        and bases["dense-ft"][texts[0]] > bases["dense"][texts[0]]
+    ):
+        overfit_note = (
+            f" Fine-tuned with this budget the dense model scores worse on the clients' domain "
+            f"than before ({f2(bases['dense-ft'][texts[0]])} against "
+            f"{f2(bases['dense'][texts[0]])}): the steps overfit the pooled windows, so a "
+            "ratio to it flatters the sparse model."
+        )
     return [
         f"SmolLM2-135M at {sparsity_label(pattern)}"
         f"{'' if ':' in pattern else ' unstructured'}, two organisations with `python-docs` "
@@ -867,7 +879,7 @@ def beyond_section(r: Result) -> list[str]:
         "model is fine-tuned on every client's windows pooled, with the steps of all the "
         "rounds (what centralized recovery does), so its gain is adaptation to the domain; "
         "a line after fewer rounds is not divided by it. "
-        "Bytes and rounds are of the whole run, pruning included." + distill_note,
+        "Bytes and rounds are of the whole run, pruning included." + distill_note + overfit_note,
         table(header, rows),
     ]
 
