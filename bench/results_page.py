@@ -1014,6 +1014,7 @@ SECTIONS: tuple[Section, ...] = (
             ("0.7", "exact reconstruction and recovery at 70 %"),
             ("2of4", "exact reconstruction and recovery at 2:4"),
             ("0.5_lora", "recovery with LoRA adapters at 50 %"),
+            ("0.5_lora-lr-0.001", "recovery with LoRA adapters at 50 %, lr 0.001"),
         )
     ),
 )

@@ -106,7 +106,7 @@ class RunConfig:
     recovery_rounds: int = 0  # 0 = off
     recovery_method: str = "masked"  # masked (the kept weights, float32 model) | lora
     recovery_steps: int = 8  # optimizer steps per client per recovery round (batches of 4)
-    recovery_lr: float = 1e-4  # AdamW learning rate (lora: of the adapters; try 1e-4 to 1e-3)
+    recovery_lr: float = 1e-4  # AdamW learning rate (lora: of the adapters; use about 1e-3)
     recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
     # weight in [0, 1] of the dense model's top-32 next-token probabilities in the loss, the
     # rest next-token NLL (0: NLL only; > 0: a forward pass of the dense model first)
