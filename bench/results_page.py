@@ -1012,6 +1012,8 @@ SECTIONS: tuple[Section, ...] = (
             ("0.5_samples-64", "recovery at 50 %, 64 windows per client"),
             ("0.5_4-rounds-samples-64", "recovery at 50 %, 4 rounds, 64 windows per client"),
             ("0.7", "exact reconstruction and recovery at 70 %"),
+            ("0.7_4-rounds", "recovery at 70 %, 4 rounds"),
+            ("0.7_repeat", "reconstruction at 70 %, measured again"),
             ("2of4", "exact reconstruction and recovery at 2:4"),
             ("0.5_lora", "recovery with LoRA adapters at 50 %"),
             ("0.5_lora-lr-0.001", "recovery with LoRA adapters at 50 %, lr 0.001"),
