@@ -316,3 +316,20 @@ def test_seventy_percent_measured_again_is_the_values_in_the_json() -> None:
     label = "federated, global calibration + re-solve, `lsq`"
     assert f"| {label} | 46.77 | 595.90 | 0.67 | 0.82 | – | – | 78.4 | 149.4 | 31 |" in page
     assert f"| {label} + recovery, 4 rounds | 27.73 | 498.63 | 0.40 | 0.69 | – | – |" in page
+
+
+def test_the_note_on_measuring_seventy_percent_again_holds_for_the_files() -> None:
+    """The note says the repeat agrees within 2 % on the clients' domain and moved a sixth to a
+    fifth on Persuasion. By hand: 69.569 / 68.4879 = 1.016 and 46.7722 / 46.1578 = 1.013;
+    723.3133 / 621.7187 = 1.163 and 735.0 / 595.9 = 1.233 (19 % down)."""
+
+    def load(name: str) -> dict:
+        return json.loads((ROOT / "bench" / "results" / name).read_text())["rows"]
+
+    first, again = load("beyond_centralized_0.7.json"), load("beyond_centralized_0.7_repeat.json")
+    persuasion = "/work/shared/data/austen/persuasion.txt"
+    for row, model in (("central-sparsegpt", "centralized"), ("fed-global-lsq", "global")):
+        before, after = first[row]["perplexity"][model], again[row]["perplexity"][model]
+        assert abs(after["python-docs"] / before["python-docs"] - 1) < 0.02
+        assert 1 / 6 - 0.01 < abs(after[persuasion] / before[persuasion] - 1) < 1 / 5 + 0.01
+    assert "each moved by a sixth to a fifth" in PAGE.read_text()
