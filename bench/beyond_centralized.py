@@ -161,6 +161,9 @@ def main() -> None:
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
     if saved and {k: v for k, v in saved["args"].items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
+    command = _command(args)
+    if command not in commands:
+        commands.append(command)
     for name in args.rows.split(","):
         if name in rows:
             continue
@@ -178,7 +181,7 @@ def main() -> None:
                     "machine": machine(),
                     "measured": time.strftime("%Y-%m-%d"),
                     "args": {**settings, "rows": ",".join(rows)},
-                    "commands": commands + [c for c in [_command(args)] if c not in commands],
+                    "commands": commands,
                     "rows": rows,
                 },
                 indent=1,

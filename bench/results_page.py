@@ -1245,11 +1245,9 @@ def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
         elif section.load_of_measurement:
             load_avg = r.num("machine", "loadavg_at_start", 0)
             blocks.append(f"Load average when the bench started: {load_avg:.2f}.")
-        note = f" ({section.commands_note})" if section.commands_note else ""
-        if len(commands) == 1:
-            word, note = "Command", ""
-        else:
-            word = "Commands"
+        several = len(commands) > 1
+        note = f" ({section.commands_note})" if several and section.commands_note else ""
+        word = "Commands" if several else "Command"
         blocks.append(f"{word}{note}:\n\n```bash\n" + "\n".join(commands) + "\n```")
     return "\n\n".join(blocks) + "\n"
 
