@@ -33,6 +33,7 @@ from client_app.app import app as client_app
 from fedspallm_strategy.config import NodeConfig, RunConfig
 from fedspallm_strategy.strategies.recovery_rounds import recover_centrally
 from llm_pruning.models import load_model
+from llm_pruning.recovery import DEFAULT_LR as RECOVERY_DEFAULT_LR
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 from server_app.report import Evaluator
@@ -82,6 +83,7 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
         "recovery-samples": args.recovery_samples,
         "recovery-method": args.recovery_method,
         "recovery-distill": 0.0,  # the rows that distil say so
+        "seed": args.seed,  # the calibration windows and recovery batches drawn
     }
     values.update({k: v for k, v in overrides.items() if k != "recover"})
     if overrides.get("recover"):
@@ -140,15 +142,27 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--recovery-rounds", type=int, default=2)
     parser.add_argument("--recovery-steps", type=int, default=RunConfig.recovery_steps)
-    parser.add_argument("--recovery-lr", type=float, default=RunConfig.recovery_lr)
+    parser.add_argument(
+        "--recovery-lr",
+        type=lambda text: text if text == "auto" else float(text),
+        default=RunConfig.recovery_lr,
+        help="a number, or auto: the method's own (recorded as that number)",
+    )
     parser.add_argument("--recovery-samples", type=int, default=RunConfig.recovery_samples)
-    parser.add_argument("--recovery-method", default=RunConfig.recovery_method)
+    parser.add_argument(
+        "--recovery-method", default=RunConfig.recovery_method, choices=RECOVERY_DEFAULT_LR
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="another draw of calibration and recovery windows"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--tag", default="", help="ends the file's name: another file for other settings"
     )
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
+    if args.recovery_lr == "auto":
+        args.recovery_lr = RECOVERY_DEFAULT_LR[args.recovery_method]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
     tag = f"_{args.tag}" if args.tag else ""
@@ -159,7 +173,9 @@ def main() -> None:
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
-    if saved and {k: v for k, v in saved["args"].items() if k != "rows"} != settings:
+    # files measured before --seed existed were measured with seed 0
+    recorded = {"seed": 0, **saved.get("args", {})}
+    if saved and {k: v for k, v in recorded.items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     command = _command(args)
     if command not in commands:
@@ -195,7 +211,9 @@ def _command(args) -> str:
         f"python bench/beyond_centralized.py --pattern {args.pattern} --rows {args.rows} "
         f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
         f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
-        f"--recovery-method {args.recovery_method}" + (f" --tag {args.tag}" if args.tag else "")
+        f"--recovery-method {args.recovery_method}"
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --tag {args.tag}" if args.tag else "")
     )
 
 

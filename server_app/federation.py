@@ -149,7 +149,7 @@ def recover_run(strategy, grid: Grid, run: RunSetup) -> None:
         "rounds": config.recovery_rounds,
         "method": config.recovery_method,
         "steps": config.recovery_steps,
-        "lr": config.recovery_lr,
+        "lr": config.recovery_learning_rate,
         "samples": config.recovery_samples,
         "distill": config.recovery_distill,
     }

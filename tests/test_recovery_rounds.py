@@ -152,6 +152,22 @@ def test_the_masked_bound_is_adams_own():
 
 
 @pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        ({}, 1e-4),  # auto, masked
+        ({"recovery-method": "lora"}, 1e-3),  # auto, lora: ten times masked's
+        ({"recovery-lr": "auto", "recovery-method": "lora"}, 1e-3),
+        ({"recovery-lr": 3e-4, "recovery-method": "lora"}, 3e-4),  # a number wins
+        ({"recovery-lr": 1}, 1.0),  # a TOML integer is a number too
+    ],
+)
+def test_recovery_lr_auto_is_the_methods_own(overrides, lr):
+    config = RunConfig.from_mapping({"recovery-rounds": 1, **overrides})
+    assert config.recovery_settings.lr == lr
+    assert change_limit(config) == pytest.approx(ADAM_STEP_BOUND * lr * config.recovery_steps)
+
+
+@pytest.mark.parametrize(
     ("overrides", "key"),
     [
         ({"recovery-rounds": -1}, "recovery-rounds"),
@@ -160,6 +176,8 @@ def test_the_masked_bound_is_adams_own():
         ({"recovery-samples": 0}, "recovery-samples"),
         ({"recovery-lr": 0.0}, "recovery-lr"),
         ({"recovery-lr": float("nan")}, "recovery-lr"),
+        ({"recovery-lr": "fast"}, "recovery-lr"),
+        ({"recovery-lr": True}, "recovery-lr"),
         ({"recovery-distill": 1.5}, "recovery-distill"),
         ({"recovery-distill": -0.5}, "recovery-distill"),
         ({"recovery-rounds": 1, "dtype": "bfloat16"}, "recovery-method"),

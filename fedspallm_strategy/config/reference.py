@@ -34,6 +34,7 @@ _KINDS = {
     "bool": "`true`, `false`",
     "int": "integer",
     "float": "number",
+    "float | str": "number, or `auto`",
     "str": "string",
     "tuple[str, ...]": "comma-separated strings",
 }

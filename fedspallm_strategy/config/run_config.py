@@ -25,6 +25,7 @@ from fedspallm_strategy.config.values import (
 )
 from llm_pruning.data import PARTITIONS
 from llm_pruning.pruners import PRUNERS, RECONSTRUCTIONS, SparsityPattern
+from llm_pruning.recovery import DEFAULT_LR as RECOVERY_DEFAULT_LR
 from llm_pruning.recovery import METHODS as RECOVERY_METHODS
 from llm_pruning.recovery import RecoverySettings
 
@@ -106,7 +107,8 @@ class RunConfig:
     recovery_rounds: int = 0  # 0 = off
     recovery_method: str = "masked"  # masked (the kept weights, float32 model) | lora
     recovery_steps: int = 8  # optimizer steps per client per recovery round (batches of 4)
-    recovery_lr: float = 1e-4  # AdamW learning rate (lora: of the adapters; use about 1e-3)
+    # AdamW learning rate (lora: of the adapters); auto: 1e-4 for masked, 1e-3 for lora
+    recovery_lr: float | str = "auto"
     recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
     # weight in [0, 1] of the dense model's top-32 next-token probabilities in the loss, the
     # rest next-token NLL (0: NLL only; > 0: a forward pass of the dense model first)
@@ -166,11 +168,18 @@ class RunConfig:
         return RecoverySettings(
             method=self.recovery_method,
             steps=self.recovery_steps,
-            lr=self.recovery_lr,
+            lr=self.recovery_learning_rate,
             batch_size=min(RECOVERY_BATCH, self.recovery_samples),
             distill=self.recovery_distill,
             seed=self.seed,
         )
+
+    @property
+    def recovery_learning_rate(self) -> float:
+        """``recovery-lr``, or the method's own where it says ``auto``."""
+        if self.recovery_lr == "auto":
+            return RECOVERY_DEFAULT_LR[self.recovery_method]
+        return self.recovery_lr
 
     @property
     def int8_wire(self) -> bool:
@@ -326,8 +335,15 @@ class RunConfig:
         one_of("recovery-method", self.recovery_method, RECOVERY_METHODS)
         at_least("recovery-steps", self.recovery_steps, 1)
         at_least("recovery-samples", self.recovery_samples, 1)
-        if not (math.isfinite(self.recovery_lr) and self.recovery_lr > 0):
-            raise ConfigError(f"recovery-lr must be a positive number, got {self.recovery_lr}")
+        if isinstance(self.recovery_lr, str):
+            if self.recovery_lr != "auto":
+                raise ConfigError(
+                    f"recovery-lr must be a positive number or 'auto', got {self.recovery_lr!r}"
+                )
+        elif not (math.isfinite(self.recovery_lr) and self.recovery_lr > 0):
+            raise ConfigError(
+                f"recovery-lr must be a positive number or 'auto', got {self.recovery_lr}"
+            )
         if not 0 <= self.recovery_distill <= 1:
             raise ConfigError(
                 f"recovery-distill must be a number in [0, 1], got {self.recovery_distill}"

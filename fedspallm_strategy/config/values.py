@@ -67,7 +67,9 @@ def coerce(key: str, value: object, annotation: str) -> object:
         ):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
-    if annotation == "float":
+    if annotation == "float | str" and isinstance(value, str):
+        return value  # a word such as "auto"; its key's validator says which words it takes
+    if annotation in ("float", "float | str"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         # TOML has inf and nan: an infinite timeout or limit would only fail (or hang) late.

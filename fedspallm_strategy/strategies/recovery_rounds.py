@@ -86,7 +86,7 @@ def global_matrices(model) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
 
 def change_limit(config: RunConfig) -> float:
     """The most a ``masked`` client may move one entry in a round (see the module)."""
-    return ADAM_STEP_BOUND * config.recovery_lr * config.recovery_steps
+    return ADAM_STEP_BOUND * config.recovery_learning_rate * config.recovery_steps
 
 
 def check_deltas(
@@ -99,7 +99,7 @@ def check_deltas(
             if not moved <= change_limit(config):
                 raise RejectedReply(
                     f"{name}: a kept value moved by {moved:.3g}; {config.recovery_steps} AdamW "
-                    f"steps at lr {config.recovery_lr:g} move one by at most "
+                    f"steps at lr {config.recovery_learning_rate:g} move one by at most "
                     f"{change_limit(config):.3g}"
                 )
         else:
