@@ -880,9 +880,64 @@ def beyond_section(r: Result) -> list[str]:
         "model is fine-tuned on every client's windows pooled, with the steps of all the "
         "rounds (what centralized recovery does), so its gain is adaptation to the domain; "
         "a line after fewer rounds is not divided by it. "
-        "Bytes and rounds are of the whole run, pruning included." + distill_note + overfit_note,
+        "Bytes and rounds are of the whole run, pruning included."
+        + _draw_note(r)
+        + distill_note
+        + overfit_note,
         table(header, rows),
     ]
+
+
+def _draw_note(r: Result) -> str:
+    """Which calibration and recovery windows a file's runs drew (files before ``--seed``
+    existed drew seed 0)."""
+    seed = r.get("args").get("seed", 0)
+    return f" Calibration and recovery windows of another draw (seed {seed})." if seed else ""
+
+
+# The 70 % files that measure centralized SparseGPT and fed global + `lsq` on one machine,
+# each with another draw of the calibration windows (the repeat drew seed 0).
+DRAWS = ("0.7_repeat", "0.7_seed-1", "0.7_seed-2", "0.7_seed-3")
+
+
+def draws_note(results_dir: Path) -> str:
+    """A table of the ratio fed global + `lsq` / centralized SparseGPT on each text, for each
+    draw in :data:`DRAWS`, and their mean."""
+    ratios: list[tuple[float, float]] = []
+    lines = []
+    texts: tuple[str, str] | None = None
+    for name in DRAWS:
+        r = Result(results_dir / f"beyond_centralized_{name}.json")
+        texts = ("python-docs", r.arg("other_text"))
+        central = _beyond_model(r, "central-sparsegpt")[0]
+        federated = _beyond_model(r, "fed-global-lsq")[0]
+        ratio = tuple(federated[t] / central[t] for t in texts)
+        ratios.append(ratio)
+        lines.append(
+            [
+                str(r.get("args").get("seed", 0)),
+                *(f2(central[t]) for t in texts),
+                *(f2(federated[t]) for t in texts),
+                *(f2(x) for x in ratio),
+            ]
+        )
+    means = [sum(pair[i] for pair in ratios) / len(ratios) for i in (0, 1)]
+    lines.append(["mean", "", "", "", "", *(f2(x) for x in means)])
+    other = Path(texts[1]).stem.title()
+    header = [
+        "seed",
+        "centralized SparseGPT, domain",
+        f"centralized SparseGPT, *{other}*",
+        "fed global + `lsq`, domain",
+        f"fed global + `lsq`, *{other}*",
+        "÷, domain",
+        f"÷, *{other}*",
+    ]
+    return (
+        f"Over {len(DRAWS)} draws of the calibration windows (seed 0 is the section "
+        '"measured again"), federated global calibration + re-solve with `lsq`, divided by '
+        "centralized SparseGPT on the same draw:\n\n" + table(header, lines)
+    )
 
 
 class Section(NamedTuple):
@@ -900,8 +955,8 @@ class Section(NamedTuple):
     # the renderer checks itself
     unchecked: tuple[str, ...] = ("out",)
     commands_note: str = ""
-    # said after the section's tables
-    note: str = ""
+    # said after the section's tables; a callable makes it from the results folder
+    note: str | Callable[[Path], str] = ""
 
 
 ENGINE_SHAPES = "576x576,1536x576,576x1536,2048x2048"
@@ -915,6 +970,7 @@ BEYOND_NOTES = {
         "text at 70 % is not settled by one measurement; each invocation reproduces its own "
         "numbers exactly."
     ),
+    DRAWS[-1]: draws_note,
 }
 
 SECTIONS: tuple[Section, ...] = (
@@ -1029,7 +1085,12 @@ SECTIONS: tuple[Section, ...] = (
             ("0.7", "exact reconstruction and recovery at 70 %"),
             ("0.7_4-rounds", "recovery at 70 %, 4 rounds"),
             ("0.7_repeat", "reconstruction at 70 %, measured again"),
+            *(
+                (name, f"reconstruction at 70 %, calibration draw {name.rsplit('-', 1)[1]}")
+                for name in DRAWS[1:]
+            ),
             ("2of4", "exact reconstruction and recovery at 2:4"),
+            ("2of4_4-rounds", "recovery at 2:4, 4 rounds"),
             ("0.5_lora", "recovery with LoRA adapters at 50 %"),
             ("0.5_lora-lr-0.001", "recovery with LoRA adapters at 50 %, lr 0.001"),
         )
@@ -1239,7 +1300,8 @@ def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
         else:
             body = section.render(r)
         blocks.append(f"## {section.title}")
-        blocks += [b for b in body if b] + ([section.note] if section.note else [])
+        after = section.note(results_dir) if callable(section.note) else section.note
+        blocks += [b for b in body if b] + ([after] if after else [])
         if not section.records_machine:
             blocks.append("This run did not record its machine or versions.")
         elif section.load_of_measurement:
