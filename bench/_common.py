@@ -16,6 +16,9 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        # the vector kernels torch picked (AVX2, AVX512...): machines that differ here round
+        # differently, and a perplexity in the hundreds can move by a tenth from that alone
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
