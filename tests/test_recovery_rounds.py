@@ -103,13 +103,19 @@ def test_one_round_adds_the_mean_of_what_each_client_computes_alone(tmp_path, pr
 
 
 @pytest.mark.parametrize(
-    ("overrides", "groups"),
-    [({"pattern": "2:4", "recovery-method": "lora", "recovery-lr": 1e-2}, 4), ({}, None)],
+    ("overrides", "groups", "lr"),
+    [
+        ({"pattern": "2:4", "recovery-method": "lora", "recovery-lr": 1e-2}, 4, 1e-2),
+        ({}, None, 1e-3),
+        # auto travels to the clients as the word, and each side reads lora's own rate
+        ({"recovery-method": "lora", "recovery-lr": "auto"}, None, 1e-3),
+    ],
 )
-def test_recovery_keeps_the_exact_sparsity_and_pattern(tmp_path, overrides, groups):
+def test_recovery_keeps_the_exact_sparsity_and_pattern(tmp_path, overrides, groups, lr):
     config = config_of(tmp_path, **{"recovery-rounds": 2, "payload-dtype": "auto", **overrides})
     run_dir, report = run(config)
     assert report["rejected"] == []
+    assert report["recovery"]["lr"] == lr
     assert [r["clients"] for r in report["recovery"]["per-round"]] == [2, 2]
     for name, weight in matrices(run_dir).items():
         kept = weight != 0
