@@ -31,6 +31,7 @@ from _common import machine
 
 from client_app.app import app as client_app
 from fedspallm_strategy.config import NodeConfig, RunConfig
+from fedspallm_strategy.config.run_config import RECOVERY_WINDOWS
 from fedspallm_strategy.strategies.recovery_rounds import recover_centrally
 from llm_pruning.models import load_model
 from llm_pruning.recovery import DEFAULT_LR as RECOVERY_DEFAULT_LR
@@ -81,6 +82,7 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
         "recovery-steps": args.recovery_steps,
         "recovery-lr": args.recovery_lr,
         "recovery-samples": args.recovery_samples,
+        "recovery-windows": args.recovery_windows,
         "recovery-method": args.recovery_method,
         "recovery-distill": 0.0,  # the rows that distil say so
         "seed": args.seed,  # the calibration windows and recovery batches drawn
@@ -153,6 +155,9 @@ def main() -> None:
         "--recovery-method", default=RunConfig.recovery_method, choices=RECOVERY_DEFAULT_LR
     )
     parser.add_argument(
+        "--recovery-windows", default=RunConfig.recovery_windows, choices=RECOVERY_WINDOWS
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="another draw of calibration and recovery windows"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -173,8 +178,8 @@ def main() -> None:
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
-    # files measured before --seed existed were measured with seed 0
-    recorded = {"seed": 0, **saved.get("args", {})}
+    # files measured before --seed and --recovery-windows existed: seed 0, the same windows
+    recorded = {"seed": 0, "recovery_windows": "same", **saved.get("args", {})}
     if saved and {k: v for k, v in recorded.items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     command = _command(args)
@@ -212,6 +217,11 @@ def _command(args) -> str:
         f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
         f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
         f"--recovery-method {args.recovery_method}"
+        + (
+            f" --recovery-windows {args.recovery_windows}"
+            if args.recovery_windows != "same"
+            else ""
+        )
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --tag {args.tag}" if args.tag else "")
     )

@@ -876,7 +876,7 @@ def beyond_section(r: Result) -> list[str]:
         f"*{Path(texts[1]).stem.title()}* (another domain), {r.arg('eval_windows')} windows of "
         f"{r.arg('seqlen')} tokens. Recovery: `{r.arg('recovery_method')}`, "
         f"{r.arg('recovery_steps')} steps of 4 windows per client and round at lr "
-        f"{r.arg('recovery_lr'):g}, {r.arg('recovery_samples')} windows per client; the dense "
+        f"{r.arg('recovery_lr'):g}, {r.arg('recovery_samples')} {_windows_rule(r)}; the dense "
         "model is fine-tuned on every client's windows pooled, with the steps of all the "
         "rounds (what centralized recovery does), so its gain is adaptation to the domain; "
         "a line after fewer rounds is not divided by it. "
@@ -886,6 +886,14 @@ def beyond_section(r: Result) -> list[str]:
         + overfit_note,
         table(header, rows),
     ]
+
+
+def _windows_rule(r: Result) -> str:
+    """Which recovery windows each round trains on (files before ``--recovery-windows``
+    existed trained on the same ones)."""
+    if r.get("args").get("recovery_windows", "same") == "fresh":
+        return "new windows per client every round"
+    return "windows per client, the same every round"
 
 
 def _draw_note(r: Result) -> str:

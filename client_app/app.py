@@ -25,6 +25,7 @@ from fedspallm_strategy.wire.protocol import (
     PAYLOAD_KEY,
     PREVIOUS_KEY,
     PROFILE_KEY,
+    RECOVERY_KEY,
     RESOLVED_KEY,
     SPEC_KEY,
     STEP_KEY,
@@ -145,7 +146,11 @@ def train_recover(msg: Message, context: Context) -> Message:
     global_layers = record_bytes(msg.content, GLOBAL_KEY)
     if global_layers is None:
         raise ValueError("the recovery message carries no global model")
-    reply = recover_global(config, NodeConfig.from_mapping(context.node_config), global_layers)
+    recovery_round = msg.content.config_records.get(RECOVERY_KEY, {}).get("round")
+    if not isinstance(recovery_round, int):
+        raise ValueError(f"the recovery message's round must be an integer, got {recovery_round!r}")
+    node = NodeConfig.from_mapping(context.node_config)
+    reply = recover_global(config, node, global_layers, recovery_round)
     content = RecordDict(
         {
             DELTAS_KEY: bytes_record(reply.deltas, DELTAS_KEY),

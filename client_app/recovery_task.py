@@ -29,9 +29,12 @@ class RecoveryReply:
     metrics: dict[str, float | int]
 
 
-def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) -> RecoveryReply:
+def recover_global(
+    config: RunConfig, node: NodeConfig, global_layers: bytes, recovery_round: int
+) -> RecoveryReply:
     """Fine-tune the server's pruned model (``global_layers``: every layer's matrices) on
-    this node's recovery windows; encode the changes in the wire dtype.
+    this node's recovery windows of ``recovery_round`` (from 1); encode the changes in the
+    wire dtype.
 
     The model is loaded whole (training runs every layer forward and back), in the run's dtype.
     """
@@ -40,12 +43,13 @@ def recover_global(config: RunConfig, node: NodeConfig, global_layers: bytes) ->
     model, tokenizer = load_model(
         config.model, dtype=config.torch_dtype, cache=cache, ignore=config.ignore
     )
-    windows = load_recovery_shard(config, node, tokenizer)
+    windows = load_recovery_shard(config, node, tokenizer, recovery_round)
     device = node_device(config, node)
     teacher = teacher_targets(model, windows, config.recovery_settings, device)  # still dense
     apply_global_layers(model, global_layers, range(num_layers(model)), require_values=True)
     log.info(
-        "recovery: %s, %d steps on %d windows of %d tokens",
+        "recovery round %d: %s, %d steps on %d windows of %d tokens",
+        recovery_round,
         config.recovery_method,
         config.recovery_steps,
         windows.shape[0],

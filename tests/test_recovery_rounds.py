@@ -14,6 +14,7 @@ import torch
 from flwr.app import Message
 from safetensors.torch import load
 
+from client_app import recovery_task
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, NodeConfig, RunConfig, load_recovery_shard
 from fedspallm_strategy.strategies.recovery_rounds import ADAM_STEP_BOUND, change_limit
@@ -186,6 +187,7 @@ def test_recovery_lr_auto_is_the_methods_own(overrides, lr):
         ({"recovery-lr": True}, "recovery-lr"),
         ({"recovery-distill": 1.5}, "recovery-distill"),
         ({"recovery-distill": -0.5}, "recovery-distill"),
+        ({"recovery-windows": "new"}, "recovery-windows"),
         ({"recovery-rounds": 1, "dtype": "bfloat16"}, "recovery-method"),
         ({"recovery-rounds": 1, "strategy": "standalone"}, "recovery-rounds"),
     ],
@@ -199,3 +201,59 @@ def test_deltas_travel_as_values_under_the_known_masks():
     deltas = {"w": torch.tensor([0.5, -0.25, 0.125])}
     decoded, _ = decode_values(encode_values(deltas), {"w": Expected(3)})
     assert torch.equal(decoded["w"], deltas["w"])
+
+
+def _windows_of_rounds(monkeypatch, config, node, rounds) -> list[torch.Tensor]:
+    """The windows a node's recovery trains on when asked for each of ``rounds``."""
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(model, windows, *args, **kwargs):
+        seen.append(windows)
+        raise Captured
+
+    monkeypatch.setattr(recovery_task, "apply_global_layers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(recovery_task, "recover", capture)
+    for recovery_round in rounds:
+        with pytest.raises(Captured):
+            recovery_task.recover_global(config, node, b"", recovery_round)
+    return seen
+
+
+def test_fresh_windows_give_each_round_its_own_block_of_one_draw(tmp_path, monkeypatch):
+    """recovery-windows=fresh, 2 rounds of 4 windows: one draw of 8 from the node's shard,
+    round 1 on the first 4, round 2 on the last 4. The draw's first 4 are the 4 that
+    recovery-windows=same trains on every round (one seeded stream of starts)."""
+    node = NodeConfig(partition_id=1, num_partitions=2)
+    fresh = config_of(tmp_path, **{"recovery-rounds": 2, "recovery-windows": "fresh"})
+    same = config_of(tmp_path, **{"recovery-rounds": 2})
+    _, tokenizer = load_model(fresh.model)
+    every = load_recovery_shard(fresh, node, tokenizer)
+    assert every.shape == (8, 32)
+    first, second = _windows_of_rounds(monkeypatch, fresh, node, (1, 2))
+    assert torch.equal(first, every[:4]) and torch.equal(second, every[4:])
+    assert not torch.equal(first, second)
+    for windows in _windows_of_rounds(monkeypatch, same, node, (1, 2)):
+        assert torch.equal(windows, every[:4])
+    assert torch.equal(load_recovery_shard(same, node, tokenizer), every[:4])
+    with pytest.raises(ValueError, match="recovery round 3 is not in 1..2"):
+        load_recovery_shard(fresh, node, tokenizer, 3)
+
+
+def test_the_server_numbers_the_recovery_rounds_from_one(tmp_path, monkeypatch):
+    """Each node is asked for recovery rounds 1 and 2, after the pruning's own rounds."""
+    asked = []
+    real = recovery_task.recover_global
+
+    def record(config, node, global_layers, recovery_round):
+        asked.append((node.partition_id, recovery_round))
+        return real(config, node, global_layers, recovery_round)
+
+    monkeypatch.setattr("client_app.app.recover_global", record)
+    config = config_of(tmp_path, **{"recovery-rounds": 2, "recovery-windows": "fresh"})
+    _, report = run(config)
+    assert sorted(asked) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [entry["clients"] for entry in report["recovery"]["per-round"]] == [2, 2]
+    assert report["rejected"] == []

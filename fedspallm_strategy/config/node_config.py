@@ -116,11 +116,26 @@ def load_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
         raise (ValueError if isinstance(error, ValueError) else OSError)(message) from error
 
 
-def load_recovery_shard(config: RunConfig, node: NodeConfig, tokenizer) -> torch.Tensor:
-    """This node's recovery windows ``(recovery-samples, seqlen)``: drawn from its shard as
-    its calibration segments are, ``recovery-samples`` of them."""
-    own = dataclasses.replace(config, calib_samples=config.recovery_samples)
-    return load_shard(own, node, tokenizer)
+def load_recovery_shard(
+    config: RunConfig, node: NodeConfig, tokenizer, recovery_round: int | None = None
+) -> torch.Tensor:
+    """This node's recovery windows ``(N, seqlen)``, drawn from its shard as its calibration
+    segments are.
+
+    ``recovery-windows`` ``same``: ``recovery-samples`` windows, every round's. ``fresh``: one
+    draw of ``recovery-rounds`` x ``recovery-samples`` windows, of which recovery round
+    ``recovery_round`` (from 1) trains on the ``recovery_round``-th block; None gives them all,
+    for training every round's steps at once (centralized and a member's own recovery).
+    """
+    per_round = config.recovery_samples
+    blocks = max(config.recovery_rounds, 1) if config.recovery_windows == "fresh" else 1
+    own = dataclasses.replace(config, calib_samples=per_round * blocks)
+    windows = load_shard(own, node, tokenizer)
+    if recovery_round is None or blocks == 1:
+        return windows
+    if not 1 <= recovery_round <= blocks:
+        raise ValueError(f"recovery round {recovery_round} is not in 1..{blocks}")
+    return windows[(recovery_round - 1) * per_round : recovery_round * per_round]
 
 
 def _optional(values: Mapping[str, object], key: str, annotation: str):

@@ -38,6 +38,7 @@ RESOLVE_WEIGHTINGS = ("uniform", "hessian-diagonal")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 SPARSITY_PROFILES = ("uniform", "owl")  # owl: outlier-weighed layer-wise (llm_pruning/owl.py)
 PAYLOAD_DTYPES = ("auto", "int8", "float32", "float16", "bfloat16")
+RECOVERY_WINDOWS = ("same", "fresh")
 RECOVERY_BATCH = 4  # windows per recovery step (fewer if recovery-samples is smaller)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 _IGNORE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")  # fnmatch on module names
@@ -109,7 +110,10 @@ class RunConfig:
     recovery_steps: int = 8  # optimizer steps per client per recovery round (batches of 4)
     # AdamW learning rate (lora: of the adapters); auto: 1e-4 for masked, 1e-3 for lora
     recovery_lr: float | str = "auto"
-    recovery_samples: int = 16  # windows of seqlen tokens from each client's shard
+    recovery_samples: int = 16  # windows of seqlen tokens from each client's shard, per round
+    # same: every round trains on the same windows; fresh: each round on windows of its own
+    # (round k: the k-th block of one seeded draw of recovery-rounds x recovery-samples)
+    recovery_windows: str = "same"
     # weight in [0, 1] of the dense model's top-32 next-token probabilities in the loss, the
     # rest next-token NLL (0: NLL only; > 0: a forward pass of the dense model first)
     recovery_distill: float = 0.0
@@ -333,6 +337,7 @@ class RunConfig:
     def _validate_recovery(self) -> None:
         at_least("recovery-rounds", self.recovery_rounds, 0)
         one_of("recovery-method", self.recovery_method, RECOVERY_METHODS)
+        one_of("recovery-windows", self.recovery_windows, RECOVERY_WINDOWS)
         at_least("recovery-steps", self.recovery_steps, 1)
         at_least("recovery-samples", self.recovery_samples, 1)
         if isinstance(self.recovery_lr, str):

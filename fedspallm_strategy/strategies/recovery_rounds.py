@@ -8,8 +8,10 @@ Each recovery round (``recovery-rounds`` of them, numbered after the strategy's 
    a node that missed a round, or a fresh ClientApp process, starts from the same model, and
    every node's copy is bit-identical to the server's.
 2. On the node (``client_app/recovery_task.py``): ``recovery-steps`` AdamW steps on
-   ``recovery-samples`` windows of its private shard (``llm_pruning/recovery.py``: ``masked``
-   trains the kept weights, ``lora`` merges adapters under the mask). Up: the change of every
+   ``recovery-samples`` windows of its private shard, the same ones every round or, with
+   ``recovery-windows=fresh``, the round's own (``RECOVERY_KEY`` says which round)
+   (``llm_pruning/recovery.py``: ``masked`` trains the kept weights, ``lora`` merges adapters
+   under the mask). Up: the change of every
    kept value, in the mask's row-major order, as a values payload (``DELTAS_KEY``) in the
    wire dtype: no mask bits, the server knows the masks.
 3. The server checks every reply like any other (the funnel of :meth:`accepted`: error,
@@ -42,7 +44,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
@@ -56,6 +58,7 @@ from fedspallm_strategy.wire.payload import encode
 from fedspallm_strategy.wire.protocol import (
     DELTAS_KEY,
     GLOBAL_KEY,
+    RECOVERY_KEY,
     RECOVERY_MESSAGE_TYPE,
     SPEC_KEY,
     bytes_record,
@@ -190,7 +193,12 @@ def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> 
     messages = []
     for node in nodes:
         content = RecordDict(
-            {SPEC_KEY: request_record(config, []), GLOBAL_KEY: bytes_record(down, GLOBAL_KEY)}
+            {
+                SPEC_KEY: request_record(config, []),
+                # which of its recovery windows a node trains on (recovery-windows=fresh)
+                RECOVERY_KEY: ConfigRecord({"round": server_round - strategy.rounds}),
+                GLOBAL_KEY: bytes_record(down, GLOBAL_KEY),
+            }
         )
         accounting.add_down(node, len(down) + len(content[SPEC_KEY].deflate()))
         messages.append(
@@ -241,7 +249,8 @@ def _loss_summary(metrics: list[dict]) -> dict:
 
 def recover_centrally(model, config: RunConfig, tokenizer, node_configs) -> dict:
     """``centralized`` + recovery: the server fine-tunes its pruned model on every shard's
-    recovery windows pooled (simulation only, like the pruning); returns the report entry."""
+    recovery windows pooled, every round's (simulation only, like the pruning); returns the
+    report entry."""
     from llm_pruning.models import load_model  # an eager copy: recovery trains a whole model
 
     ordered = sorted(node_configs.values(), key=lambda nc: nc.name)

@@ -34,6 +34,7 @@ MASKS_KEY = "masks"  # ArrayRecord/Array: mask-only payload of the layers to re-
 GLOBAL_KEY = "global"  # ArrayRecord/Array: merged matrices of the layers to advance through
 RESOLVED_KEY = "resolved"  # ArrayRecord/Array of a reply: the re-solved kept values
 DELTAS_KEY = "deltas"  # ArrayRecord/Array of a recovery reply: the kept values' changes
+RECOVERY_KEY = "recovery"  # ConfigRecord of a recovery request: {"round": k}, k from 1
 EXACT_KEY = "exact"  # ConfigRecord: shared-input groups and the previous round's layers
 PREVIOUS_KEY = "previous"  # ArrayRecord/Array: the previous round's pruned global matrices
 # ConfigRecord: of a profile request, its kind ('counts' | 'statistics') and shared groups;
@@ -82,6 +83,7 @@ CLIENT_KEYS = (
     "recovery-steps",
     "recovery-lr",
     "recovery-samples",
+    "recovery-windows",
     "recovery-distill",
 )
 
