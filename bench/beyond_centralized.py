@@ -155,7 +155,11 @@ def main() -> None:
         "--recovery-method", default=RunConfig.recovery_method, choices=RECOVERY_DEFAULT_LR
     )
     parser.add_argument(
-        "--recovery-windows", default=RunConfig.recovery_windows, choices=RECOVERY_WINDOWS
+        "--recovery-windows",
+        default="same",
+        choices=RECOVERY_WINDOWS,
+        help="same: every round on the same windows (what a recorded command without this "
+        "flag ran); fresh: each round on its own, the run config's default",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="another draw of calibration and recovery windows"

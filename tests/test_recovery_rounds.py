@@ -228,7 +228,7 @@ def test_fresh_windows_give_each_round_its_own_block_of_one_draw(tmp_path, monke
     recovery-windows=same trains on every round (one seeded stream of starts)."""
     node = NodeConfig(partition_id=1, num_partitions=2)
     fresh = config_of(tmp_path, **{"recovery-rounds": 2, "recovery-windows": "fresh"})
-    same = config_of(tmp_path, **{"recovery-rounds": 2})
+    same = config_of(tmp_path, **{"recovery-rounds": 2, "recovery-windows": "same"})
     _, tokenizer = load_model(fresh.model)
     every = load_recovery_shard(fresh, node, tokenizer)
     assert every.shape == (8, 32)

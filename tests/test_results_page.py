@@ -390,3 +390,15 @@ def test_the_2of4_four_round_section_shows_every_round() -> None:
         "`lsq` + recovery, 4 rounds | 20.39 | 201.38 | 0.61 |",
     ):
         assert line in page
+
+
+def test_the_fresh_windows_section_divides_four_rounds_by_both_dense_models() -> None:
+    """By hand: after 4 rounds 12.2533 on the clients' domain; / dense 15.0943 = 0.81,
+    / dense fine-tuned on every round's windows 8.9021 = 1.38; rounds 1-3 at 15.3611,
+    14.3987, 13.4985, each below the one before."""
+    page = PAGE.read_text()
+    assert "16 new windows per client every round" in page
+    assert "`lsq` + recovery, 4 rounds | 12.25 | 75.39 | – | – | 0.81 | 1.38 |" in page
+    for rounds, ppl in ((1, "15.36"), (2, "14.40"), (3, "13.50")):
+        assert f"`lsq` + recovery, {rounds} round{'s' * (rounds > 1)} | {ppl} |" in page
+    assert "16 windows per client, the same every round" in page  # the older files say so

@@ -111,9 +111,9 @@ class RunConfig:
     # AdamW learning rate (lora: of the adapters); auto: 1e-4 for masked, 1e-3 for lora
     recovery_lr: float | str = "auto"
     recovery_samples: int = 16  # windows of seqlen tokens from each client's shard, per round
-    # same: every round trains on the same windows; fresh: each round on windows of its own
-    # (round k: the k-th block of one seeded draw of recovery-rounds x recovery-samples)
-    recovery_windows: str = "same"
+    # fresh: each round on windows of its own (round k: the k-th block of one seeded draw of
+    # recovery-rounds x recovery-samples); same: every round on the same windows
+    recovery_windows: str = "fresh"
     # weight in [0, 1] of the dense model's top-32 next-token probabilities in the loss, the
     # rest next-token NLL (0: NLL only; > 0: a forward pass of the dense model first)
     recovery_distill: float = 0.0
