@@ -8,12 +8,12 @@ Each recovery round (``recovery-rounds`` of them, numbered after the strategy's 
    a node that missed a round, or a fresh ClientApp process, starts from the same model, and
    every node's copy is bit-identical to the server's.
 2. On the node (``client_app/recovery_task.py``): ``recovery-steps`` AdamW steps on
-   ``recovery-samples`` windows of its private shard, the same ones every round or, with
-   ``recovery-windows=fresh``, the round's own (``RECOVERY_KEY`` says which round)
-   (``llm_pruning/recovery.py``: ``masked`` trains the kept weights, ``lora`` merges adapters
-   under the mask). Up: the change of every
-   kept value, in the mask's row-major order, as a values payload (``DELTAS_KEY``) in the
-   wire dtype: no mask bits, the server knows the masks.
+   ``recovery-samples`` windows of its private shard: the round's own with
+   ``recovery-windows=fresh`` (``RECOVERY_KEY`` says which round), the same every round with
+   ``same``. ``llm_pruning/recovery.py`` trains: ``masked`` the kept weights, ``lora``
+   adapters merged under the mask. Up: the change of every kept value, in the mask's
+   row-major order, as a values payload (``DELTAS_KEY``) in the wire dtype: no mask bits,
+   the server knows the masks.
 3. The server checks every reply like any other (the funnel of :meth:`accepted`: error,
    unasked or duplicate reply, size, declared counts, finite values, then plausibility) and
    adds the mean change to its model. Every client trained on as many tokens as the others
