@@ -1122,6 +1122,7 @@ SECTIONS: tuple[Section, ...] = (
             ),
             ("2of4", "exact reconstruction and recovery at 2:4"),
             ("2of4_4-rounds", "recovery at 2:4, 4 rounds"),
+            ("2of4_4-rounds-fresh", "recovery at 2:4, 4 rounds, new windows every round"),
             ("0.5_lr-0.0002", "recovery at 50 %, lr 0.0002"),
             ("0.5_lora", "recovery with LoRA adapters at 50 %"),
             ("0.5_lora-lr-0.001", "recovery with LoRA adapters at 50 %, lr 0.001"),
