@@ -164,6 +164,15 @@ def sample_segments(
             f"calibration text too short: {tokens.numel()} tokens, but seqlen is {seqlen}; "
             "lower seqlen or give more text"
         )
+    if count * seqlen > tokens.numel():  # e.g. fresh recovery windows for many rounds
+        log.warning(
+            "%d windows of %d tokens need %d tokens, but the text has %d: the windows repeat "
+            "text (give more text, or fewer samples or rounds)",
+            count,
+            seqlen,
+            count * seqlen,
+            tokens.numel(),
+        )
     starts = rng.integers(0, tokens.numel() - seqlen + 1, size=count)
     return torch.stack([tokens[start : start + seqlen] for start in starts.tolist()])  # (N, T)
 

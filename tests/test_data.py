@@ -182,6 +182,16 @@ def test_sample_segments_are_windows_of_the_stream():
     assert torch.equal(segments, same)
 
 
+def test_more_windows_than_text_warns(caplog):
+    tokens = torch.arange(100)
+    with caplog.at_level("WARNING", logger="llm_pruning.data"):
+        sample_segments(tokens, 10, 10, np.random.default_rng(0))  # 10 x 10 = 100: fits
+        assert not caplog.records
+        sample_segments(tokens, 10, 11, np.random.default_rng(0))  # 110 > 100
+    assert len(caplog.records) == 1
+    assert "need 110 tokens, but the text has 100" in caplog.records[0].getMessage()
+
+
 def test_text_shorter_than_seqlen(tokenizer, tmp_path: Path):
     path = tmp_path / "short.txt"
     path.write_text("only a few bytes", encoding="utf-8")
