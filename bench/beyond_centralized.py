@@ -67,6 +67,7 @@ ROWS = {
     "fed-local-recovery-members": {"recover": 1, "standalone-eval": True},
 }
 CLIENTS = 2
+CALIB_SAMPLES = 8  # per client: what every file measured before --calib-samples used
 
 
 def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
@@ -77,6 +78,7 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
         "eval-data": f"python-docs,{args.other_text}",
         "eval-windows": args.eval_windows,
         "seqlen": args.seqlen,
+        "calib-samples": args.calib_samples,
         "standalone-eval": False,
         "output-dir": output_dir,
         "recovery-steps": args.recovery_steps,
@@ -142,6 +144,12 @@ def main() -> None:
     parser.add_argument("--other-text", type=Path, default=OTHER_TEXT)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument(
+        "--calib-samples",
+        type=int,
+        default=CALIB_SAMPLES,
+        help="calibration windows per client (the run config's calib-samples)",
+    )
     parser.add_argument("--recovery-rounds", type=int, default=2)
     parser.add_argument("--recovery-steps", type=int, default=RunConfig.recovery_steps)
     parser.add_argument(
@@ -182,8 +190,9 @@ def main() -> None:
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
-    # files measured before --seed and --recovery-windows existed: seed 0, the same windows
-    recorded = {"seed": 0, "recovery_windows": "same", **saved.get("args", {})}
+    # files measured before --seed, --recovery-windows and --calib-samples existed
+    before_flags = {"seed": 0, "recovery_windows": "same", "calib_samples": CALIB_SAMPLES}
+    recorded = {**before_flags, **saved.get("args", {})}
     if saved and {k: v for k, v in recorded.items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     command = _command(args)
@@ -226,6 +235,7 @@ def _command(args) -> str:
             if args.recovery_windows != "same"
             else ""
         )
+        + (f" --calib-samples {args.calib_samples}" if args.calib_samples != CALIB_SAMPLES else "")
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --tag {args.tag}" if args.tag else "")
     )

@@ -872,7 +872,8 @@ def beyond_section(r: Result) -> list[str]:
     return [
         f"SmolLM2-135M at {sparsity_label(pattern)}"
         f"{'' if ':' in pattern else ' unstructured'}, two organisations with `python-docs` "
-        "shards. Perplexity on the held-out python-docs topics (the clients' domain) and on "
+        f"shards, {_calibration_windows(r)} calibration windows of {r.arg('seqlen')} tokens "
+        "each. Perplexity on the held-out python-docs topics (the clients' domain) and on "
         f"*{Path(texts[1]).stem.title()}* (another domain), {r.arg('eval_windows')} windows of "
         f"{r.arg('seqlen')} tokens. Recovery: `{r.arg('recovery_method')}`, "
         f"{r.arg('recovery_steps')} steps of 4 windows per client and round at lr "
@@ -886,6 +887,11 @@ def beyond_section(r: Result) -> list[str]:
         + overfit_note,
         table(header, rows),
     ]
+
+
+def _calibration_windows(r: Result) -> int:
+    """Calibration windows per client (files before ``--calib-samples`` existed used 8)."""
+    return r.get("args").get("calib_samples", 8)
 
 
 def _windows_rule(r: Result) -> str:
@@ -948,6 +954,32 @@ def draws_note(results_dir: Path) -> str:
     )
 
 
+def calibration_note(results_dir: Path) -> str:
+    """Centralized SparseGPT and fed global + `lsq` with 32 calibration windows per client,
+    beside calibration draw 0 (the same seed, 8 windows)."""
+    more = Result(results_dir / "beyond_centralized_0.7_calib-32.json")
+    fewer = Result(results_dir / f"beyond_centralized_{DRAWS[0]}.json")
+    texts = ("python-docs", more.arg("other_text"))
+    other = Path(texts[1]).stem.title()
+    central, ratio = {}, {}
+    for r in (more, fewer):
+        n = _calibration_windows(r)
+        central[n] = _beyond_model(r, "central-sparsegpt")[0]
+        federated = _beyond_model(r, "fed-global-lsq")[0]
+        ratio[n] = [federated[t] / central[n][t] for t in texts]
+    (few, many) = sorted(central)
+    return (
+        f"With {many} calibration windows per client where calibration draw 0 (the same seed) "
+        f"has {few}, centralized SparseGPT scores {f2(central[many][texts[0]])} on the clients' "
+        f"domain and {f2(central[many][texts[1]])} on *{other}* (with {few}: "
+        f"{f2(central[few][texts[0]])} and {f2(central[few][texts[1]])}). Federated global "
+        f"calibration + re-solve with `lsq`, divided by it, is {f2(ratio[many][0])} on the "
+        f"domain and {f2(ratio[many][1])} on *{other}* (with {few}: {f2(ratio[few][0])} and "
+        f"{f2(ratio[few][1])}): more calibration text helps both pruners, and `lsq`'s lead "
+        "stays where it was."
+    )
+
+
 def learning_rate_note(results_dir: Path) -> str:
     """What the ratio to dense fine-tuned means at lr 0.0002, beside the 50 % file's lr 0.0001:
     the dense model's gain at each rate, and the federated model after each round."""
@@ -1001,6 +1033,7 @@ BEYOND_NOTES = {
     ),
     DRAWS[-1]: draws_note,
     "0.5_lr-0.0002": learning_rate_note,
+    "0.7_calib-32": calibration_note,
 }
 
 SECTIONS: tuple[Section, ...] = (
@@ -1120,10 +1153,12 @@ SECTIONS: tuple[Section, ...] = (
                 (name, f"reconstruction at 70 %, calibration draw {name.rsplit('-', 1)[1]}")
                 for name in DRAWS
             ),
+            ("0.7_calib-32", "reconstruction at 70 %, 32 calibration windows per client"),
             ("2of4", "exact reconstruction and recovery at 2:4"),
             ("2of4_4-rounds", "recovery at 2:4, 4 rounds"),
             ("2of4_4-rounds-fresh", "recovery at 2:4, 4 rounds, new windows every round"),
             ("0.5_lr-0.0002", "recovery at 50 %, lr 0.0002"),
+            ("0.5_lr-0.0002-fresh", "recovery at 50 %, lr 0.0002, new windows every round"),
             ("0.5_lora", "recovery with LoRA adapters at 50 %"),
             ("0.5_lora-lr-0.001", "recovery with LoRA adapters at 50 %, lr 0.001"),
         )

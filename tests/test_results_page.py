@@ -418,3 +418,32 @@ def test_the_2of4_fresh_windows_section_keeps_gaining_every_round() -> None:
         "`lsq` + recovery, 4 rounds | 15.21 | 152.98 | 0.45 | 0.70 |",
     ):
         assert line in fresh
+
+
+def test_lr_0_0002_fresh_windows_divided_by_dense_fine_tuned_at_that_rate() -> None:
+    """By hand: 14.4231 after round 1 (the same windows' round 1 at this rate), 13.7729 after
+    round 2; / dense 15.0943 = 0.91; / the dense model fine-tuned on both rounds' windows at
+    lr 0.0002, 10.7995: 1.28."""
+    page = PAGE.read_text()
+    section = page.split("recovery at 50 %, lr 0.0002, new windows every round", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert "`lsq` + recovery, 1 round | 14.42 | 77.49 |" in section
+    assert "`lsq` + recovery, 2 rounds | 13.77 | 75.86 | – | – | 0.91 | 1.28 |" in section
+    assert "| 10.80 | 34.33 |" in section
+
+
+def test_the_calibration_note_compares_32_windows_with_draw_0s_8() -> None:
+    """By hand: with 32 windows centralized SparseGPT 65.6532 / 554.7341, fed global + lsq
+    45.9014 / 492.0773, so 0.70 and 0.89; draw 0 (8 windows) 70.5712 / 660.8542 and
+    46.0327 / 574.7664, so 0.65 and 0.87. Centralized lsq at 32: 587.721 / 554.7341 = 1.06 on
+    Persuasion, worse than SparseGPT there."""
+    page = PAGE.read_text()
+    section = page.split("reconstruction at 70 %, 32 calibration windows per client", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert "shards, 32 calibration windows of 512 tokens each." in section
+    assert "| centralized, `lsq` | 45.60 | 587.72 | 0.69 | 1.06 |" in section
+    assert "is 0.70 on the domain and 0.89 on *Persuasion* (with 8: 0.65 and 0.87)" in section
+    assert "(with 8: 70.57 and 660.85)" in section
+    assert "--calib-samples 32 --tag calib-32" in section
+    # every file measured before the flag calibrated on 8 windows per client, and says so
+    assert "shards, 8 calibration windows of 512 tokens each." in page
