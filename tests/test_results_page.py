@@ -28,6 +28,12 @@ def _load_generator():
 page_module = _load_generator()
 
 
+def beyond_section_text(title: str) -> str:
+    """The committed page's "Beyond centralized SparseGPT: <title>" section, to its end."""
+    page = PAGE.read_text()
+    return page.split(f"\n## Beyond centralized SparseGPT: {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 @pytest.mark.parametrize("page", [PAGE, GPU_PAGE], ids=lambda page: page.name)
 def test_committed_page_is_what_the_generator_writes_now(page: Path) -> None:
     assert page.read_text() == page_module.render(page=page), (
@@ -408,9 +414,7 @@ def test_the_2of4_fresh_windows_section_keeps_gaining_every_round() -> None:
     """By hand: 19.6367, 18.0811, 16.9299, 15.2087 over centralized SparseGPT's 33.6279 =
     0.58, 0.54, 0.50, 0.45; Persuasion after 4 rounds 152.9817 / 219.1217 = 0.70. Round 1
     is the same windows' round 1 (the draw's first block), so it matches that section."""
-    page = PAGE.read_text()
-    fresh = page.split("recovery at 2:4, 4 rounds, new windows every round", 1)[1]
-    fresh = fresh.split("\n## ", 1)[0]
+    fresh = beyond_section_text("recovery at 2:4, 4 rounds, new windows every round")
     for line in (
         "`lsq` + recovery, 1 round | 19.64 | 167.96 | 0.58 |",
         "`lsq` + recovery, 2 rounds | 18.08 | 157.74 | 0.54 |",
@@ -424,9 +428,7 @@ def test_lr_0_0002_fresh_windows_divided_by_dense_fine_tuned_at_that_rate() -> N
     """By hand: 14.4231 after round 1 (the same windows' round 1 at this rate), 13.7729 after
     round 2; / dense 15.0943 = 0.91; / the dense model fine-tuned on both rounds' windows at
     lr 0.0002, 10.7995: 1.28."""
-    page = PAGE.read_text()
-    section = page.split("recovery at 50 %, lr 0.0002, new windows every round", 1)[1]
-    section = section.split("\n## ", 1)[0]
+    section = beyond_section_text("recovery at 50 %, lr 0.0002, new windows every round")
     assert "`lsq` + recovery, 1 round | 14.42 | 77.49 |" in section
     assert "`lsq` + recovery, 2 rounds | 13.77 | 75.86 | – | – | 0.91 | 1.28 |" in section
     assert "| 10.80 | 34.33 |" in section
@@ -438,8 +440,7 @@ def test_the_calibration_note_compares_32_windows_with_draw_0s_8() -> None:
     46.0327 / 574.7664, so 0.65 and 0.87. Centralized lsq at 32: 587.721 / 554.7341 = 1.06 on
     Persuasion, worse than SparseGPT there."""
     page = PAGE.read_text()
-    section = page.split("reconstruction at 70 %, 32 calibration windows per client", 1)[1]
-    section = section.split("\n## ", 1)[0]
+    section = beyond_section_text("reconstruction at 70 %, 32 calibration windows per client")
     assert "shards, 32 calibration windows of 512 tokens each." in section
     assert "| centralized, `lsq` | 45.60 | 587.72 | 0.69 | 1.06 |" in section
     assert "is 0.70 on the domain and 0.89 on *Persuasion* (with 8: 0.65 and 0.87)" in section
