@@ -1148,6 +1148,7 @@ SECTIONS: tuple[Section, ...] = (
             ("0.5_4-rounds-fresh", "recovery at 50 %, 4 rounds, new windows every round"),
             ("0.7", "exact reconstruction and recovery at 70 %"),
             ("0.7_4-rounds", "recovery at 70 %, 4 rounds"),
+            ("0.7_fresh", "recovery at 70 %, new windows every round"),
             ("0.7_repeat", "reconstruction at 70 %, measured again"),
             *(
                 (name, f"reconstruction at 70 %, calibration draw {name.rsplit('-', 1)[1]}")
