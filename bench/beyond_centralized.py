@@ -2,17 +2,22 @@
 recovery, side by side with dense, dense fine-tuned on the same budget, and centralized pruning.
 
 Every row is a real run (``run_federation`` over the in-process grid: the strategies and the
-ClientApp of ``flwr run``), SmolLM2-135M, two organisations with python-docs shards. Each
-model is scored on the clients' domain (python-docs' held-out topics) and on another
-(*Persuasion*). A recovery row's run scores its model after every round, so one run with
-``--recovery-rounds 4`` gives the rows at 1, 2 and 4 rounds. "dense + fine-tuning" trains the
-dense model exactly as ``centralized`` recovery trains a pruned one (every shard's windows
-pooled, the federation's steps, a batch per shard): domain adaptation, not recovery.
+ClientApp of ``flwr run``), SmolLM2-135M, two organisations with python-docs shards (or, with
+``--clients-dir``, one organisation per text of a folder). Each model is scored on the
+clients' domain (python-docs' held-out topics, or ``--domain-text``) and on another
+(*Persuasion*, or ``--other-text``). A recovery row's run scores its model after every
+round, so one run with ``--recovery-rounds 4`` gives the rows at 1, 2 and 4 rounds. "dense +
+fine-tuning" trains the dense model exactly as ``centralized`` recovery trains a pruned one
+(every shard's windows pooled, the federation's steps, a batch per shard): domain adaptation,
+not recovery.
 
     python bench/beyond_centralized.py --pattern 0.7 --rows central-sparsegpt,central-lsq
     python bench/beyond_centralized.py --pattern 0.5 --rows dense-ft,fed-local-recovery
     python bench/beyond_centralized.py --pattern 0.5 --rows dense-ft,fed-local-recovery \
         --recovery-rounds 4 --tag 4-rounds
+    python bench/beyond_centralized.py --pattern 0.7 --rows central-sparsegpt,fed-global-lsq \
+        --clients-dir ../shared/data/austen --domain-text ../shared/data/austen/persuasion.txt \
+        --other-text python-docs --tag austen
 
 Rows already in the output file are kept (a run adds rows); ``--fresh`` starts over.
 """
@@ -75,7 +80,7 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
         "model": args.model,
         "pattern": "unstructured" if ":" not in args.pattern else args.pattern,
         "sparsity": 0.5 if ":" in args.pattern else float(args.pattern),
-        "eval-data": f"python-docs,{args.other_text}",
+        "eval-data": f"{args.domain_text},{args.other_text}",
         "eval-windows": args.eval_windows,
         "seqlen": args.seqlen,
         "calib-samples": args.calib_samples,
@@ -95,17 +100,31 @@ def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
+def node_configs(args) -> dict[int, dict]:
+    """Each organisation's Flower node config: a python-docs partition, or (``--clients-dir``)
+    one text of that folder, every text but the held-out ``--domain-text``."""
+    if args.clients_dir is None:
+        return {n: {"partition-id": n - 1, "num-partitions": CLIENTS} for n in (1, 2)}
+    held_out = Path(args.domain_text).resolve()
+    texts = sorted(p for p in args.clients_dir.glob("*.txt") if p.resolve() != held_out)
+    if len(texts) < 2:
+        raise SystemExit(
+            f"--clients-dir {args.clients_dir}: fewer than 2 texts besides the held-out"
+        )
+    return {n: {"data-path": str(path)} for n, path in enumerate(texts, 1)}
+
+
 def federated_row(args, name: str) -> dict:
+    nodes = node_configs(args)
     with tempfile.TemporaryDirectory() as folder:
         config = run_config(args, ROWS[name], folder)
         start = time.perf_counter()
-        run_dir = run_federation(
-            InProcessGrid.simulation(client_app, CLIENTS, {}), config, run_id=1
-        )
+        run_dir = run_federation(InProcessGrid(client_app, nodes, {}), config, run_id=1)
         report = json.loads((run_dir / "report.json").read_text())
     communication = report.get("communication", {})
     return {
         "run-config": config.as_dict(),
+        "clients": len(nodes),
         "perplexity": report["perplexity"],
         "recovery": report.get("recovery"),
         "sparsity": report["sparsity"]["overall"],
@@ -124,7 +143,7 @@ def dense_rows(args) -> dict:
     model, tokenizer = load_model(config.model, dtype=config.torch_dtype, lazy=True)
     evaluate = Evaluator(config, tokenizer)
     rows = {"dense": {"perplexity": {"dense": evaluate(model, "dense")}}}
-    nodes = {i: NodeConfig(partition_id=i, num_partitions=CLIENTS) for i in range(CLIENTS)}
+    nodes = {n: NodeConfig.from_mapping(values) for n, values in node_configs(args).items()}
     start = time.perf_counter()
     trained = recover_centrally(model, config, tokenizer, nodes)
     rows["dense-ft"] = {
@@ -141,7 +160,17 @@ def main() -> None:
     parser.add_argument("--pattern", default="0.7", help="a sparsity (0.5, 0.7) or N:M (2:4)")
     parser.add_argument("--rows", default=",".join(["dense", *ROWS]))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--other-text", type=Path, default=OTHER_TEXT)
+    parser.add_argument(
+        "--clients-dir",
+        type=Path,
+        default=None,
+        help="one organisation per .txt file of this folder, all but --domain-text "
+        "(default: two organisations with python-docs shards)",
+    )
+    parser.add_argument(
+        "--domain-text", default="python-docs", help="held-out text of the clients' domain"
+    )
+    parser.add_argument("--other-text", default=str(OTHER_TEXT), help="a text of another domain")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument(
@@ -191,7 +220,13 @@ def main() -> None:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
     # files measured before --seed, --recovery-windows and --calib-samples existed
-    before_flags = {"seed": 0, "recovery_windows": "same", "calib_samples": CALIB_SAMPLES}
+    before_flags = {
+        "seed": 0,
+        "recovery_windows": "same",
+        "calib_samples": CALIB_SAMPLES,
+        "clients_dir": None,
+        "domain_text": "python-docs",
+    }
     recorded = {**before_flags, **saved.get("args", {})}
     if saved and {k: v for k, v in recorded.items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
@@ -237,6 +272,9 @@ def _command(args) -> str:
         )
         + (f" --calib-samples {args.calib_samples}" if args.calib_samples != CALIB_SAMPLES else "")
         + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --clients-dir {args.clients_dir}" if args.clients_dir else "")
+        + (f" --domain-text {args.domain_text}" if args.domain_text != "python-docs" else "")
+        + (f" --other-text {args.other_text}" if args.other_text != str(OTHER_TEXT) else "")
         + (f" --tag {args.tag}" if args.tag else "")
     )
 

@@ -758,7 +758,7 @@ def _member_lines(r: Result, name: str, line) -> list[list[str]]:
 
 
 def beyond_section(r: Result) -> list[str]:
-    texts = ("python-docs", r.arg("other_text"))
+    texts = (_domain_text(r), r.arg("other_text"))
     present = r.get("rows")
     unknown = sorted(set(present) - set(BEYOND_LABELS))
     if unknown:
@@ -871,10 +871,10 @@ def beyond_section(r: Result) -> list[str]:
         )
     return [
         f"SmolLM2-135M at {sparsity_label(pattern)}"
-        f"{'' if ':' in pattern else ' unstructured'}, two organisations with `python-docs` "
-        f"shards, {_calibration_windows(r)} calibration windows of {r.arg('seqlen')} tokens "
-        "each. Perplexity on the held-out python-docs topics (the clients' domain) and on "
-        f"*{Path(texts[1]).stem.title()}* (another domain), {r.arg('eval_windows')} windows of "
+        f"{'' if ':' in pattern else ' unstructured'}, {_organisations(r)}, "
+        f"{_calibration_windows(r)} calibration windows of {r.arg('seqlen')} tokens "
+        f"each. Perplexity on {_text_label(texts[0])} (the clients' domain) and on "
+        f"{_text_label(texts[1])} (another domain), {r.arg('eval_windows')} windows of "
         f"{r.arg('seqlen')} tokens. Recovery: `{r.arg('recovery_method')}`, "
         f"{r.arg('recovery_steps')} steps of 4 windows per client and round at lr "
         f"{r.arg('recovery_lr'):g}, {r.arg('recovery_samples')} {_windows_rule(r)}; the dense "
@@ -887,6 +887,31 @@ def beyond_section(r: Result) -> list[str]:
         + overfit_note,
         table(header, rows),
     ]
+
+
+def _domain_text(r: Result) -> str:
+    """The clients' domain's held-out text (python-docs before ``--domain-text`` existed)."""
+    return r.get("args").get("domain_text", "python-docs")
+
+
+def _text_label(text: str) -> str:
+    if text == "python-docs":
+        return "the held-out python-docs topics"
+    return f"*{Path(text).stem.replace('_', ' ').title()}*"
+
+
+def _organisations(r: Result) -> str:
+    """Who prunes: two python-docs shards, or one text of ``--clients-dir`` each."""
+    folder = r.get("args").get("clients_dir")
+    if folder is None:
+        return "two organisations with `python-docs` shards"
+    counts = {run["clients"] for run in r.get("rows").values() if "clients" in run}
+    if len(counts) != 1:
+        raise r.error(f"rows of --clients-dir {folder} disagree on their clients: {counts}")
+    return (
+        f"{counts.pop()} organisations, each with one text of `{Path(folder).name}/` (all but "
+        "the held-out one)"
+    )
 
 
 def _calibration_windows(r: Result) -> int:
@@ -980,6 +1005,21 @@ def calibration_note(results_dir: Path) -> str:
     )
 
 
+def austen_note(results_dir: Path) -> str:
+    """Which text ``lsq`` gains on when the organisations hold novels, not python-docs."""
+    r = Result(results_dir / "beyond_centralized_0.7_austen.json")
+    texts = (_domain_text(r), r.arg("other_text"))
+    central = _beyond_model(r, "central-sparsegpt")[0]
+    federated = _beyond_model(r, "fed-global-lsq")[0]
+    domain, other = (f2(federated[t] / central[t]) for t in texts)
+    return (
+        f"Here the organisations' texts are like {_text_label(texts[0])}, not like "
+        f"{_text_label(texts[1])}. Federated global calibration + re-solve with `lsq` "
+        f"is {domain} of centralized SparseGPT on the first and {other} on the second: as "
+        "with python-docs organisations, `lsq`'s gain is on the calibration's kind of text."
+    )
+
+
 def learning_rate_note(results_dir: Path) -> str:
     """What the ratio to dense fine-tuned means at lr 0.0002, beside the 50 % file's lr 0.0001:
     the dense model's gain at each rate, and the federated model after each round."""
@@ -1034,6 +1074,7 @@ BEYOND_NOTES = {
     DRAWS[-1]: draws_note,
     "0.5_lr-0.0002": learning_rate_note,
     "0.7_calib-32": calibration_note,
+    "0.7_austen": austen_note,
 }
 
 SECTIONS: tuple[Section, ...] = (
@@ -1155,6 +1196,7 @@ SECTIONS: tuple[Section, ...] = (
                 for name in DRAWS
             ),
             ("0.7_calib-32", "reconstruction at 70 %, 32 calibration windows per client"),
+            ("0.7_austen", "reconstruction at 70 %, organisations with Austen's novels"),
             ("2of4", "exact reconstruction and recovery at 2:4"),
             ("2of4_4-rounds", "recovery at 2:4, 4 rounds"),
             ("2of4_4-rounds-fresh", "recovery at 2:4, 4 rounds, new windows every round"),

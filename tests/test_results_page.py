@@ -460,3 +460,18 @@ def test_seventy_percent_fresh_windows_is_the_values_in_the_json() -> None:
     assert "`lsq`, before recovery | 46.03 | 574.77 | 0.65 | 0.87 |" in section
     assert "`lsq` + recovery, 1 round | 32.05 | 400.40 | 0.45 | 0.61 |" in section
     assert "`lsq` + recovery, 2 rounds | 28.90 | 357.45 | 0.41 | 0.54 |" in section
+
+
+def test_austen_organisations_gain_on_their_own_kind_of_text() -> None:
+    """By hand: centralized SparseGPT 162.4171 on Persuasion and 365.8821 on python-docs;
+    fed global + lsq 123.9267 and 389.8173, so 0.76 and 1.07; centralized lsq 119.6753 and
+    364.2551, so 0.74 and 1.00. Five organisations: the six novels but Persuasion."""
+    section = beyond_section_text("reconstruction at 70 %, organisations with Austen's novels")
+    assert "5 organisations, each with one text of `austen/`" in section
+    assert "Perplexity on *Persuasion* (the clients' domain) and on the held-out python-docs" in (
+        section
+    )
+    assert "| centralized SparseGPT | 162.42 | 365.88 | 1.00 | 1.00 |" in section
+    assert "| centralized, `lsq` | 119.68 | 364.26 | 0.74 | 1.00 |" in section
+    assert "`lsq` | 123.93 | 389.82 | 0.76 | 1.07 |" in section
+    assert "is 0.76 of centralized SparseGPT on the first and 1.07 on the second" in section
