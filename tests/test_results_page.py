@@ -455,11 +455,14 @@ def test_seventy_percent_fresh_windows_is_the_values_in_the_json() -> None:
     configuration 46.0327 before recovery, 32.051 after round 1 and 28.9009 after round 2:
     0.65, 0.45, 0.41 of it on the domain; 357.4545 / 660.8542 = 0.54 on Persuasion."""
     section = beyond_section_text("recovery at 70 %, new windows every round")
-    assert "16 new windows per client every round" in section
-    assert "| centralized SparseGPT | 70.57 | 660.85 | 1.00 | 1.00 |" in section
-    assert "`lsq`, before recovery | 46.03 | 574.77 | 0.65 | 0.87 |" in section
-    assert "`lsq` + recovery, 1 round | 32.05 | 400.40 | 0.45 | 0.61 |" in section
-    assert "`lsq` + recovery, 2 rounds | 28.90 | 357.45 | 0.41 | 0.54 |" in section
+    for text in (
+        "16 new windows per client every round",
+        "| centralized SparseGPT | 70.57 | 660.85 | 1.00 | 1.00 |",
+        "`lsq`, before recovery | 46.03 | 574.77 | 0.65 | 0.87 |",
+        "`lsq` + recovery, 1 round | 32.05 | 400.40 | 0.45 | 0.61 |",
+        "`lsq` + recovery, 2 rounds | 28.90 | 357.45 | 0.41 | 0.54 |",
+    ):
+        assert text in section
 
 
 def test_austen_organisations_gain_on_their_own_kind_of_text() -> None:
