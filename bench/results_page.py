@@ -1186,6 +1186,7 @@ SECTIONS: tuple[Section, ...] = (
             ("0.5_4-rounds", "recovery at 50 %, 4 rounds"),
             ("0.5_samples-64", "recovery at 50 %, 64 windows per client"),
             ("0.5_4-rounds-samples-64", "recovery at 50 %, 4 rounds, 64 windows per client"),
+            ("0.5_fresh", "recovery at 50 %, 2 rounds, new windows every round"),
             ("0.5_4-rounds-fresh", "recovery at 50 %, 4 rounds, new windows every round"),
             ("0.7", "exact reconstruction and recovery at 70 %"),
             ("0.7_4-rounds", "recovery at 70 %, 4 rounds"),

@@ -478,3 +478,17 @@ def test_austen_organisations_gain_on_their_own_kind_of_text() -> None:
     assert "| centralized, `lsq` | 119.68 | 364.26 | 0.74 | 1.00 |" in section
     assert "`lsq` | 123.93 | 389.82 | 0.76 | 1.07 |" in section
     assert "is 0.76 of centralized SparseGPT on the first and 1.07 on the second" in section
+
+
+def test_the_default_recovery_at_50_percent_divides_by_dense_fine_tuned_on_its_windows() -> None:
+    """By hand: the bar configuration with the run config's recovery defaults (fresh windows,
+    lr 0.0001): 19.6243 before, 15.3611 and 14.3987 after rounds 1 and 2; / dense 15.0943 =
+    0.95; / dense fine-tuned on both rounds' windows, 10.697: 1.35."""
+    section = beyond_section_text("recovery at 50 %, 2 rounds, new windows every round")
+    for text in (
+        "`lsq`, before recovery | 19.62 | 89.06 |",
+        "`lsq` + recovery, 1 round | 15.36 | 79.54 |",
+        "`lsq` + recovery, 2 rounds | 14.40 | 76.94 | – | – | 0.95 | 1.35 | 228.4 | 682.8 | 33 |",
+        "| dense, fine-tuned with the recovery budget | 10.70 | 33.06 |",
+    ):
+        assert text in section
