@@ -73,6 +73,16 @@ ROWS = {
 }
 CLIENTS = 2
 CALIB_SAMPLES = 8  # per client: what every file measured before --calib-samples used
+# Flags added after the first files were measured, with their defaults: a file that does not
+# record one was measured at its default, and a recorded command names one only where it differs.
+LATER_FLAGS = {
+    "recovery_windows": "same",
+    "calib_samples": CALIB_SAMPLES,
+    "seed": 0,
+    "clients_dir": None,
+    "domain_text": "python-docs",
+    "other_text": str(OTHER_TEXT),
+}
 
 
 def run_config(args, overrides: dict, output_dir: str) -> RunConfig:
@@ -104,7 +114,9 @@ def node_configs(args) -> dict[int, dict]:
     """Each organisation's Flower node config: a python-docs partition, or (``--clients-dir``)
     one text of that folder, every text but the held-out ``--domain-text``."""
     if args.clients_dir is None:
-        return {n: {"partition-id": n - 1, "num-partitions": CLIENTS} for n in (1, 2)}
+        return {
+            n: {"partition-id": n - 1, "num-partitions": CLIENTS} for n in range(1, CLIENTS + 1)
+        }
     held_out = Path(args.domain_text).resolve()
     texts = sorted(p for p in args.clients_dir.glob("*.txt") if p.resolve() != held_out)
     if len(texts) < 2:
@@ -219,15 +231,7 @@ def main() -> None:
     # Rows of one file share every setting but --rows: a row measured otherwise is not comparable.
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("rows", "out", "tag", "fresh")}
-    # files measured before --seed, --recovery-windows and --calib-samples existed
-    before_flags = {
-        "seed": 0,
-        "recovery_windows": "same",
-        "calib_samples": CALIB_SAMPLES,
-        "clients_dir": None,
-        "domain_text": "python-docs",
-    }
-    recorded = {**before_flags, **saved.get("args", {})}
+    recorded = {**LATER_FLAGS, **saved.get("args", {})}
     if saved and {k: v for k, v in recorded.items() if k != "rows"} != settings:
         parser.error(f"{path} was measured with other settings ({saved['args']}); use --fresh")
     command = _command(args)
@@ -265,16 +269,11 @@ def _command(args) -> str:
         f"--recovery-rounds {args.recovery_rounds} --recovery-steps {args.recovery_steps} "
         f"--recovery-lr {args.recovery_lr} --recovery-samples {args.recovery_samples} "
         f"--recovery-method {args.recovery_method}"
-        + (
-            f" --recovery-windows {args.recovery_windows}"
-            if args.recovery_windows != "same"
-            else ""
+        + "".join(
+            f" --{name.replace('_', '-')} {value}"
+            for name, default in LATER_FLAGS.items()
+            if (value := getattr(args, name)) != default
         )
-        + (f" --calib-samples {args.calib_samples}" if args.calib_samples != CALIB_SAMPLES else "")
-        + (f" --seed {args.seed}" if args.seed else "")
-        + (f" --clients-dir {args.clients_dir}" if args.clients_dir else "")
-        + (f" --domain-text {args.domain_text}" if args.domain_text != "python-docs" else "")
-        + (f" --other-text {args.other_text}" if args.other_text != str(OTHER_TEXT) else "")
         + (f" --tag {args.tag}" if args.tag else "")
     )
 

@@ -984,8 +984,8 @@ def calibration_note(results_dir: Path) -> str:
     beside calibration draw 0 (the same seed, 8 windows)."""
     more = Result(results_dir / "beyond_centralized_0.7_calib-32.json")
     fewer = Result(results_dir / f"beyond_centralized_{DRAWS[0]}.json")
-    texts = ("python-docs", more.arg("other_text"))
-    other = Path(texts[1]).stem.title()
+    texts = (_domain_text(more), more.arg("other_text"))
+    other = _text_label(texts[1])
     central, ratio = {}, {}
     for r in (more, fewer):
         n = _calibration_windows(r)
@@ -996,10 +996,10 @@ def calibration_note(results_dir: Path) -> str:
     return (
         f"With {many} calibration windows per client where calibration draw 0 (the same seed) "
         f"has {few}, centralized SparseGPT scores {f2(central[many][texts[0]])} on the clients' "
-        f"domain and {f2(central[many][texts[1]])} on *{other}* (with {few}: "
+        f"domain and {f2(central[many][texts[1]])} on {other} (with {few}: "
         f"{f2(central[few][texts[0]])} and {f2(central[few][texts[1]])}). Federated global "
         f"calibration + re-solve with `lsq`, divided by it, is {f2(ratio[many][0])} on the "
-        f"domain and {f2(ratio[many][1])} on *{other}* (with {few}: {f2(ratio[few][0])} and "
+        f"domain and {f2(ratio[many][1])} on {other} (with {few}: {f2(ratio[few][0])} and "
         f"{f2(ratio[few][1])}): more calibration text helps both pruners, and `lsq`'s lead "
         "stays where it was."
     )
