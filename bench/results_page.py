@@ -939,19 +939,27 @@ def _draw_note(r: Result) -> str:
 DRAWS = ("0.7_seed-0", "0.7_seed-1", "0.7_seed-2", "0.7_seed-3")
 
 
+def _draw_ratios(results_dir: Path) -> list[tuple[Result, dict, dict, tuple[float, float]]]:
+    """For each draw in :data:`DRAWS`: its file, centralized SparseGPT's and fed global +
+    `lsq`'s perplexities, and the ratio of the second to the first on (domain, other)."""
+    draws = []
+    for name in DRAWS:
+        r = Result(results_dir / f"beyond_centralized_{name}.json")
+        texts = (_domain_text(r), r.arg("other_text"))
+        central = _beyond_model(r, "central-sparsegpt")[0]
+        federated = _beyond_model(r, "fed-global-lsq")[0]
+        ratio = (federated[texts[0]] / central[texts[0]], federated[texts[1]] / central[texts[1]])
+        draws.append((r, central, federated, ratio))
+    return draws
+
+
 def draws_note(results_dir: Path) -> str:
     """A table of the ratio fed global + `lsq` / centralized SparseGPT on each text, for each
     draw in :data:`DRAWS`, and their mean."""
-    ratios: list[tuple[float, float]] = []
+    draws = _draw_ratios(results_dir)
     lines = []
-    texts: tuple[str, str] | None = None
-    for name in DRAWS:
-        r = Result(results_dir / f"beyond_centralized_{name}.json")
-        texts = ("python-docs", r.arg("other_text"))
-        central = _beyond_model(r, "central-sparsegpt")[0]
-        federated = _beyond_model(r, "fed-global-lsq")[0]
-        ratio = tuple(federated[t] / central[t] for t in texts)
-        ratios.append(ratio)
+    for r, central, federated, ratio in draws:
+        texts = (_domain_text(r), r.arg("other_text"))
         lines.append(
             [
                 str(r.get("args").get("seed", 0)),
@@ -960,9 +968,9 @@ def draws_note(results_dir: Path) -> str:
                 *(f2(x) for x in ratio),
             ]
         )
-    means = [sum(pair[i] for pair in ratios) / len(ratios) for i in (0, 1)]
+    means = [sum(draw[3][i] for draw in draws) / len(draws) for i in (0, 1)]
     lines.append(["mean", "", "", "", "", *(f2(x) for x in means)])
-    other = Path(texts[1]).stem.title()
+    other = Path(draws[-1][0].arg("other_text")).stem.title()
     header = [
         "seed",
         "centralized SparseGPT, domain",
@@ -1041,8 +1049,153 @@ def learning_rate_note(results_dir: Path) -> str:
     )
 
 
+def _anchor(title: str) -> str:
+    """The link target GitHub gives a ``## title`` heading: lower case, punctuation dropped,
+    spaces as hyphens."""
+    kept = re.sub(r"[^\w\- ]", "", title.lower())
+    return "#" + kept.replace(" ", "-")
+
+
+def _beyond_link(name: str) -> str:
+    """A link to the section of ``beyond_centralized_<name>.json``."""
+    file = f"beyond_centralized_{name}.json"
+    title = next(section.title for section in SECTIONS if section.file == file)
+    return f"[{title.removeprefix(BEYOND_PREFIX)}]({_anchor(title)})"
+
+
+def _recovered(r: Result, name: str, after: int | None = None) -> dict:
+    """A recovery row's perplexities after ``after`` rounds (None: all of them)."""
+    if after is None:
+        return _beyond_model(r, name)[0]
+    recovery = r.get("rows", name, "recovery")
+    first = r.get("rows", name, "rounds") - recovery["rounds"]
+    return next(e["perplexity"] for e in recovery["per-round"] if e["round"] == first + after)
+
+
+def beyond_summary(results_dir: Path) -> list[str]:
+    """The ratios the sections below measure, each within one file (both models scored by
+    one invocation), beside the section it comes from."""
+
+    def result(name: str) -> Result:
+        return Result(results_dir / f"beyond_centralized_{name}.json")
+
+    def ratios(r: Result, model: dict, base: dict) -> tuple[float, float]:
+        return tuple(model[t] / base[t] for t in (_domain_text(r), r.arg("other_text")))
+
+    def joined(values: list[tuple[float, float]], i: int) -> str:
+        return " / ".join(f2(v[i]) for v in values)
+
+    rows = []
+    draws = [draw[3] for draw in _draw_ratios(results_dir)]
+    spread = []
+    for i in (0, 1):
+        values = [ratio[i] for ratio in draws]
+        mean = sum(values) / len(values)
+        spread.append(f"{f2(mean)} ({f2(min(values))}–{f2(max(values))})")
+    rows.append(
+        [
+            f"70 %, no fine-tuning: federated global calibration + re-solve with `lsq` ÷ "
+            f"centralized SparseGPT (mean of {len(draws)} calibration draws, lowest–highest)",
+            *spread,
+            _beyond_link(DRAWS[-1]),
+        ]
+    )
+    austen = result("0.7_austen")
+    austen_ratio = ratios(
+        austen,
+        _beyond_model(austen, "fed-global-lsq")[0],
+        _beyond_model(austen, "central-sparsegpt")[0],
+    )
+    rows.append(
+        [
+            "the same, organisations holding Austen's novels (their domain: "
+            f"{_text_label(_domain_text(austen))})",
+            *(f2(x) for x in austen_ratio),
+            _beyond_link("0.7_austen"),
+        ]
+    )
+    exact = []
+    for name in ("0.5", "0.7", "2of4"):
+        r = result(name)
+        exact.append(
+            ratios(r, _beyond_model(r, "exact-lsq")[0], _beyond_model(r, "central-lsq")[0])
+        )
+    rows.append(
+        [
+            "`exact` with `lsq` ÷ centralized `lsq`, at 50 % / 70 % / 2:4",
+            joined(exact, 0),
+            joined(exact, 1),
+            ", ".join(_beyond_link(name) for name in ("0.5", "0.7", "2of4")),
+        ]
+    )
+    fresh = result("0.5_fresh")
+    bar = "fed-global-lsq-recovery"
+    recovered, before = _beyond_model(fresh, bar)
+    rounds = fresh.arg("recovery_rounds")
+    rows.append(
+        [
+            f"50 %, global calibration + re-solve with `lsq` and {rounds} rounds of recovery "
+            "(recovery's default steps, windows and rate) ÷ the dense model",
+            *(f2(x) for x in ratios(fresh, recovered, _beyond_model(fresh, "dense")[0])),
+            _beyond_link("0.5_fresh"),
+        ]
+    )
+    rows.append(
+        [
+            "the same ÷ itself before recovery",
+            *(f2(x) for x in ratios(fresh, recovered, before)),
+            _beyond_link("0.5_fresh"),
+        ]
+    )
+    tuned = []
+    for name in ("0.5_fresh", "0.5_lr-0.0002-fresh"):
+        r = result(name)
+        dense_ft = _beyond_model(r, "dense-ft")[0]
+        tuned.append((r.arg("recovery_lr"), ratios(r, _beyond_model(r, bar)[0], dense_ft)))
+    rows.append(
+        [
+            "the same ÷ the dense model fine-tuned on the same windows with the same steps, at "
+            + " / ".join(f"lr {lr:g}" for lr, _ in tuned),
+            joined([ratio for _, ratio in tuned], 0),
+            "–",
+            ", ".join(_beyond_link(name) for name in ("0.5_fresh", "0.5_lr-0.0002-fresh")),
+        ]
+    )
+    for name, pattern in (("0.7_fresh", "70 %"), ("2of4_4-rounds-fresh", "2:4")):
+        r = result(name)
+        rounds = r.arg("recovery_rounds")
+        central = _beyond_model(r, "central-sparsegpt")[0]
+        rows.append(
+            [
+                f"{pattern}, global calibration + re-solve with `lsq` and {rounds} rounds of "
+                "recovery ÷ centralized SparseGPT",
+                *(f2(x) for x in ratios(r, _beyond_model(r, bar)[0], central)),
+                _beyond_link(name),
+            ]
+        )
+    header = ["ratio of perplexities", "clients' domain", "other text", "measured in"]
+    domain = _domain_text(fresh)
+    dense = _beyond_model(fresh, "dense")[0][domain]
+    return [
+        "SmolLM2-135M, pruned by two organisations with `python-docs` shards unless said "
+        "otherwise. Each ratio divides two perplexities that one invocation measured (the "
+        "section named beside it gives its settings, tables and command); below 1 the first "
+        "model is better. The clients' domain is held-out text of the organisations' kind, "
+        "the other text is of another kind. Recovery: `masked`, new windows every round.",
+        table(header, rows),
+        "`lsq` fits each mask's kept values to the calibration text, so it gains on text of "
+        "that kind and little or nothing on other text, whichever text the organisations hold. "
+        "Recovery's gain on the clients' domain is mostly adaptation to that domain, which the "
+        "dense model makes as well: before recovery the 50 % model is "
+        f"{f2(before[domain] / dense)} times the dense model's perplexity, and its ratios to the "
+        "fine-tuned dense model above stay close to that.",
+    ]
+
+
 class Section(NamedTuple):
-    file: str
+    # None: a section built from other sections' files (``render`` takes the results folder;
+    # it has no machine record or commands of its own)
+    file: str | None
     title: str
     # None: the commands the file records itself (its ``commands`` field, every invocation
     # that wrote a row), so the page cannot list a command that did not run
@@ -1062,6 +1215,7 @@ class Section(NamedTuple):
 
 ENGINE_SHAPES = "576x576,1536x576,576x1536,2048x2048"
 REFERENCE = "git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref_sparsegpt"
+BEYOND_PREFIX = "Beyond centralized SparseGPT: "
 # Said after a beyond_centralized section's table, by the file's name.
 BEYOND_NOTES = {
     "0.7_repeat": (
@@ -1171,10 +1325,11 @@ SECTIONS: tuple[Section, ...] = (
         load_of_measurement=False,
         commands_note="each later one adds its rows to the file the first wrote",
     ),
+    Section(None, f"{BEYOND_PREFIX}what reconstruction and recovery reach", (), beyond_summary),
     *(
         Section(
             f"beyond_centralized_{name}.json",
-            f"Beyond centralized SparseGPT: {title}",
+            f"{BEYOND_PREFIX}{title}",
             None,
             beyond_section,
             unchecked=("out", "rows", "tag"),
@@ -1387,6 +1542,9 @@ def load(
         )
     pairs = []
     for section in sections:
+        if section.file is None:
+            pairs.append((section, None))
+            continue
         path = results_dir / section.file
         if not path.exists():
             raise ResultError(f"{_where(path)}: missing (bench/results_page.py shows it)")
@@ -1398,8 +1556,11 @@ def render(results_dir: Path = RESULTS, page: Path = PAGE) -> str:
     """The text of ``page`` (one of :data:`PAGES`) from the files in ``results_dir``."""
     _, sections, title = next(entry for entry in PAGES if entry[0] == page)
     pairs = load(results_dir, sections)
-    blocks = environment(pairs, title)
+    blocks = environment([(s, r) for s, r in pairs if r is not None], title)
     for section, r in pairs:
+        if r is None:
+            blocks += [f"## {section.title}", *section.render(results_dir)]
+            continue
         commands = section.commands
         if commands is None:
             commands = r.get("commands")

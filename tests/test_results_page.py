@@ -198,10 +198,20 @@ def test_gpu_table_rows_are_the_values_in_the_json() -> None:
     ids=["results.md", "results_gpu.md"],
 )
 def test_every_section_names_its_command(page: Path, sections) -> None:
+    """A section of one file ends with its commands; a summary of other sections' files
+    instead links each of its lines to a section that does."""
     texts = page.read_text().split("\n## ")[1:]
     assert len(texts) == len(sections)
-    for section in texts:
-        assert "\npython bench/" in section.split("```bash")[-1], section[:80]
+    headings = {page_module._anchor(section.title) for section in sections}
+    for section, text in zip(sections, texts, strict=True):
+        if section.file is not None:
+            assert "\npython bench/" in text.split("```bash")[-1], text[:80]
+            continue
+        lines = [line for line in text.split("\n") if line.startswith("| ") and "](#" in line]
+        assert lines, text[:80]
+        for line in lines:
+            targets = [link.split(")")[0] for link in line.split("](")[1:]]
+            assert targets and set(targets) <= headings, line
 
 
 def _copy_results(tmp_path: Path) -> Path:
@@ -492,3 +502,44 @@ def test_the_default_recovery_at_50_percent_divides_by_dense_fine_tuned_on_its_w
         "| dense, fine-tuned with the recovery budget | 10.70 | 33.06 |",
     ):
         assert text in section
+
+
+def test_the_summary_divides_within_one_file_by_hand() -> None:
+    """By hand, from the files each line names:
+    draws 0-3 at 70 %, fed global + `lsq` / centralized SparseGPT: domain 0.652, 0.682, 0.689,
+    0.731 (mean 0.689), Persuasion 0.870, 1.006, 0.775, 0.970 (mean 0.905);
+    Austen organisations: 123.93 / 162.42 = 0.763 on Persuasion, 389.82 / 365.88 = 1.065;
+    `exact` / centralized `lsq`: 20.1573 / 20.1012 = 1.003 and 93.2463 / 92.5408 = 1.008 (50 %),
+    48.4559 / 49.3482 = 0.982 and 607.9088 / 570.7407 = 1.065 (70 %), 26.6085 / 27.0587 = 0.983
+    and 217.983 / 213.8314 = 1.019 (2:4);
+    50 %, 2 rounds of recovery: 14.3987 / dense 15.0943 = 0.954 and 76.9417 / 34.3977 = 2.237;
+    / before recovery 19.6243 = 0.734 and / 89.0619 = 0.864; / dense fine-tuned 10.697 = 1.346,
+    and at lr 0.0002 13.7729 / 10.7995 = 1.275;
+    70 %, 2 rounds: 28.9009 / 70.5712 = 0.410 and 357.4545 / 660.8542 = 0.541;
+    2:4, 4 rounds: 15.2087 / 33.6279 = 0.452 and 152.9817 / 219.1217 = 0.698;
+    before recovery at 50 %: 19.6243 / 15.0943 = 1.300."""
+    section = beyond_section_text("what reconstruction and recovery reach")
+    cells = [
+        [cell.strip() for cell in line.split("|")[2:4]]
+        for line in section.split("\n")
+        if line.startswith("| ") and "](#" in line
+    ]
+    assert cells == [
+        ["0.69 (0.65–0.73)", "0.91 (0.78–1.01)"],
+        ["0.76", "1.07"],
+        ["1.00 / 0.98 / 0.98", "1.01 / 1.07 / 1.02"],
+        ["0.95", "2.24"],
+        ["0.73", "0.86"],
+        ["1.35 / 1.28", "–"],
+        ["0.41", "0.54"],
+        ["0.45", "0.70"],
+    ]
+    assert "at lr 0.0001 / lr 0.0002 |" in section
+    assert "before recovery the 50 % model is 1.30 times the dense model's perplexity" in section
+
+
+def test_a_heading_link_is_githubs_anchor() -> None:
+    """GitHub drops punctuation and turns spaces into hyphens, so "50 %," leaves two."""
+    anchor = page_module._anchor("Beyond centralized SparseGPT: recovery at 50 %, lr 0.0002")
+    assert anchor == "#beyond-centralized-sparsegpt-recovery-at-50--lr-00002"
+    assert page_module._anchor("`exact`, 2:4") == "#exact-24"
