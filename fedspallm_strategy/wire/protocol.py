@@ -45,9 +45,12 @@ LAYER_SPARSITIES = "layer-sparsities"  # in a spec: the sparsity of each of its 
 STANDALONE_METRIC = "standalone-perplexity-{}"
 # The same after the client fine-tuned its own model (a run with recovery-rounds).
 STANDALONE_RECOVERED_METRIC = "standalone-recovered-perplexity-{}"
-# exact + SecAgg+: the request travels as legacy FitIns.
-REQUEST_KEY = "fedspallm-exact"  # FitIns config: the round's request as JSON
-TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the previous round's layers
+# exact + SecAgg+: a request (a layer round's, or a recovery round's) travels as legacy FitIns.
+REQUEST_KEY = "fedspallm-exact"  # FitIns config: the request's config records as JSON
+TENSOR_TYPE = "fedspallm/pruned-layers"  # FitIns parameters: the request's layers
+# The byte records a SecAgg+ request may carry (at most one): exact's previous layers, or the
+# global model a recovery round fine-tunes.
+FITINS_BYTES = (PREVIOUS_KEY, GLOBAL_KEY)
 
 # The run-config keys a client needs to prune; everything else stays on the server.
 CLIENT_KEYS = (
@@ -139,22 +142,24 @@ def record_bytes(content: RecordDict, key: str) -> bytes | None:
 
 
 def request_to_fitins(content: RecordDict, secure: Mapping[str, float | int]) -> FitIns:
-    """``Exact``'s request (spec, shared groups, previous layers) plus the encoding settings."""
-    request = {"spec": dict(content[SPEC_KEY]), "exact": dict(content[EXACT_KEY]), **secure}
-    previous = record_bytes(content, PREVIOUS_KEY)
-    tensors = [previous] if previous is not None else []
+    """A request's config records (exact's spec and groups, or a recovery round's spec and
+    round) and its one byte record, plus the encoding settings."""
+    records = {key: dict(record) for key, record in content.config_records.items()}
+    present = [key for key in FITINS_BYTES if key in content.array_records]
+    if len(present) > 1:
+        raise ValueError(f"a SecAgg+ request carries one byte record, this one {present}")
+    request = {"records": records, "bytes": present[0] if present else None, "secure": dict(secure)}
+    tensors = [record_bytes(content, key) for key in present]
     return FitIns(Parameters(tensors, TENSOR_TYPE), {REQUEST_KEY: json.dumps(request)})
 
 
 def request_from_fitins(fitins: FitIns) -> tuple[RecordDict, dict]:
-    """The client's side of :func:`request_to_fitins`: ``(Exact's content, settings)``."""
+    """The client's side of :func:`request_to_fitins`: ``(the request's content, settings)``."""
     request = json.loads(str(fitins.config[REQUEST_KEY]))
-    content = RecordDict(
-        {
-            SPEC_KEY: ConfigRecord(request.pop("spec")),
-            EXACT_KEY: ConfigRecord(request.pop("exact")),
-        }
-    )
-    if fitins.parameters.tensors:
-        content[PREVIOUS_KEY] = bytes_record(fitins.parameters.tensors[0], PREVIOUS_KEY)
-    return content, request
+    content = RecordDict({key: ConfigRecord(record) for key, record in request["records"].items()})
+    key = request["bytes"]
+    if key is not None:
+        if key not in FITINS_BYTES or len(fitins.parameters.tensors) != 1:
+            raise ValueError(f"a SecAgg+ request names byte record {key!r} it does not carry")
+        content[key] = bytes_record(fitins.parameters.tensors[0], key)
+    return content, request["secure"]

@@ -19,6 +19,14 @@ A client sends its sums ``S`` scaled by the power of two ``2**-ceil(log2 n)`` (`
 rows, the same on every client and known to the server): exact, and bounded by the per-token
 mean of ``x²``, the quantity ``secure-clipping-range`` bounds. A value outside ``[-c, c]``
 fails the client (Flower would clip it silently). Flower-free: tensors and arrays in and out.
+
+A recovery round's changes go as they are, one value per kept weight (:func:`delta_vectors`):
+the range is the most an honest ``masked`` client can move one entry (``4 x lr x steps``, the
+bound the server checks plain replies against), and on it one step of Flower's grid,
+``2c / Q`` with ``Q`` about ``2**32 / K`` for K clients, is ``2**-30`` of the largest possible
+change for two clients (``2**-29`` for three or four): about as fine as float32 holds a change
+of that size. The rounding is stochastic and unbiased, so the mean is off by at most one step
+per entry, and no digits are needed.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fedspallm_strategy.wire.stats_payload import SharedStats, flat_sums, statistics_from_sums
 from llm_pruning.pruners import Stats
@@ -147,3 +156,51 @@ def statistics_from_secure_sum(
         stats = statistics_from_sums(kind, inputs, clients * count, sums)
         entries[name] = (stats, tuple(covers))
     return entries
+
+
+def delta_vectors(deltas: Mapping[str, Tensor], clip: float) -> list[np.ndarray]:
+    """A client's recovery changes as SecAgg+ parameters: one float64 array per matrix, in
+    name order, each in the mask's row-major order (what :func:`recover` returns).
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix, if a change is not finite or lies outside ``[-clip, clip]``.
+    """
+    vectors = []
+    for name in sorted(deltas):
+        values = deltas[name].detach().double().cpu().numpy().ravel()
+        largest = float(np.max(np.abs(values), initial=0.0))
+        if not largest <= clip:  # also catches NaN
+            raise ValueError(
+                f"{name}: a kept value moved by {largest:.4g}, more than recovery-steps AdamW "
+                f"steps at recovery-lr can move one ({clip:.4g})"
+            )
+        vectors.append(values)
+    return vectors
+
+
+def deltas_from_secure_mean(
+    arrays: Sequence[np.ndarray], counts: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """The mean change of every matrix from the unmasked SecAgg+ result (the mean over the
+    contributing clients of :func:`delta_vectors`), float32, by name.
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not have the lengths the masks keep, or a value is not finite.
+    """
+    names = sorted(counts)
+    got = [int(np.asarray(a).size) for a in arrays]
+    if got != [counts[name] for name in names]:
+        raise ValueError(
+            f"secure mean has arrays of lengths {got}; the masks keep {[counts[n] for n in names]}"
+        )
+    means = {}
+    for name, array in zip(names, arrays, strict=True):
+        mean = torch.from_numpy(np.ravel(np.asarray(array, dtype=np.float64))).float()
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError(f"secure mean of {name}: has non-finite values")
+        means[name] = mean
+    return means
