@@ -12,7 +12,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.layerwise_task import run_round
 from client_app.profile_task import profile_layers
-from client_app.recovery_task import recover_global
+from client_app.recovery_task import recover_global, recover_global_secure
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.run.allocator import return_freed_memory
@@ -48,14 +48,14 @@ def prepare_process() -> None:
     return_freed_memory()
 
 
-def secure_exact_mod(msg: Message, context: Context, call_next) -> Message:
-    """Route Flower's SecAgg+ messages through ``secaggplus_mod`` to :func:`train_secure_exact`.
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Route Flower's SecAgg+ messages through ``secaggplus_mod`` to :func:`train_secure`.
 
     The SecAgg+ workflow sends plain ``train`` messages, which carry its config record; every
     other ``train`` message goes on to the FedSpaLLM handler untouched.
     """
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, train_secure_exact)
+        return secaggplus_mod(msg, context, train_secure)
     return call_next(msg, context)
 
 
@@ -74,7 +74,7 @@ def resources(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"resources": record}), reply_to=msg)
 
 
-@app.train(mods=[secure_exact_mod])
+@app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
     """Prune the layers named in the message; reply with one safetensors payload."""
     prepare_process()
@@ -146,11 +146,8 @@ def train_recover(msg: Message, context: Context) -> Message:
     global_layers = record_bytes(msg.content, GLOBAL_KEY)
     if global_layers is None:
         raise ValueError("the recovery message carries no global model")
-    recovery_round = msg.content.config_records.get(RECOVERY_KEY, {}).get("round")
-    if not isinstance(recovery_round, int):
-        raise ValueError(f"the recovery message's round must be an integer, got {recovery_round!r}")
     node = NodeConfig.from_mapping(context.node_config)
-    reply = recover_global(config, node, global_layers, recovery_round)
+    reply = recover_global(config, node, global_layers, _recovery_round(msg.content))
     content = RecordDict(
         {
             DELTAS_KEY: bytes_record(reply.deltas, DELTAS_KEY),
@@ -171,25 +168,47 @@ def train_exact(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def train_secure_exact(msg: Message, context: Context) -> Message:
-    """Strategy exact with secure aggregation: the statistics as FitRes parameters, which
-    ``secaggplus_mod`` quantises and masks before anything leaves the node."""
+def train_secure(msg: Message, context: Context) -> Message:
+    """Secure aggregation (strategy exact): a layer round's statistics, or a recovery round's
+    changes, as FitRes parameters, which ``secaggplus_mod`` quantises and masks before
+    anything leaves the node."""
     prepare_process()
     content, settings = request_from_fitins(recorddict_to_fitins(msg.content, keep_input=True))
-    entries, metrics = collect_statistics(**_exact_request(content, context))
-    vectors = secure_vectors(
-        entries,
-        count=int(settings["tokens"]),
-        clip=float(settings["clipping-range"]),
-        q=int(settings["quantization-range"]),
-    )
+    clip = float(settings["clipping-range"])
+    if RECOVERY_KEY in content.config_records:
+        vectors, metrics = _secure_recovery(content, context, clip)
+    else:
+        entries, exact_metrics = collect_statistics(**_exact_request(content, context))
+        vectors = secure_vectors(
+            entries, count=int(settings["tokens"]), clip=clip, q=int(settings["quantization-range"])
+        )
+        metrics = {"seconds": exact_metrics["seconds"], "layers": exact_metrics["layers"]}
     fitres = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(vectors),
-        num_examples=1,  # equal weights: the server multiplies the mean back to the sum
-        metrics={"seconds": metrics["seconds"], "layers": metrics["layers"]},
+        num_examples=1,  # equal weights: the server's mean is the plain mean
+        metrics=metrics,
     )
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _secure_recovery(content: RecordDict, context: Context, clip: float) -> tuple[list, dict]:
+    """A recovery round's changes as SecAgg+ vectors within ``clip``, and clear metrics."""
+    config, _ = request_from_record(content[SPEC_KEY])
+    global_layers = record_bytes(content, GLOBAL_KEY)
+    if global_layers is None:
+        raise ValueError("the recovery message carries no global model")
+    recovery_round = _recovery_round(content)
+    node = NodeConfig.from_mapping(context.node_config)
+    return recover_global_secure(config, node, global_layers, recovery_round, clip)
+
+
+def _recovery_round(content: RecordDict) -> int:
+    """The recovery round a request names (from 1), which picks the node's windows."""
+    recovery_round = content.config_records.get(RECOVERY_KEY, {}).get("round")
+    if not isinstance(recovery_round, int):
+        raise ValueError(f"the recovery message's round must be an integer, got {recovery_round!r}")
+    return recovery_round
 
 
 def _exact_request(content: RecordDict, context: Context) -> dict:

@@ -12,13 +12,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from torch import Tensor
+
 from client_app.running_inputs import apply_global_layers
 from client_app.task import to_wire
 from fedspallm_strategy.config import NodeConfig, RunConfig, load_recovery_shard, node_device
+from fedspallm_strategy.wire.secure_encoding import delta_vectors
 from fedspallm_strategy.wire.values_payload import encode_values
 from llm_pruning.families import num_layers
 from llm_pruning.models import load_model
-from llm_pruning.recovery import recover, sparsity_masks, teacher_targets
+from llm_pruning.recovery import RecoveryResult, recover, sparsity_masks, teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,41 @@ def recover_global(
 ) -> RecoveryReply:
     """Fine-tune the server's pruned model (``global_layers``: every layer's matrices) on
     this node's recovery windows of ``recovery_round`` (from 1); encode the changes in the
-    wire dtype.
+    wire dtype."""
+    start = time.perf_counter()
+    result, masks = fine_tune_global(config, node, global_layers, recovery_round)
+    deltas = encode_deltas(result.deltas, masks, config)
+    metrics = {
+        "tokens": result.tokens,
+        "loss-first": result.losses[0],
+        "loss-last": result.losses[-1],
+        "payload-bytes": len(deltas),
+        "seconds": round(time.perf_counter() - start, 3),
+        "seconds-training": round(result.seconds, 3),
+    }
+    return RecoveryReply(deltas, metrics)
+
+
+def recover_global_secure(
+    config: RunConfig, node: NodeConfig, global_layers: bytes, recovery_round: int, clip: float
+) -> tuple[list[np.ndarray], dict[str, float | int]]:
+    """:func:`recover_global` under secure aggregation: the changes as SecAgg+ vectors
+    (``secaggplus_mod`` masks them), and the metrics that may travel in the clear (time and
+    tokens; the training loss says something of the text, so it stays here)."""
+    start = time.perf_counter()
+    result, _ = fine_tune_global(config, node, global_layers, recovery_round)
+    vectors = delta_vectors(result.deltas, clip)
+    return vectors, {"tokens": result.tokens, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def fine_tune_global(
+    config: RunConfig, node: NodeConfig, global_layers: bytes, recovery_round: int
+) -> tuple[RecoveryResult, dict[str, Tensor]]:
+    """The global model fine-tuned on this node's windows of ``recovery_round``: what changed,
+    and the keep-masks that order the changes.
 
     The model is loaded whole (training runs every layer forward and back), in the run's dtype.
     """
-    start = time.perf_counter()
     cache = Path(node.cache_dir).expanduser() if node.cache_dir else None
     model, tokenizer = load_model(
         config.model, dtype=config.torch_dtype, cache=cache, ignore=config.ignore
@@ -57,16 +91,7 @@ def recover_global(
     )
     masks = sparsity_masks(model)  # the global model's: the deltas' order
     result = recover(model, windows, config.recovery_settings, device=device, teacher=teacher)
-    deltas = encode_deltas(result.deltas, masks, config)
-    metrics = {
-        "tokens": result.tokens,
-        "loss-first": result.losses[0],
-        "loss-last": result.losses[-1],
-        "payload-bytes": len(deltas),
-        "seconds": round(time.perf_counter() - start, 3),
-        "seconds-training": round(result.seconds, 3),
-    }
-    return RecoveryReply(deltas, metrics)
+    return result, masks
 
 
 def encode_deltas(deltas: dict, masks: dict, config: RunConfig) -> bytes:

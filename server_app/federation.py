@@ -19,6 +19,10 @@ from fedspallm_strategy.strategies.centralized import Centralized, pooled
 from fedspallm_strategy.strategies.grids import StreamingReplies
 from fedspallm_strategy.strategies.recovery_rounds import recover_centrally, run_recovery_rounds
 from fedspallm_strategy.strategies.registry import strategy_class
+from fedspallm_strategy.strategies.secure_recovery import (
+    check_secure_recovery_upload,
+    run_secure_recovery_rounds,
+)
 from fedspallm_strategy.strategies.setup import RunSetup
 from llm_pruning.data import BUILTIN_CORPORA, HUB_DATASETS, load_documents
 from llm_pruning.families import max_context, prunable_weights
@@ -155,7 +159,8 @@ def recover_run(strategy, grid: Grid, run: RunSetup) -> None:
     }
     with run.clock("recovery"):
         if strategy.compares_to_centralized:  # a federation: the clients fine-tune
-            section["per-round"] = run_recovery_rounds(
+            play = run_secure_recovery_rounds if config.secure_aggregation else run_recovery_rounds
+            section["per-round"] = play(
                 strategy, grid, config.round_timeout, lambda: run.evaluate(strategy.model, name)
             )
         else:  # the centralized strategy: on the pooled shards, on the server
@@ -316,6 +321,7 @@ def check_against_model(config: RunConfig, model: PreTrainedModel) -> None:
                     f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
                     f"not a multiple of {pattern.m}"
                 )
+    check_secure_recovery_upload(config, model)
 
 
 def check_calibration_text(

@@ -80,7 +80,7 @@ class RunConfig:
     resume_from: str = ""  # a run folder whose checkpoint this run continues
     exact_layers_per_round: int = 1  # exact: decoder layers per round (1 = exactly centralized)
     max_stats_mb: float = 1024.0  # exact: most statistics one client may upload in a run (MiB)
-    secure_aggregation: bool = False  # exact: Flower's SecAgg+, the server sees sums only
+    secure_aggregation: bool = False  # exact: SecAgg+, the server sees sums (and recovery means)
     secure_clipping_range: float = 16777216.0  # exact + SecAgg+: bound on per-token mean x²
     resolve: bool = True  # fedspallm: re-solve kept weights under the merged mask (+1 round)
     calibration: str = "local"  # local (the paper's) | global (clients advance on merged layers)
@@ -370,6 +370,13 @@ class RunConfig:
             )
         if self.resume_from:
             raise ConfigError("resume-from: a run with recovery-rounds keeps no checkpoint yet")
+        if self.secure_aggregation and self.recovery_method != "masked":
+            raise ConfigError(
+                f"recovery-method={self.recovery_method!r} with secure-aggregation: SecAgg+ "
+                "clips each change to a range, and only 'masked' changes have one (the most "
+                "recovery-steps AdamW steps at recovery-lr move a weight); set "
+                "recovery-method='masked'"
+            )
 
     def _validate_owl(self) -> None:
         one_of("sparsity-profile", self.sparsity_profile, SPARSITY_PROFILES)

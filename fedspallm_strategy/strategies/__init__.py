@@ -5,4 +5,6 @@
 time, the OWL profile round of ``profile_round.py``); ``one_shot.py`` is the paper's round,
 ``layerwise.py`` its layer-wise rounds with the masked re-solve, ``exact.py`` (and
 ``secure_exact.py`` under SecAgg+) the pooled statistics, ``centralized.py`` the upper bound.
+After pruning, ``recovery_rounds.py`` fine-tunes the global model on the clients
+(``secure_recovery.py`` under SecAgg+); ``secagg_workflow.py`` drives one SecAgg+ round.
 """

@@ -159,37 +159,39 @@ def apply_mean(model, mean: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -
 
 
 def run_recovery_rounds(
-    strategy, grid: Grid, timeout: float, evaluate: Callable[[], dict] | None = None
+    strategy,
+    grid: Grid,
+    timeout: float,
+    evaluate: Callable[[], dict] | None = None,
+    play: Callable[..., dict] | None = None,
 ) -> list[dict]:
     """The recovery rounds of ``strategy``'s run; returns each round's report entry, with
     ``evaluate()`` (the model's perplexities) after each round that changed the model.
 
-    A round with no valid reply leaves the model as it was (logged and reported); the run
-    goes on.
+    ``play(strategy, grid, timeout, server_round)`` runs one round (default: plain replies;
+    ``secure_recovery.py`` passes its SecAgg+ round). A round with no valid reply leaves the
+    model as it was (logged and reported); the run goes on.
     """
+    play = play or _recovery_round
     first = strategy.rounds + 1
     rounds = []
     for server_round in range(first, first + strategy.config.recovery_rounds):
-        entry = _recovery_round(strategy, grid, timeout, server_round)
+        entry = play(strategy, grid, timeout, server_round)
         if evaluate is not None and entry["clients"]:
             entry["perplexity"] = evaluate()
         rounds.append(entry)
     return rounds
 
 
-def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> dict:
-    config, model, accounting = strategy.config, strategy.model, strategy.accounting
-    accounting.start_round(server_round)
-    values, masks = global_matrices(model)
+def recovery_requests(
+    strategy, server_round: int, nodes: list[int]
+) -> tuple[dict[str, Tensor], list[Message]]:
+    """The server model's keep-masks, and the round's request to each of ``nodes``: the
+    whole global model and the recovery round's number (bytes down accounted)."""
+    config, accounting = strategy.config, strategy.accounting
+    values, masks = global_matrices(strategy.model)
     down = encode(values, masks)
-    kept = {name: values[name][masks[name]] for name in masks}
     del values
-    expected = {
-        name: Expected(int(mask.sum()), row_counts=row_counts(mask) if config.int8_wire else None)
-        for name, mask in masks.items()
-    }
-    limit = values_limit(expected)
-    nodes = sorted(grid.get_node_ids())
     messages = []
     for node in nodes:
         content = RecordDict(
@@ -212,7 +214,20 @@ def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> 
     strategy.assignments = {node: [] for node in nodes}
     accounting.assignments[server_round] = dict(strategy.assignments)
     strategy.sent = messages
-    log.info("recovery round %d: fine-tuning on %d nodes", server_round, len(nodes))
+    return masks, messages
+
+
+def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> dict:
+    config, model, accounting = strategy.config, strategy.model, strategy.accounting
+    accounting.start_round(server_round)
+    masks, messages = recovery_requests(strategy, server_round, sorted(grid.get_node_ids()))
+    kept = {name: values[masks[name]] for name, values in global_matrices(model)[0].items()}
+    expected = {
+        name: Expected(int(mask.sum()), row_counts=row_counts(mask) if config.int8_wire else None)
+        for name, mask in masks.items()
+    }
+    limit = values_limit(expected)
+    log.info("recovery round %d: fine-tuning on %d nodes", server_round, len(messages))
     replies = grid.send_and_receive(messages, timeout=timeout)
     mean, metrics = DeltaMean(config), []
 
