@@ -95,13 +95,14 @@ def test_values_beyond_the_clipping_range_fail_the_client_naming_the_key():
 # ------------------------------------------------------------------ what the server sees
 
 
-def _blobs(value):
+def byte_strings(value):
+    """Every bytes object inside a record value (a bytes, or a list of them)."""
     """Every bytes value inside a record value (lists included)."""
     if isinstance(value, bytes):
         yield value
     elif isinstance(value, list):
         for item in value:
-            yield from _blobs(item)
+            yield from byte_strings(item)
 
 
 def test_the_server_receives_masked_vectors_and_learns_only_the_sum(tmp_path, monkeypatch):
@@ -141,7 +142,7 @@ def test_the_server_receives_masked_vectors_and_learns_only_the_sum(tmp_path, mo
         for record_ in reply.content.array_records.values():
             assert all(len(array.data) == 0 for array in record_.values())
         values = [v for rec in reply.content.config_records.values() for v in rec.values()]
-        blobs = [blob for value in values for blob in _blobs(value)]
+        blobs = [blob for value in values for blob in byte_strings(value)]
         configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
         for layer in range(4):
             entries = truth[(partition, layer)]

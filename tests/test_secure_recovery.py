@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from test_recovery_rounds import matrices
+from test_secure_exact import byte_strings
 
 from client_app import recovery_task
 from client_app.app import app as client_app
@@ -24,8 +26,6 @@ from fedspallm_strategy.wire.secure_encoding import (
     masked_bytes,
     quantization_range,
 )
-from llm_pruning.families import num_layers, prunable_weights
-from llm_pruning.models import load_model
 from server_app.federation import run_federation
 from server_app.inprocess import InProcessGrid
 
@@ -46,15 +46,6 @@ RECOVERY_ROUND = 5  # tiny-llama's 4 layers take exact's rounds 1-4
 
 def config_of(tmp_path, **overrides) -> RunConfig:
     return RunConfig.from_mapping({**TINY, "output-dir": str(tmp_path), **overrides})
-
-
-def matrices(run_dir) -> dict[str, torch.Tensor]:
-    model, _ = load_model(str(run_dir / "model"))
-    return {
-        name: linear.weight.data.clone()
-        for layer in range(num_layers(model))
-        for name, linear in prunable_weights(model, layer).items()
-    }
 
 
 def run(tmp_path, nodes: int, run_id: int, reply_filter=None, **overrides):
@@ -83,14 +74,6 @@ def changes(monkeypatch):
 
     monkeypatch.setattr(recovery_task, "fine_tune_global", recording)
     return seen
-
-
-def _blobs(value):
-    if isinstance(value, bytes):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from _blobs(item)
 
 
 def test_the_server_adds_the_mean_and_sees_no_clients_changes(tmp_path, pruned, changes):
@@ -126,7 +109,7 @@ def test_the_server_adds_the_mean_and_sees_no_clients_changes(tmp_path, pruned, 
         for record_ in reply.content.array_records.values():
             assert all(len(array.data) == 0 for array in record_.values())
         values = [v for rec in reply.content.config_records.values() for v in rec.values()]
-        blobs += [blob for value in values for blob in _blobs(value)]
+        blobs += [blob for value in values for blob in byte_strings(value)]
     masked = [r for r in replies if Key.MASKED_PARAMETERS in r.content[RECORD_KEY_CONFIGS]]
     assert len(masked) == 3
     for own in changes.values():
