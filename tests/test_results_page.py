@@ -514,7 +514,7 @@ def test_the_summary_divides_within_one_file_by_hand() -> None:
     and 217.983 / 213.8314 = 1.019 (2:4);
     50 %, 2 rounds of recovery: 14.3987 / dense 15.0943 = 0.954 and 76.9417 / 34.3977 = 2.237;
     / before recovery 19.6243 = 0.734 and / 89.0619 = 0.864; / dense fine-tuned 10.697 = 1.346,
-    and at lr 0.0002 13.7729 / 10.7995 = 1.275;
+    at lr 0.0002 13.7729 / 10.7995 = 1.275 and at lr 0.0004 14.0509 / 10.7966 = 1.301;
     70 %, 2 rounds: 28.9009 / 70.5712 = 0.410 and 357.4545 / 660.8542 = 0.541;
     2:4, 4 rounds: 15.2087 / 33.6279 = 0.452 and 152.9817 / 219.1217 = 0.698;
     before recovery at 50 %: 19.6243 / 15.0943 = 1.300."""
@@ -530,11 +530,11 @@ def test_the_summary_divides_within_one_file_by_hand() -> None:
         ["1.00 / 0.98 / 0.98", "1.01 / 1.07 / 1.02"],
         ["0.95", "2.24"],
         ["0.73", "0.86"],
-        ["1.35 / 1.28", "–"],
+        ["1.35 / 1.28 / 1.30", "–"],
         ["0.41", "0.54"],
         ["0.45", "0.70"],
     ]
-    assert "at lr 0.0001 / lr 0.0002 |" in section
+    assert "at lr 0.0001 / lr 0.0002 / lr 0.0004 |" in section
     assert "before recovery the 50 % model is 1.30 times the dense model's perplexity" in section
 
 
@@ -543,3 +543,19 @@ def test_a_heading_link_is_githubs_anchor() -> None:
     anchor = page_module._anchor("Beyond centralized SparseGPT: recovery at 50 %, lr 0.0002")
     assert anchor == "#beyond-centralized-sparsegpt-recovery-at-50--lr-00002"
     assert page_module._anchor("`exact`, 2:4") == "#exact-24"
+
+
+def test_the_learning_rates_table_shows_each_rounds_model_and_the_best_ratio() -> None:
+    """By hand, with new windows every round: lr 0.0001: 15.3611, 14.3987, dense fine-tuned
+    10.697 (14.3987 / 10.697 = 1.346); lr 0.0002: 14.4231, 13.7729, 10.7995 (1.275); lr 0.0004:
+    13.8914, 14.0509, 10.7966 (1.301); each at its best rate 13.7729 / 10.697 = 1.288."""
+    section = beyond_section_text("recovery at 50 %, lr 0.0004, new windows every round")
+    for line in (
+        "| 0.0001 | 15.36 | 14.40 | 10.70 | 1.35 |",
+        "| 0.0002 | 14.42 | 13.77 | 10.80 | 1.28 |",
+        "| 0.0004 | 13.89 | 14.05 | 10.80 | 1.30 |",
+    ):
+        assert line in section
+    assert "Each model at its best rate: 13.77 / 10.70 = 1.29." in section
+    summary = beyond_section_text("what reconstruction and recovery reach")
+    assert "at lr 0.0001 / lr 0.0002 / lr 0.0004 | 1.35 / 1.28 / 1.30 | – |" in summary
