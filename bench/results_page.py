@@ -44,10 +44,8 @@ EXCLUDED = frozenset(
         "data_scarcity.json",
         # Same: first-windows perplexities (eval_windows 16); also records no run date.
         "poisoning.json",
-        # Same: first-windows perplexities on python-docs (2 clients), and torch ran with
+        # Same: first-windows perplexities on python-docs, 3 clients, and torch ran with
         # 1 thread where the header's runs use 2.
-        "secure_exact.json",
-        # Same as secure_exact.json, 3 clients.
         "secure_exact_3clients.json",
         # The lsq solver against SparseGPT on single matrices on the CPU; its GPU run at 7B
         # shapes is on the GPU page, and the end-to-end cost is in the beyond_centralized rows.
@@ -138,6 +136,7 @@ def gib(n: float) -> str:
 
 
 PRUNERS = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude"}
+MODELS = {"smollm2-135m": "SmolLM2-135M"}
 
 
 def sparsity_label(value: str | float) -> str:
@@ -439,6 +438,61 @@ def client_memory_section(r: Result) -> list[str]:
         f"{r.arg('client_segments')} × {r.arg('client_seqlen')} `python-docs` tokens "
         "(GiB = 2³⁰ bytes, MB = 10⁶ bytes).",
         table(header, [row]),
+    ]
+
+
+def secure_section(r: Result) -> list[str]:
+    """Plain and secure ``exact``, then their recovery rounds: perplexity, bytes up, time."""
+    runs = r.get("runs")
+    text = next(iter(r.get("runs", "plain", "perplexity")))
+    rounds = r.arg("recovery_rounds")
+    rows = []
+    for label in ("plain", "secure"):
+        run = runs[label]
+        rows.append(
+            [
+                f"`exact`, {label}",
+                f2(r.num("runs", label, "perplexity_before_recovery", text)),
+                f2(r.num("runs", label, "perplexity", text)),
+                mb(run["bytes_up_per_client"] - run["recovery_bytes_up_per_client"]),
+                mb(run["recovery_bytes_up_per_client"]),
+                f1(run["federation_s"]),
+                f1(run["recovery_s"]),
+            ]
+        )
+    header = [
+        "run",
+        "ppl, pruned",
+        f"ppl, after {rounds} recovery round{'s' if rounds > 1 else ''}",
+        "up MB per client, pruning",
+        "up MB per client, recovery",
+        "pruning s",
+        "recovery s",
+    ]
+    models = r.get("models")
+    recovery = r.get("runs", "secure", "recovery_settings")
+    pruned = {label: runs[label]["perplexity_before_recovery"][text] for label in runs}
+    same = (
+        f"score the same perplexity, {f2(pruned['plain'])}"
+        if pruned["plain"] == pruned["secure"]
+        else f"score {f2(pruned['plain'])} and {f2(pruned['secure'])}"
+    )
+    return [
+        f"{MODELS.get(r.arg('model'), r.arg('model'))} at {sparsity_label(r.arg('sparsity'))} "
+        f"with {PRUNERS[r.arg('pruner')]}, strategy `exact` with and without "
+        "`secure-aggregation`, "
+        f"{r.arg('clients')} clients with {r.arg('calib_samples')} calibration windows of "
+        f"{r.arg('seqlen')} tokens each, then recovery: `{recovery['method']}`, "
+        f"{recovery['steps']} steps at lr {recovery['lr']:g} on {recovery['samples']} windows "
+        f"per client and round. Perplexity on the held-out python-docs topics, "
+        f"{r.arg('eval_windows')} windows. Up: plain runs send float32 statistics and int8 "
+        "changes, secure runs Flower's masked int64 vectors (three per statistic, one per kept "
+        "weight's change).",
+        table(header, rows),
+        f"Pruned, the two models {same}. After recovery they keep the same masks "
+        f"({models['mask_agreement']:.4%} of entries agree), and their largest weight "
+        f"difference is {models['max_abs_difference']:.2g}: plain replies carry each change as "
+        "int8, secure ones within one step of Flower's grid.",
     ]
 
 
@@ -1359,6 +1413,12 @@ SECTIONS: tuple[Section, ...] = (
         # every invocation rewrites `machine`; the file's last one may have measured nothing
         load_of_measurement=False,
         commands_note="each later one adds its rows to the file the first wrote",
+    ),
+    Section(
+        "secure_exact.json",
+        "Secure aggregation: `exact` and its recovery rounds",
+        ("python bench/secure_exact.py --recovery-rounds 1 --threads 2",),
+        secure_section,
     ),
     Section(None, f"{BEYOND_PREFIX}what reconstruction and recovery reach", (), beyond_summary),
     *(

@@ -4,11 +4,16 @@ Both runs go through ``server_app.federation.run_federation`` on ``InProcessGrid
 ServerApp, strategy, ClientApp handlers and Flower SecAgg+ workflow/mod as ``flwr run``, in
 one process), with the same clients, shards and evaluation windows. The table gives each
 run's perplexity, the relative change, what one client uploads (plain: float32 statistics;
-secure: Flower's masked int64 vectors), the federation's wall time, and how the two pruned
-models compare (identical tensors, mask agreement, largest weight difference).
+secure: Flower's masked int64 vectors), the federation's wall time, and how the two models
+compare (identical tensors, mask agreement, largest weight difference).
+
+With ``--recovery-rounds N`` both runs then recover for N rounds (the run config's other
+recovery settings): plain replies carry int8 changes, secure ones masked int64 changes. The
+table adds the perplexity before recovery and what one client uploads in the recovery rounds.
 
     python bench/secure_exact.py      # SmolLM2-135M, 2 clients x 4 x 256 tokens, SparseGPT 50 %
     python bench/secure_exact.py --clients 3 --model tiny-llama --seqlen 64
+    python bench/secure_exact.py --recovery-rounds 1 --threads 2
 
 Writes bench/results/secure_exact.json (``--out``).
 """
@@ -48,6 +53,23 @@ def one_run(settings: dict, clients: int, secure: bool, evaluator: Evaluator, ru
     return report, wall, model
 
 
+def recovery_columns(report: dict) -> dict:
+    """The perplexity before recovery, what one client uploaded in the recovery rounds, and
+    their wall time."""
+    per_round = report["communication"]["per_round"]
+    rounds = [str(entry["round"]) for entry in report["recovery"]["per-round"]]
+    up = [sum(per_round[r]["bytes_up"].values()) / len(per_round[r]["bytes_up"]) for r in rounds]
+    return {
+        "perplexity_before_recovery": report["perplexity"]["global-before-recovery"],
+        "recovery_bytes_up_per_client": sum(up),
+        "recovery_clients": [entry["clients"] for entry in report["recovery"]["per-round"]],
+        "recovery_s": report["timings"]["recovery"],
+        "recovery_settings": {
+            key: report["recovery"][key] for key in ("method", "steps", "lr", "samples")
+        },
+    }
+
+
 def compare(first, second) -> dict:
     """Identical prunable tensors?, mask agreement, largest |difference| of the weights."""
     a, b = dict(first.named_parameters()), dict(second.named_parameters())
@@ -72,6 +94,7 @@ def main() -> None:
     parser.add_argument("--pruner", default="sparsegpt")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recovery-rounds", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/secure_exact.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +111,7 @@ def main() -> None:
             "eval-windows": args.eval_windows,
             "min-clients": args.clients,
             "max-stats-mb": 4096.0,  # masked digits: 6x the float32 statistics
+            "recovery-rounds": args.recovery_rounds,
             "output-dir": tmp,
         }
         _, tokenizer = load_model(args.model)
@@ -103,6 +127,8 @@ def main() -> None:
                 "federation_s": report["timings"]["federation"],
                 "run_s": round(wall, 1),
             }
+            if args.recovery_rounds:
+                rows[label].update(recovery_columns(report))
     models_compared = compare(models["plain"], models["secure"])
     source = next(iter(rows["plain"]["perplexity"]))
     plain, secure = rows["plain"]["perplexity"][source], rows["secure"]["perplexity"][source]
@@ -121,6 +147,12 @@ def main() -> None:
             f"| exact, {label} | {ppl:.4f} | {delta} | {row['bytes_up_per_client'] / 1e6:.1f} | "
             f"{row['federation_s']:.1f} |"
         )
+        if args.recovery_rounds:
+            print(
+                f"  before recovery {row['perplexity_before_recovery'][source]:.4f}; recovery "
+                f"{row['recovery_bytes_up_per_client'] / 1e6:.1f} MB up per client, "
+                f"{row['recovery_s']:.1f} s"
+            )
     print(
         f"models: identical={models_compared['identical']}, mask agreement "
         f"{models_compared['mask_agreement']:.6%}, largest weight difference "
@@ -131,6 +163,7 @@ def main() -> None:
         info=info,
         args=args,
         skip=("out",),
+        measured=time.strftime("%Y-%m-%d"),
         runs=rows,
         relative_change=change,
         models=models_compared,
