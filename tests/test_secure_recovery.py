@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from test_recovery_rounds import matrices
 from test_secure_exact import byte_strings
@@ -141,6 +142,30 @@ def test_a_node_that_drops_out_is_left_out_and_the_round_goes_on(tmp_path, prune
         torch.testing.assert_close(found[name][keep], before[keep] + mean, rtol=1e-6, atol=1e-7)
 
 
+def test_a_mean_pushed_off_the_range_is_refused_and_the_run_goes_on(tmp_path, pruned):
+    """Node 1 adds 2**31 to every masked integer it sends (modulo 2**32, so nothing shows
+    before unmasking): with 3 clients a step is 2c / 2**30, so the sum moves by 4c and the
+    mean by 4c / 3, past any honest mean."""
+
+    def push(node, reply):
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if node != 1 or Key.MASKED_PARAMETERS not in configs:
+            return reply
+        if reply.metadata.group_id != str(RECOVERY_ROUND):
+            return reply
+        arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+        pushed = [arrays[0]] + [(a + 2**31) % 2**32 for a in arrays[1:]]
+        configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in pushed]
+        return reply
+
+    run_dir, report = run(tmp_path, 3, 405, push, **{"recovery-rounds": 1})
+    (entry,) = report["recovery"]["per-round"]
+    assert entry["clients"] == 0 and "beyond the range" in entry["refused"]
+    assert "perplexity" not in entry  # the model did not change, so it is not scored again
+    found = matrices(run_dir)
+    assert all(torch.equal(found[name], before) for name, before in pruned.items())
+
+
 def test_lora_with_secure_aggregation_fails_before_any_client_works(tmp_path):
     with pytest.raises(ConfigError, match="recovery-method='lora' with secure-aggregation"):
         config_of(tmp_path, **{"recovery-rounds": 1, "recovery-method": "lora"})
@@ -157,13 +182,19 @@ def test_a_change_beyond_the_range_fails_the_client_naming_the_matrix():
         delta_vectors({"a": torch.tensor([float("nan")])}, clip=1.0)
 
 
-def test_a_secure_mean_of_other_lengths_is_refused():
+def test_a_secure_mean_of_other_lengths_or_beyond_the_range_is_refused():
     arrays = [np.array([0.25]), np.array([0.5, -1.0])]
-    means = deltas_from_secure_mean(arrays, {"b": 2, "a": 1})
+    means = deltas_from_secure_mean(arrays, {"b": 2, "a": 1}, clip=1.0, q=2**30)
     assert means["a"].tolist() == [0.25] and means["b"].tolist() == [0.5, -1.0]
     assert means["a"].dtype == torch.float32
     with pytest.raises(ValueError, match=r"lengths \[1, 2\]; the masks keep \[1, 3\]"):
-        deltas_from_secure_mean(arrays, {"a": 1, "b": 3})
+        deltas_from_secure_mean(arrays, {"a": 1, "b": 3}, clip=1.0, q=2**30)
+    # One step of the grid (2 / 4) past the range is rounding; more is not an honest mean.
+    deltas_from_secure_mean([np.array([-1.5])], {"a": 1}, clip=1.0, q=4)
+    with pytest.raises(ValueError, match="secure mean of a: a change of 1.6, beyond the range 1"):
+        deltas_from_secure_mean([np.array([1.6])], {"a": 1}, clip=1.0, q=4)
+    with pytest.raises(ValueError, match="secure mean of a: a change of nan"):
+        deltas_from_secure_mean([np.array([np.nan])], {"a": 1}, clip=1.0, q=4)
 
 
 def test_an_upload_over_max_payload_mb_fails_before_any_client_works(tmp_path):

@@ -10,7 +10,9 @@ replies replaced by one SecAgg+ workflow (``secagg_workflow.py``):
    (``secure_encoding.delta_vectors``) clips nothing: a change beyond the range fails the
    client, which is left out of the round.
 3. The server unmasks the mean of the clients that completed the protocol and adds it to its
-   model; the sparsity is kept exactly as in a plain round.
+   model; the sparsity is kept exactly as in a plain round. A mean outside the range (which
+   only values a client masked off the grid can give) is refused whole, logged, and the
+   model stays as it was.
 
 What changes against plain replies:
 
@@ -125,18 +127,15 @@ def secure_recovery_round(strategy, grid: Grid, timeout: float, server_round: in
     for node in sorted(set(nodes) - set(result.contributors)):
         reason = f"client error: {result.errors[node]}" if node in result.errors else "no reply"
         accounting.reject(server_round, node, [], f"secure aggregation: {reason}")
-    if result.mean is None:
-        log.warning(
-            "recovery round %d: fewer than a majority of the %d nodes completed secure "
-            "aggregation; the model is unchanged",
-            server_round,
-            len(nodes),
-        )
-        return entry
     try:
-        mean = deltas_from_secure_mean(result.mean, counts)
+        if result.mean is None:
+            raise ValueError(
+                f"fewer than a majority of the {len(nodes)} nodes completed secure aggregation"
+            )
+        mean = deltas_from_secure_mean(result.mean, counts, clip, q)
     except ValueError as error:
         log.warning("recovery round %d: %s; the model is unchanged", server_round, error)
+        entry["refused"] = str(error)
         return entry
     upload = masked_bytes([counts[name] for name in sorted(counts)])
     for node in result.contributors:

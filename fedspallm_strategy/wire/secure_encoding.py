@@ -181,15 +181,21 @@ def delta_vectors(deltas: Mapping[str, Tensor], clip: float) -> list[np.ndarray]
 
 
 def deltas_from_secure_mean(
-    arrays: Sequence[np.ndarray], counts: Mapping[str, int]
+    arrays: Sequence[np.ndarray], counts: Mapping[str, int], clip: float, q: int
 ) -> dict[str, Tensor]:
     """The mean change of every matrix from the unmasked SecAgg+ result (the mean over the
     contributing clients of :func:`delta_vectors`), float32, by name.
 
+    A mean of values in ``[-clip, clip]`` lies in that range too, up to one step of the grid
+    (``2 clip / q``); a client that masked values off the grid (modular arithmetic lets it
+    push the sum anywhere) can leave it, and the whole mean is refused: the server cannot tell
+    whose values they were.
+
     Raises
     ------
     ValueError
-        If the arrays do not have the lengths the masks keep, or a value is not finite.
+        If the arrays do not have the lengths the masks keep, or a value is not finite or
+        beyond the range.
     """
     names = sorted(counts)
     got = [int(np.asarray(a).size) for a in arrays]
@@ -200,7 +206,11 @@ def deltas_from_secure_mean(
     means = {}
     for name, array in zip(names, arrays, strict=True):
         mean = torch.from_numpy(np.ravel(np.asarray(array, dtype=np.float64))).float()
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError(f"secure mean of {name}: has non-finite values")
+        largest = float(mean.abs().max()) if mean.numel() else 0.0
+        if not largest <= clip + 2 * clip / q:  # also catches NaN
+            raise ValueError(
+                f"secure mean of {name}: a change of {largest:.4g}, beyond the range "
+                f"{clip:.4g} that every client's changes lie in: a client sent values off it"
+            )
         means[name] = mean
     return means
