@@ -142,12 +142,7 @@ def train_recover(msg: Message, context: Context) -> Message:
     """A recovery round: fine-tune the global sparse model on this node's shard, keeping its
     zeros; reply with the kept values' changes."""
     prepare_process()
-    config, _ = request_from_record(msg.content[SPEC_KEY])
-    global_layers = record_bytes(msg.content, GLOBAL_KEY)
-    if global_layers is None:
-        raise ValueError("the recovery message carries no global model")
-    node = NodeConfig.from_mapping(context.node_config)
-    reply = recover_global(config, node, global_layers, _recovery_round(msg.content))
+    reply = recover_global(*_recovery_request(msg.content, context))
     content = RecordDict(
         {
             DELTAS_KEY: bytes_record(reply.deltas, DELTAS_KEY),
@@ -176,7 +171,7 @@ def train_secure(msg: Message, context: Context) -> Message:
     content, settings = request_from_fitins(recorddict_to_fitins(msg.content, keep_input=True))
     clip = float(settings["clipping-range"])
     if RECOVERY_KEY in content.config_records:
-        vectors, metrics = _secure_recovery(content, context, clip)
+        vectors, metrics = recover_global_secure(*_recovery_request(content, context), clip)
     else:
         entries, exact_metrics = collect_statistics(**_exact_request(content, context))
         vectors = secure_vectors(
@@ -186,29 +181,23 @@ def train_secure(msg: Message, context: Context) -> Message:
     fitres = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(vectors),
-        num_examples=1,  # equal weights: the server's mean is the plain mean
+        num_examples=1,  # equal weights: the plain mean (exact multiplies it back to the sum)
         metrics=metrics,
     )
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _secure_recovery(content: RecordDict, context: Context, clip: float) -> tuple[list, dict]:
-    """A recovery round's changes as SecAgg+ vectors within ``clip``, and clear metrics."""
+def _recovery_request(content: RecordDict, context: Context) -> tuple:
+    """A recovery request's run config, this node, the global model and the recovery round
+    (from 1, which picks the node's windows)."""
     config, _ = request_from_record(content[SPEC_KEY])
     global_layers = record_bytes(content, GLOBAL_KEY)
     if global_layers is None:
         raise ValueError("the recovery message carries no global model")
-    recovery_round = _recovery_round(content)
-    node = NodeConfig.from_mapping(context.node_config)
-    return recover_global_secure(config, node, global_layers, recovery_round, clip)
-
-
-def _recovery_round(content: RecordDict) -> int:
-    """The recovery round a request names (from 1), which picks the node's windows."""
     recovery_round = content.config_records.get(RECOVERY_KEY, {}).get("round")
     if not isinstance(recovery_round, int):
         raise ValueError(f"the recovery message's round must be an integer, got {recovery_round!r}")
-    return recovery_round
+    return config, NodeConfig.from_mapping(context.node_config), global_layers, recovery_round
 
 
 def _exact_request(content: RecordDict, context: Context) -> dict:
