@@ -1235,6 +1235,13 @@ def beyond_summary(results_dir: Path) -> list[str]:
             _beyond_link("0.5_fresh"),
         ]
     )
+    rows.append(
+        [
+            "the same ÷ centralized SparseGPT recovered on the pooled shards with the same budget",
+            *(f2(x) for x in ratios(fresh, recovered, _beyond_model(fresh, "central-recovery")[0])),
+            _beyond_link("0.5_fresh"),
+        ]
+    )
     tuned = []
     for name in FRESH_RATES:
         r = result(name)

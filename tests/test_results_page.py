@@ -513,7 +513,8 @@ def test_the_summary_divides_within_one_file_by_hand() -> None:
     48.4559 / 49.3482 = 0.982 and 607.9088 / 570.7407 = 1.065 (70 %), 26.6085 / 27.0587 = 0.983
     and 217.983 / 213.8314 = 1.019 (2:4);
     50 %, 2 rounds of recovery: 14.3987 / dense 15.0943 = 0.954 and 76.9417 / 34.3977 = 2.237;
-    / before recovery 19.6243 = 0.734 and / 89.0619 = 0.864; / dense fine-tuned 10.697 = 1.346,
+    / before recovery 19.6243 = 0.734 and / 89.0619 = 0.864; / centralized SparseGPT recovered
+    on the pooled shards 14.7992 = 0.973 and / 74.4387 = 1.034; / dense fine-tuned 10.697 = 1.346,
     at lr 0.0002 13.7729 / 10.7995 = 1.275 and at lr 0.0004 14.0509 / 10.7966 = 1.301;
     70 %, 2 rounds: 28.9009 / 70.5712 = 0.410 and 357.4545 / 660.8542 = 0.541;
     2:4, 4 rounds: 15.2087 / 33.6279 = 0.452 and 152.9817 / 219.1217 = 0.698;
@@ -530,6 +531,7 @@ def test_the_summary_divides_within_one_file_by_hand() -> None:
         ["1.00 / 0.98 / 0.98", "1.01 / 1.07 / 1.02"],
         ["0.95", "2.24"],
         ["0.73", "0.86"],
+        ["0.97", "1.03"],
         ["1.35 / 1.28 / 1.30", "–"],
         ["0.41", "0.54"],
         ["0.45", "0.70"],
@@ -559,3 +561,33 @@ def test_the_learning_rates_table_shows_each_rounds_model_and_the_best_ratio() -
     assert "Each model at its best rate: 13.77 / 10.70 = 1.29." in section
     summary = beyond_section_text("what reconstruction and recovery reach")
     assert "at lr 0.0001 / lr 0.0002 / lr 0.0004 | 1.35 / 1.28 / 1.30 | – |" in summary
+
+
+def test_recovery_with_fresh_windows_from_the_centralized_and_default_models() -> None:
+    """By hand: centralized SparseGPT 22.3838 before, 14.7992 after recovery on the pooled
+    shards (/ dense 15.0943 = 0.980, / dense fine-tuned 10.697 = 1.383); the default mode
+    22.3969 before, 16.9189 and 15.4491 after rounds 1 and 2 (15.4491 / 15.0943 = 1.024,
+    / 10.697 = 1.444)."""
+    section = beyond_section_text("recovery at 50 %, 2 rounds, new windows every round")
+    for text in (
+        "| centralized SparseGPT, before recovery | 22.38 | 88.49 | – | – | 1.48 | 2.09 |",
+        "| centralized SparseGPT + recovery on the pooled shards | 14.80 | 74.44 | – | – | 0.98 "
+        "| 1.38 |",
+        "| federated, the default mode + recovery, 1 round | 16.92 | 76.25 | – | – | 1.12 | – |",
+        "| federated, the default mode + recovery, 2 rounds | 15.45 | 74.49 | – | – | 1.02 | 1.44 "
+        "| 228.4 | 464.7 | 4 |",
+    ):
+        assert text in section
+
+
+def test_secure_recovery_uploads_one_int64_per_kept_weight() -> None:
+    """By hand: SmolLM2-135M has 30 x 3538944 prunable weights, 53084160 kept at 50 %; a
+    secure recovery upload is 210 int64 vectors with 128-byte .npy headers plus Flower's
+    weight: 210 x 128 + 8 x 53084160 + 136 = 424700296 B = 424.7 MB. Pruning: 1633590136 -
+    424700296 = 1208889840 B secure, 255283944 - 53773864 = 201510080 B plain (the same
+    statistics as before recovery existed)."""
+    page = PAGE.read_text()
+    section = page.split("\n## Secure aggregation: `exact` and its recovery rounds\n")[1]
+    assert "| `exact`, plain | 31.77 | 22.61 | 201.5 | 53.8 | 50.3 | 100.5 |" in section
+    assert "| `exact`, secure | 31.77 | 22.61 | 1208.9 | 424.7 | 57.1 | 104.0 |" in section
+    assert "Pruned, the two models score the same perplexity, 31.77." in section
