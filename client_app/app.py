@@ -12,7 +12,8 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from client_app.exact_task import collect_statistics, exact_statistics
 from client_app.layerwise_task import run_round
 from client_app.profile_task import profile_layers
-from client_app.recovery_task import recover_global, recover_global_secure
+from client_app.recovery_task import SecurePart, recover_global, recover_global_secure
+from client_app.running_inputs import state_dir
 from client_app.task import prune_layers
 from fedspallm_strategy.config import NodeConfig
 from fedspallm_strategy.run.allocator import return_freed_memory
@@ -171,7 +172,7 @@ def train_secure(msg: Message, context: Context) -> Message:
     content, settings = request_from_fitins(recorddict_to_fitins(msg.content, keep_input=True))
     clip = float(settings["clipping-range"])
     if RECOVERY_KEY in content.config_records:
-        vectors, metrics = recover_global_secure(*_recovery_request(content, context), clip)
+        vectors, metrics = _secure_recovery(content, context, clip)
     else:
         entries, exact_metrics = collect_statistics(**_exact_request(content, context))
         vectors = secure_vectors(
@@ -187,12 +188,23 @@ def train_secure(msg: Message, context: Context) -> Message:
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _recovery_request(content: RecordDict, context: Context) -> tuple:
-    """A recovery request's run config, this node, the global model and the recovery round
-    (from 1, which picks the node's windows)."""
+def _secure_recovery(content: RecordDict, context: Context, clip: float) -> tuple[list, dict]:
+    """One part of a secure recovery round: its changes as SecAgg+ vectors, and metrics."""
+    recovery = content.config_records[RECOVERY_KEY]
+    part = SecurePart(int(recovery["part"]), int(recovery["parts"]), list(recovery["names"]))
+    config, node, global_layers, recovery_round = _recovery_request(
+        content, context, need_model=part.index == 0
+    )
+    folder = state_dir(node, context.run_id, "recovery")
+    return recover_global_secure(config, node, global_layers, recovery_round, part, folder, clip)
+
+
+def _recovery_request(content: RecordDict, context: Context, need_model: bool = True) -> tuple:
+    """A recovery request's run config, this node, the global model (None where not
+    ``need_model``) and the recovery round (from 1, which picks the node's windows)."""
     config, _ = request_from_record(content[SPEC_KEY])
     global_layers = record_bytes(content, GLOBAL_KEY)
-    if global_layers is None:
+    if global_layers is None and need_model:
         raise ValueError("the recovery message carries no global model")
     recovery_round = content.config_records.get(RECOVERY_KEY, {}).get("round")
     if not isinstance(recovery_round, int):

@@ -8,11 +8,13 @@ The server's side, and why the whole model comes down each round, is in
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 from torch import Tensor
 
 from client_app.running_inputs import apply_global_layers
@@ -53,16 +55,65 @@ def recover_global(
     return RecoveryReply(deltas, metrics)
 
 
+@dataclass(frozen=True)
+class SecurePart:
+    """Which part of a secure recovery round's changes a request asks for (from 0, of
+    ``parts``), and its matrices."""
+
+    index: int
+    parts: int
+    names: list[str]
+
+
 def recover_global_secure(
-    config: RunConfig, node: NodeConfig, global_layers: bytes, recovery_round: int, clip: float
+    config: RunConfig,
+    node: NodeConfig,
+    global_layers: bytes | None,
+    recovery_round: int,
+    part: SecurePart,
+    folder: Path,
+    clip: float,
 ) -> tuple[list[np.ndarray], dict[str, float | int]]:
-    """:func:`recover_global` under secure aggregation: the changes as SecAgg+ vectors
-    (``secaggplus_mod`` masks them), and the metrics that may travel in the clear (time and
-    tokens; the training loss says something of the text, so it stays here)."""
+    """:func:`recover_global` under secure aggregation, one part at a time: the part's
+    changes as SecAgg+ vectors (``secaggplus_mod`` masks them), and the metrics that may
+    travel in the clear (time, and tokens with the first part; the training loss says
+    something of the text, so it stays here).
+
+    The first part fine-tunes (``global_layers`` is the model) and, if more parts follow,
+    keeps every change in ``folder`` (a new process answers each part); a later part reads
+    them there, and the last removes them (or the next round's first part, for a node left
+    out of a round before its last part).
+    """
     start = time.perf_counter()
-    result, _ = fine_tune_global(config, node, global_layers, recovery_round)
-    vectors = delta_vectors(result.deltas, clip)
-    return vectors, {"tokens": result.tokens, "seconds": round(time.perf_counter() - start, 3)}
+    path = folder / f"changes-round-{recovery_round}.safetensors"
+    metrics: dict[str, float | int] = {}
+    if part.index == 0:
+        if global_layers is None:
+            raise ValueError("the first part of a secure recovery round carries no global model")
+        for stale in folder.glob("changes-round-*"):  # of a round this node left early
+            stale.unlink(missing_ok=True)
+        result, _ = fine_tune_global(config, node, global_layers, recovery_round)
+        deltas, metrics["tokens"] = result.deltas, result.tokens
+        if part.parts > 1:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            safetensors.torch.save_file(deltas, str(partial))
+            os.replace(partial, path)  # a crash leaves no half-written changes
+    elif path.is_file():
+        deltas = safetensors.torch.load_file(str(path))
+    else:
+        raise RuntimeError(
+            f"part {part.index + 1}/{part.parts} of recovery round {recovery_round}: this node "
+            f"kept no changes at {path} (was its cache-dir cleared, or did it miss part 1?)"
+        )
+    if part.index == part.parts - 1:
+        path.unlink(missing_ok=True)
+    missing = sorted(set(part.names) - set(deltas))
+    if missing:
+        raise ValueError(f"the part names matrices this model does not prune: {missing}")
+    vectors = delta_vectors({name: deltas[name] for name in part.names}, clip)
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    return vectors, metrics
 
 
 def fine_tune_global(

@@ -21,6 +21,7 @@ from client_app import recovery_task
 from client_app.app import app as client_app
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.strategies.recovery_rounds import change_limit
+from fedspallm_strategy.strategies.secure_recovery import parts_of
 from fedspallm_strategy.wire.secure_encoding import (
     delta_vectors,
     deltas_from_secure_mean,
@@ -197,14 +198,76 @@ def test_a_secure_mean_of_other_lengths_or_beyond_the_range_is_refused():
         deltas_from_secure_mean([np.array([np.nan])], {"a": 1}, clip=1.0, q=4)
 
 
-def test_an_upload_over_max_payload_mb_fails_before_any_client_works(tmp_path):
-    """By hand: tiny-llama has 4 x 36864 prunable weights, 73728 kept at 50 %; its masked
-    upload is 28 int64 vectors with .npy headers plus Flower's weight: 28 x 128 + 8 x 73728 +
-    136 = 593544 B = 0.57 MiB, over 0.5 and under 0.6."""
+def test_a_matrix_over_max_payload_mb_fails_before_any_client_works(tmp_path):
+    """By hand: tiny-llama's largest matrices (128 x 64) keep 4096 weights at 50 %; alone
+    their masked upload is Flower's weight and one vector: 136 + 128 + 8 x 4096 = 33032 B =
+    0.0315 MiB, over 0.03. gate_proj is the first of them in a layer's order."""
     grid = InProcessGrid.simulation(client_app, 2, {}, run_id=404)
-    config = config_of(tmp_path, **{"recovery-rounds": 1, "max-payload-mb": 0.5})
-    refusal = r"0\.6 MiB per recovery round \(8 B for each of 73728 kept weights.*max-payload-mb"
+    config = config_of(tmp_path, **{"recovery-rounds": 1, "max-payload-mb": 0.03})
+    refusal = (
+        r"masked changes of model\.layers\.0\.mlp\.gate_proj\.weight alone are 0\.03 MiB "
+        r"\(8 B for each of its 4096 kept weights\).*max-payload-mb"
+    )
     with pytest.raises(ConfigError, match=refusal):
         run_federation(grid, config, run_id=404)
     assert not [m for m in grid.sent if m.metadata.message_type.startswith("train")]
     assert not list(tmp_path.iterdir())
+
+
+def test_parts_are_consecutive_matrices_within_the_limit():
+    """By hand: a part's masked upload is 136 + (128 + 8 x count) per matrix; a and b (10
+    kept each) take 552 B together, 344 alone; c (30 kept) takes 504 alone."""
+    counts = {"c": 30, "b": 10, "a": 10}
+    assert parts_of(counts, 600) == [["a", "b"], ["c"]]
+    assert parts_of(counts, 920) == [["a", "b", "c"]]
+    assert parts_of(counts, 400) == [["a"], ["b"], ["c"]]  # c is over the limit alone
+
+
+def test_a_round_in_parts_adds_the_same_mean_and_leaves_no_changes_behind(
+    tmp_path, pruned, changes, monkeypatch
+):
+    monkeypatch.setenv("FEDSPALLM_CACHE", str(tmp_path / "cache"))
+    limit = 0.35  # MiB: over exact's 0.33 a round, under the 0.57 of masked changes
+    run_dir, report = run(
+        tmp_path / "runs", 3, 406, **{"recovery-rounds": 1, "max-payload-mb": limit}
+    )
+    (entry,) = report["recovery"]["per-round"]
+    counts = {name: int((before != 0).sum()) for name, before in pruned.items()}
+    parts = parts_of(counts, limit * 2**20)
+    assert entry["clients"] == 3 and entry["parts"] == len(parts) > 1
+    assert all(masked_bytes([counts[n] for n in part]) <= limit * 2**20 for part in parts)
+    up = report["communication"]["per_round"][str(RECOVERY_ROUND)]["bytes_up"]
+    assert set(up.values()) == {sum(masked_bytes([counts[n] for n in part]) for part in parts)}
+    found = matrices(run_dir)
+    for name, before in pruned.items():
+        keep = before != 0
+        mean = sum(changes[p][name] for p in range(3)) / 3
+        torch.testing.assert_close(found[name][keep], before[keep] + mean, rtol=1e-6, atol=1e-7)
+    assert not list((tmp_path / "cache").rglob("changes-round-*"))  # the last part removed them
+
+
+def test_a_node_that_drops_out_of_the_first_part_is_left_out_of_the_rest(
+    tmp_path, pruned, changes, monkeypatch
+):
+    monkeypatch.setenv("FEDSPALLM_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def drop_node_3_once(node, reply):
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        recovering = reply.metadata.group_id == str(RECOVERY_ROUND)
+        if node == 3 and recovering and Key.MASKED_PARAMETERS in configs:
+            seen.append(node)
+            if len(seen) == 1:
+                return None  # its first part's masked vector never arrives
+        return reply
+
+    overrides = {"recovery-rounds": 1, "max-payload-mb": 0.35}
+    run_dir, report = run(tmp_path / "runs", 3, 407, drop_node_3_once, **overrides)
+    (entry,) = report["recovery"]["per-round"]
+    assert entry["parts"] == 2 and entry["clients"] == 2
+    assert [(r["round"], r["node"]) for r in report["rejected"]] == [(RECOVERY_ROUND, 3)]
+    found = matrices(run_dir)
+    for name, before in pruned.items():
+        keep = before != 0
+        mean = (changes[0][name] + changes[1][name]) / 2  # nodes 1 and 2, in both parts
+        torch.testing.assert_close(found[name][keep], before[keep] + mean, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,7 @@
 With ``secure-aggregation = true`` (strategy ``exact``) the statistics of every layer round go
 through SecAgg+, and so do the recovery rounds after them: a client's fine-tuning changes say
 as much about its text as its statistics do. Each round is ``recovery_rounds.py``'s, with the
-replies replaced by one SecAgg+ workflow (``secagg_workflow.py``):
+replies replaced by SecAgg+ workflows (``secagg_workflow.py``), one per part (below):
 
 1. Down, in the clear as in any round: the global model and the recovery round's number.
 2. On the node: the same fine-tuning; up, each kept value's change, masked. The encoding
@@ -14,6 +14,14 @@ replies replaced by one SecAgg+ workflow (``secagg_workflow.py``):
    only values a client masked off the grid can give) is refused whole, logged, and the
    model stays as it was.
 
+Parts. Flower does not chunk the masked vectors (one ConfigRecord per reply), and gRPC stops
+at 2 GiB, so the matrices go in parts of at most ``max-payload-mb`` of masked upload, one
+SecAgg+ workflow each (:func:`parts_of`). The first part's request carries the model: the
+node fine-tunes once, keeps its changes on its disk (a SuperNode starts a process per
+message) and sends each part's from there; the last part removes them. A later part goes to
+the nodes that completed the one before, and the model changes only once every part has a
+valid mean.
+
 What changes against plain replies:
 
 - The range is the bound plain replies are checked against (``change_limit``: the most
@@ -22,22 +30,23 @@ What changes against plain replies:
   server cannot check one client's reply, so ``aggregation`` is the mean (``exact`` has no
   other rule) and ``recovery-method`` is ``masked``: a ``lora`` update has no such bound.
 - Each kept value goes up as one int64 (Flower's masked vectors), 8 B where int8 plain
-  replies take about 1 B, in one message per client and round that Flower does not chunk: a
-  run whose upload exceeds ``max-payload-mb`` is refused before any work
-  (:func:`check_secure_recovery_upload`; SmolLM2-135M at 50 % sends about 405 MiB).
+  replies take about 1 B (SmolLM2-135M at 50 %: about 405 MiB per client and round). A
+  matrix whose masked changes alone exceed ``max-payload-mb`` is refused before any work
+  (:func:`check_secure_recovery_upload`).
 - Only each client's time and token count travel in the clear, not its training loss.
-- A round needs two clients, and a majority of the round's clients must complete it
-  (``secagg_workflow.py``). A round without them leaves the model as it was and the run goes
-  on, as a plain round with no valid reply does.
+- A round needs two clients, and a majority of a part's clients must complete it
+  (``secagg_workflow.py``). A round where a part falls short leaves the model as it was and
+  the run goes on, as a plain round with no valid reply does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from flwr.serverapp import Grid
+from torch import Tensor
 
 from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.strategies.recovery_rounds import (
@@ -47,7 +56,7 @@ from fedspallm_strategy.strategies.recovery_rounds import (
     run_recovery_rounds,
 )
 from fedspallm_strategy.strategies.secagg_workflow import run_secure_round
-from fedspallm_strategy.wire.protocol import request_to_fitins
+from fedspallm_strategy.wire.protocol import part_request, request_to_fitins
 from fedspallm_strategy.wire.secure_encoding import (
     deltas_from_secure_mean,
     masked_bytes,
@@ -60,28 +69,38 @@ log = logging.getLogger(__name__)
 MIB = 2**20
 
 
+def parts_of(counts: Mapping[str, int], limit: float) -> list[list[str]]:
+    """The matrices in name order, cut into consecutive parts whose masked upload
+    (:func:`~fedspallm_strategy.wire.secure_encoding.masked_bytes` of their kept counts) is at
+    most ``limit`` bytes; a matrix over it alone is a part of its own."""
+    parts: list[list[str]] = [[]]
+    for name in sorted(counts):
+        grown = parts[-1] + [name]
+        if parts[-1] and masked_bytes([counts[n] for n in grown]) > limit:
+            parts.append([name])
+        else:
+            parts[-1] = grown
+    return parts
+
+
 def check_secure_recovery_upload(config: RunConfig, model) -> None:
-    """Refuse, before any work, a run whose masked recovery upload (one int64 per kept
-    weight, one message per client and round) exceeds ``max-payload-mb``."""
+    """Refuse, before any work, a run with a matrix whose masked changes (one int64 per kept
+    weight) alone exceed ``max-payload-mb``: no part could carry it."""
     if not (config.secure_aggregation and config.recovery_rounds):
         return
-    pattern, counts = config.sparsity_pattern, []
     for layer in range(num_layers(model)):
-        for linear in prunable_weights(model, layer).values():
-            numel = linear.weight.numel()
-            kept = (
-                numel * pattern.n // pattern.m if pattern.is_nm else numel * (1 - config.sparsity)
-            )
-            counts.append(math.ceil(kept))
-    upload = masked_bytes(counts)
-    if upload > config.max_payload_mb * MIB:
-        raise ConfigError(
-            f"recovery-rounds with secure-aggregation: each client would upload about "
-            f"{upload / MIB:.1f} MiB per recovery round (8 B for each of {sum(counts)} kept "
-            f"weights, in one message), over max-payload-mb={config.max_payload_mb:g}. Raise "
-            "max-payload-mb (Flower's gRPC messages stop at 2 GiB), or recover without "
-            "secure-aggregation (int8 changes, about 1 B a weight)"
-        )
+        for name, linear in prunable_weights(model, layer).items():
+            # N:M keeps the same share: its sparsity is 1 - N/M
+            kept = math.ceil(linear.weight.numel() * (1 - config.sparsity))
+            upload = masked_bytes([kept])
+            if upload > config.max_payload_mb * MIB:
+                raise ConfigError(
+                    f"recovery-rounds with secure-aggregation: the masked changes of {name} "
+                    f"alone are {upload / MIB:.2f} MiB (8 B for each of its {kept} kept "
+                    f"weights), over max-payload-mb={config.max_payload_mb:g}. Raise "
+                    "max-payload-mb (Flower's gRPC messages stop at 2 GiB), or recover "
+                    "without secure-aggregation"
+                )
 
 
 def run_secure_recovery_rounds(
@@ -93,7 +112,7 @@ def run_secure_recovery_rounds(
 
 
 def secure_recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> dict:
-    """One recovery round through SecAgg+; its report entry."""
+    """One recovery round through SecAgg+, a workflow per part; its report entry."""
     config, accounting = strategy.config, strategy.accounting
     accounting.start_round(server_round)
     entry = {"round": server_round, "clients": 0}
@@ -108,39 +127,83 @@ def secure_recovery_round(strategy, grid: Grid, timeout: float, server_round: in
         return entry
     masks, messages = recovery_requests(strategy, server_round, nodes)
     counts = {name: int(mask.sum()) for name, mask in masks.items()}
-    clip, q = change_limit(config), quantization_range(len(nodes))
-    secure = {"clipping-range": clip, "quantization-range": q}
+    parts = parts_of(counts, config.max_payload_mb * MIB)
+    entry["parts"] = len(parts)
     log.info(
-        "recovery round %d: fine-tuning on %d nodes, secure aggregation (range %.3g)",
+        "recovery round %d: fine-tuning on %d nodes, secure aggregation in %d part(s) (range %.3g)",
         server_round,
         len(nodes),
-        clip,
+        len(parts),
+        change_limit(config),
     )
-    result = run_secure_round(
-        grid,
-        {m.metadata.dst_node_id: request_to_fitins(m.content, secure) for m in messages},
-        server_round,
-        clipping_range=clip,
-        quantization_range=q,
-        timeout=timeout,
-    )
-    for node in sorted(set(nodes) - set(result.contributors)):
-        reason = f"client error: {result.errors[node]}" if node in result.errors else "no reply"
-        accounting.reject(server_round, node, [], f"secure aggregation: {reason}")
+    workflows = _PartWorkflows(strategy, grid, timeout, server_round, messages, counts)
     try:
-        if result.mean is None:
-            raise ValueError(
-                f"fewer than a majority of the {len(nodes)} nodes completed secure aggregation"
-            )
-        mean = deltas_from_secure_mean(result.mean, counts, clip, q)
+        for index, names in enumerate(parts):
+            nodes = workflows.run(index, names, len(parts), nodes)
     except ValueError as error:
         log.warning("recovery round %d: %s; the model is unchanged", server_round, error)
         entry["refused"] = str(error)
         return entry
-    upload = masked_bytes([counts[name] for name in sorted(counts)])
-    for node in result.contributors:
-        accounting.add_up(node, upload)
-        accounting.add_metrics(node, result.metrics.get(node, {}))
-    entry["clients"] = len(result.contributors)
-    entry["largest-relative-change"] = round(apply_mean(strategy.model, mean, masks), 6)
+    entry["clients"] = len(nodes)
+    change = apply_mean(strategy.model, workflows.means, masks)
+    entry["largest-relative-change"] = round(change, 6)
     return entry
+
+
+class _PartWorkflows:
+    """The SecAgg+ workflows of one recovery round, one per part, and the means they gave."""
+
+    def __init__(self, strategy, grid: Grid, timeout: float, server_round: int, messages, counts):
+        self.strategy, self.grid, self.timeout = strategy, grid, timeout
+        self.server_round = server_round
+        self.requests = {m.metadata.dst_node_id: m.content for m in messages}
+        self.counts = counts
+        self.clip = change_limit(strategy.config)
+        self.means: dict[str, Tensor] = {}
+
+    def run(self, index: int, names: list[str], parts: int, nodes: list[int]) -> list[int]:
+        """Part ``index`` among ``nodes``; returns the nodes that completed it.
+
+        Raises
+        ------
+        ValueError
+            If fewer than two nodes are left, fewer than a majority complete it, or its mean
+            is not one honest clients give (naming the part).
+        """
+        where = f"part {index + 1}/{parts}"
+        if len(nodes) < 2:
+            raise ValueError(f"{where}: only node {nodes} is left")
+        q = quantization_range(len(nodes))
+        secure = {"clipping-range": self.clip, "quantization-range": q}
+        requests = {
+            node: request_to_fitins(part_request(self.requests[node], index, parts, names), secure)
+            for node in nodes
+        }
+        result = run_secure_round(
+            self.grid,
+            requests,
+            self.server_round,
+            clipping_range=self.clip,
+            quantization_range=q,
+            timeout=self.timeout,
+        )
+        accounting = self.strategy.accounting
+        for node in sorted(set(nodes) - set(result.contributors)):
+            error = result.errors.get(node)
+            reason = f"client error: {error}" if error else "no reply"
+            accounting.reject(self.server_round, node, [], f"secure aggregation, {where}: {reason}")
+        if result.mean is None:
+            raise ValueError(
+                f"{where}: fewer than a majority of the {len(nodes)} nodes completed secure "
+                "aggregation"
+            )
+        counts = {name: self.counts[name] for name in names}
+        try:
+            self.means.update(deltas_from_secure_mean(result.mean, counts, self.clip, q))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+        upload = masked_bytes([counts[name] for name in names])
+        for node in result.contributors:
+            accounting.add_up(node, upload)
+            accounting.add_metrics(node, result.metrics.get(node, {}))
+        return sorted(result.contributors)

@@ -153,6 +153,17 @@ def request_to_fitins(content: RecordDict, secure: Mapping[str, float | int]) ->
     return FitIns(Parameters(tensors, TENSOR_TYPE), {REQUEST_KEY: json.dumps(request)})
 
 
+def part_request(content: RecordDict, index: int, parts: int, names: list[str]) -> RecordDict:
+    """A secure recovery round's request for part ``index`` of ``parts``: the round's spec and
+    number, the part's place and matrices, and the global model in the first part only (the
+    node keeps its changes for the later ones)."""
+    recovery = {**dict(content[RECOVERY_KEY]), "part": index, "parts": parts, "names": names}
+    request = RecordDict({SPEC_KEY: content[SPEC_KEY], RECOVERY_KEY: ConfigRecord(recovery)})
+    if index == 0:
+        request[GLOBAL_KEY] = content[GLOBAL_KEY]
+    return request
+
+
 def request_from_fitins(fitins: FitIns) -> tuple[RecordDict, dict]:
     """The client's side of :func:`request_to_fitins`: ``(the request's content, settings)``."""
     request = json.loads(str(fitins.config[REQUEST_KEY]))
