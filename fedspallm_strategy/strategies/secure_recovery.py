@@ -15,12 +15,12 @@ replies replaced by SecAgg+ workflows (``secagg_workflow.py``), one per part (be
    model stays as it was.
 
 Parts. Flower does not chunk the masked vectors (one ConfigRecord per reply), and gRPC stops
-at 2 GiB, so the matrices go in parts of at most ``max-payload-mb`` of masked upload, one
-SecAgg+ workflow each (:func:`parts_of`). The first part's request carries the model: the
-node fine-tunes once, keeps its changes on its disk (a SuperNode starts a process per
-message) and sends each part's from there; the last part removes them. A later part goes to
-the nodes that completed the one before, and the model changes only once every part has a
-valid mean.
+at 2 GiB, so the matrices go in parts of at most ``max-payload-mb`` (less 64 KiB for the rest
+of the message) of masked upload, one SecAgg+ workflow each (:func:`parts_of`). The first
+part's request carries the model: the node fine-tunes once, keeps its changes on its disk (a
+SuperNode starts a process per message) and sends each part's from there; the last part
+removes them. A later part goes to the nodes that completed the one before, and the model
+changes only once every part has a valid mean.
 
 What changes against plain replies:
 
@@ -67,6 +67,14 @@ from llm_pruning.families import num_layers, prunable_weights
 log = logging.getLogger(__name__)
 
 MIB = 2**20
+# Left in each part's message for what else it carries (SecAgg+'s stage fields, protobuf
+# framing), so that a part of max-payload-mb = 2048 stays under gRPC's 2 GiB - 1 B.
+MESSAGE_HEADROOM = 2**16
+
+
+def part_budget(config: RunConfig) -> float:
+    """The most masked upload one part may hold, in bytes."""
+    return config.max_payload_mb * MIB - MESSAGE_HEADROOM
 
 
 def parts_of(counts: Mapping[str, int], limit: float) -> list[list[str]]:
@@ -93,11 +101,12 @@ def check_secure_recovery_upload(config: RunConfig, model) -> None:
             # N:M keeps the same share: its sparsity is 1 - N/M
             kept = math.ceil(linear.weight.numel() * (1 - config.sparsity))
             upload = masked_bytes([kept])
-            if upload > config.max_payload_mb * MIB:
+            if upload > part_budget(config):
                 raise ConfigError(
                     f"recovery-rounds with secure-aggregation: the masked changes of {name} "
                     f"alone are {upload / MIB:.2f} MiB (8 B for each of its {kept} kept "
-                    f"weights), over max-payload-mb={config.max_payload_mb:g}. Raise "
+                    f"weights), over max-payload-mb={config.max_payload_mb:g} less 64 KiB for "
+                    "the rest of its message. Raise "
                     "max-payload-mb (Flower's gRPC messages stop at 2 GiB), or recover "
                     "without secure-aggregation"
                 )
@@ -127,7 +136,7 @@ def secure_recovery_round(strategy, grid: Grid, timeout: float, server_round: in
         return entry
     masks, messages = recovery_requests(strategy, server_round, nodes)
     counts = {name: int(mask.sum()) for name, mask in masks.items()}
-    parts = parts_of(counts, config.max_payload_mb * MIB)
+    parts = parts_of(counts, part_budget(config))
     entry["parts"] = len(parts)
     log.info(
         "recovery round %d: fine-tuning on %d nodes, secure aggregation in %d part(s) (range %.3g)",
