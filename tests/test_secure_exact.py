@@ -242,20 +242,23 @@ def test_a_clipping_range_too_small_fails_the_run_naming_the_key(tmp_path):
 
 
 def test_flwr_run_with_secure_aggregation(flower_home, tmp_path):  # noqa: F811
-    """Four layer rounds and a recovery round, each one SecAgg+ workflow, over a SuperLink."""
+    """Four layer rounds, then a recovery round in parts (max-payload-mb keeps each under
+    0.35 MiB), each one SecAgg+ workflow, over a SuperLink: a SuperNode answers every part in a
+    new process, from the changes its first part left on disk."""
     output_dir = tmp_path / "runs"
     overrides = (
         "model='tiny-llama' strategy='exact' secure-aggregation=true seqlen=64 calib-samples=4 "
-        "recovery-rounds=1 recovery-steps=2 recovery-samples=4 "
+        "recovery-rounds=1 recovery-steps=2 recovery-samples=4 max-payload-mb=0.35 "
         f"eval-windows=2 output-dir='{output_dir}'"
     )
     run_id, status, log = flwr_run(flwr_env(flower_home, tmp_path), overrides, supernodes=3)
     assert status == "finished:completed", log[-3000:]
-    assert log.count("Secure aggregation completed") == 5
     (folder,) = output_dir.glob(f"*-exact-{run_id}")
     report = json.loads((folder / "report.json").read_text())
+    (recovery,) = report["recovery"]["per-round"]
+    assert recovery["parts"] > 1 and recovery["clients"] == 3
+    assert log.count("Secure aggregation completed") == 4 + recovery["parts"]
     assert all(len(nodes) == 3 for nodes in report["exact"]["contributors"].values())
-    assert report["recovery"]["per-round"][0]["clients"] == 3
     per_round = report["communication"]["per_round"]
     nodes = per_round["1"]["bytes_up"]
     assert {sum(per_round[r]["bytes_up"][n] for r in "1234") for n in nodes} == {
