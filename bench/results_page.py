@@ -472,6 +472,14 @@ def secure_section(r: Result) -> list[str]:
     models = r.get("models")
     recovery = r.get("runs", "secure", "recovery_settings")
     pruned = {label: runs[label]["perplexity_before_recovery"][text] for label in runs}
+    parts = runs["secure"].get("recovery_parts", [1])  # files before parts: one workflow
+    in_parts = (
+        f" Each secure recovery round went in {parts[0]} parts of at most "
+        f"{r.get('args').get('max_payload_mb', 2048):g} MiB of masked upload, one SecAgg+ "
+        "workflow each."
+        if max(parts) > 1
+        else ""
+    )
     same = (
         f"score the same perplexity, {f2(pruned['plain'])}"
         if pruned["plain"] == pruned["secure"]
@@ -492,7 +500,7 @@ def secure_section(r: Result) -> list[str]:
         f"Pruned, the two models {same}. After recovery they keep the same masks "
         f"({models['mask_agreement']:.4%} of entries agree), and their largest weight "
         f"difference is {models['max_abs_difference']:.2g}: plain replies carry each change as "
-        "int8, secure ones within one step of Flower's grid.",
+        "int8, secure ones within one step of Flower's grid." + in_parts,
     ]
 
 
@@ -1425,6 +1433,15 @@ SECTIONS: tuple[Section, ...] = (
         "secure_exact.json",
         "Secure aggregation: `exact` and its recovery rounds",
         ("python bench/secure_exact.py --recovery-rounds 1 --threads 2",),
+        secure_section,
+    ),
+    Section(
+        "secure_exact_parts.json",
+        "Secure aggregation: recovery in parts of 128 MiB",
+        (
+            "python bench/secure_exact.py --recovery-rounds 1 --threads 2 --max-payload-mb 128 "
+            "--out bench/results/secure_exact_parts.json",
+        ),
         secure_section,
     ),
     Section(None, f"{BEYOND_PREFIX}what reconstruction and recovery reach", (), beyond_summary),

@@ -14,6 +14,8 @@ table adds the perplexity before recovery and what one client uploads in the rec
     python bench/secure_exact.py      # SmolLM2-135M, 2 clients x 4 x 256 tokens, SparseGPT 50 %
     python bench/secure_exact.py --clients 3 --model tiny-llama --seqlen 64
     python bench/secure_exact.py --recovery-rounds 1 --threads 2
+    python bench/secure_exact.py --recovery-rounds 1 --threads 2 --max-payload-mb 128 \
+        --out bench/results/secure_exact_parts.json
 
 Writes bench/results/secure_exact.json (``--out``).
 """
@@ -63,6 +65,8 @@ def recovery_columns(report: dict) -> dict:
         "perplexity_before_recovery": report["perplexity"]["global-before-recovery"],
         "recovery_bytes_up_per_client": sum(up),
         "recovery_clients": [entry["clients"] for entry in report["recovery"]["per-round"]],
+        # SecAgg+ workflows per secure round (plain rounds have none)
+        "recovery_parts": [entry.get("parts", 0) for entry in report["recovery"]["per-round"]],
         "recovery_s": report["timings"]["recovery"],
         "recovery_settings": {
             key: report["recovery"][key] for key in ("method", "steps", "lr", "samples")
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--recovery-rounds", type=int, default=0)
+    # the run config's: also the most masked upload of one secure recovery part
+    parser.add_argument("--max-payload-mb", type=float, default=2048.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/secure_exact.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,6 +118,7 @@ def main() -> None:
             "min-clients": args.clients,
             "max-stats-mb": 4096.0,  # masked digits: 6x the float32 statistics
             "recovery-rounds": args.recovery_rounds,
+            "max-payload-mb": args.max_payload_mb,
             "output-dir": tmp,
         }
         _, tokenizer = load_model(args.model)

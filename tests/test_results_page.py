@@ -591,3 +591,14 @@ def test_secure_recovery_uploads_one_int64_per_kept_weight() -> None:
     assert "| `exact`, plain | 31.77 | 22.61 | 201.5 | 53.8 | 50.3 | 100.5 |" in section
     assert "| `exact`, secure | 31.77 | 22.61 | 1208.9 | 424.7 | 57.1 | 104.0 |" in section
     assert "Pruned, the two models score the same perplexity, 31.77." in section
+
+
+def test_secure_recovery_in_parts_adds_only_flowers_weight_per_part() -> None:
+    """By hand: in 4 parts of at most 128 MiB, one upload of 424700296 B gains one more
+    Flower weight array (136 B) per extra part: 424700296 + 3 x 136 = 424700704 B."""
+    data = json.loads((ROOT / "bench/results/secure_exact_parts.json").read_text())
+    assert data["runs"]["secure"]["recovery_parts"] == [4]
+    assert data["runs"]["secure"]["recovery_bytes_up_per_client"] == 424700296 + 3 * 136
+    section = PAGE.read_text().split("\n## Secure aggregation: recovery in parts of 128 MiB\n")[1]
+    assert "| `exact`, secure | 31.77 | 22.61 | 1208.9 | 424.7 |" in section
+    assert "went in 4 parts of at most 128 MiB of masked upload" in section
