@@ -184,14 +184,17 @@ def run_recovery_rounds(
 
 
 def recovery_requests(
-    strategy, server_round: int, nodes: list[int]
-) -> tuple[dict[str, Tensor], list[Message]]:
-    """The server model's keep-masks, and the round's request to each of ``nodes``: the
-    whole global model and the recovery round's number (bytes down accounted)."""
+    strategy,
+    server_round: int,
+    nodes: list[int],
+    values: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+) -> list[Message]:
+    """The round's request to each of ``nodes``: the whole global model (``values`` and
+    ``masks`` of :func:`global_matrices`) and the recovery round's number; bytes down are
+    accounted."""
     config, accounting = strategy.config, strategy.accounting
-    values, masks = global_matrices(strategy.model)
     down = encode(values, masks)
-    del values
     messages = []
     for node in nodes:
         content = RecordDict(
@@ -214,14 +217,16 @@ def recovery_requests(
     strategy.assignments = {node: [] for node in nodes}
     accounting.assignments[server_round] = dict(strategy.assignments)
     strategy.sent = messages
-    return masks, messages
+    return messages
 
 
 def _recovery_round(strategy, grid: Grid, timeout: float, server_round: int) -> dict:
     config, model, accounting = strategy.config, strategy.model, strategy.accounting
     accounting.start_round(server_round)
-    masks, messages = recovery_requests(strategy, server_round, sorted(grid.get_node_ids()))
-    kept = {name: values[masks[name]] for name, values in global_matrices(model)[0].items()}
+    values, masks = global_matrices(model)
+    messages = recovery_requests(strategy, server_round, sorted(grid.get_node_ids()), values, masks)
+    kept = {name: values[name][masks[name]] for name in masks}
+    del values
     expected = {
         name: Expected(int(mask.sum()), row_counts=row_counts(mask) if config.int8_wire else None)
         for name, mask in masks.items()

@@ -52,6 +52,7 @@ from fedspallm_strategy.config import ConfigError, RunConfig
 from fedspallm_strategy.strategies.recovery_rounds import (
     apply_mean,
     change_limit,
+    global_matrices,
     recovery_requests,
     run_recovery_rounds,
 )
@@ -134,7 +135,9 @@ def secure_recovery_round(strategy, grid: Grid, timeout: float, server_round: in
             nodes,
         )
         return entry
-    masks, messages = recovery_requests(strategy, server_round, nodes)
+    values, masks = global_matrices(strategy.model)
+    messages = recovery_requests(strategy, server_round, nodes, values, masks)
+    del values
     counts = {name: int(mask.sum()) for name, mask in masks.items()}
     parts = parts_of(counts, part_budget(config))
     entry["parts"] = len(parts)
@@ -165,7 +168,9 @@ class _PartWorkflows:
     def __init__(self, strategy, grid: Grid, timeout: float, server_round: int, messages, counts):
         self.strategy, self.grid, self.timeout = strategy, grid, timeout
         self.server_round = server_round
-        self.requests = {m.metadata.dst_node_id: m.content for m in messages}
+        # Every node's request is the same (the model, the round): one FitIns per part serves
+        # them all, so the model is not copied once per node.
+        self.request = messages[0].content
         self.counts = counts
         self.clip = change_limit(strategy.config)
         self.means: dict[str, Tensor] = {}
@@ -184,13 +189,10 @@ class _PartWorkflows:
             raise ValueError(f"{where}: only node {nodes} is left")
         q = quantization_range(len(nodes))
         secure = {"clipping-range": self.clip, "quantization-range": q}
-        requests = {
-            node: request_to_fitins(part_request(self.requests[node], index, parts, names), secure)
-            for node in nodes
-        }
+        fitins = request_to_fitins(part_request(self.request, index, parts, names), secure)
         result = run_secure_round(
             self.grid,
-            requests,
+            dict.fromkeys(nodes, fitins),
             self.server_round,
             clipping_range=self.clip,
             quantization_range=q,

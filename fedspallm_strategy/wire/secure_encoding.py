@@ -160,7 +160,8 @@ def statistics_from_secure_sum(
 
 def delta_vectors(deltas: Mapping[str, Tensor], clip: float) -> list[np.ndarray]:
     """A client's recovery changes as SecAgg+ parameters: one float64 array per matrix, in
-    name order, each in the mask's row-major order (what :func:`recover` returns).
+    name order, each in the mask's row-major order (what ``llm_pruning.recovery.recover``
+    returns).
 
     Raises
     ------
