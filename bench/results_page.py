@@ -1001,38 +1001,43 @@ def _draw_note(r: Result) -> str:
 DRAWS = ("0.7_seed-0", "0.7_seed-1", "0.7_seed-2", "0.7_seed-3")
 
 
-def _draw_ratios(results_dir: Path) -> list[tuple[Result, dict, dict, tuple[float, float]]]:
-    """For each draw in :data:`DRAWS`: its file, centralized SparseGPT's and fed global +
-    `lsq`'s perplexities, and the ratio of the second to the first on (domain, other)."""
-    draws = []
-    for name in DRAWS:
-        r = Result(results_dir / f"beyond_centralized_{name}.json")
-        texts = (_domain_text(r), r.arg("other_text"))
-        central = _beyond_model(r, "central-sparsegpt")[0]
-        federated = _beyond_model(r, "fed-global-lsq")[0]
-        ratio = (federated[texts[0]] / central[texts[0]], federated[texts[1]] / central[texts[1]])
-        draws.append((r, central, federated, ratio))
-    return draws
+def _beyond_file(results_dir: Path, name: str) -> Result:
+    return Result(results_dir / f"beyond_centralized_{name}.json")
+
+
+def _ratios(r: Result, model: dict, base: dict) -> tuple[float, float]:
+    """``model``'s perplexities over ``base``'s, on (the clients' domain, the other text)."""
+    domain, other = _domain_text(r), r.arg("other_text")
+    return model[domain] / base[domain], model[other] / base[other]
+
+
+def _lsq_gain(r: Result) -> tuple[float, float]:
+    """Fed global + `lsq` over centralized SparseGPT, on (domain, other)."""
+    lsq, central = (_beyond_model(r, row)[0] for row in ("fed-global-lsq", "central-sparsegpt"))
+    return _ratios(r, lsq, central)
 
 
 def draws_note(results_dir: Path) -> str:
     """A table of the ratio fed global + `lsq` / centralized SparseGPT on each text, for each
     draw in :data:`DRAWS`, and their mean."""
-    draws = _draw_ratios(results_dir)
-    lines = []
-    for r, central, federated, ratio in draws:
+    lines, ratios = [], []
+    for name in DRAWS:
+        r = _beyond_file(results_dir, name)
         texts = (_domain_text(r), r.arg("other_text"))
+        central = _beyond_model(r, "central-sparsegpt")[0]
+        federated = _beyond_model(r, "fed-global-lsq")[0]
+        ratios.append(_lsq_gain(r))
         lines.append(
             [
                 str(r.get("args").get("seed", 0)),
                 *(f2(central[t]) for t in texts),
                 *(f2(federated[t]) for t in texts),
-                *(f2(x) for x in ratio),
+                *(f2(x) for x in ratios[-1]),
             ]
         )
-    means = [sum(draw[3][i] for draw in draws) / len(draws) for i in (0, 1)]
+    means = [sum(ratio[i] for ratio in ratios) / len(ratios) for i in (0, 1)]
     lines.append(["mean", "", "", "", "", *(f2(x) for x in means)])
-    other = Path(draws[-1][0].arg("other_text")).stem.title()
+    other = Path(texts[1]).stem.title()
     header = [
         "seed",
         "centralized SparseGPT, domain",
@@ -1052,16 +1057,15 @@ def draws_note(results_dir: Path) -> str:
 def calibration_note(results_dir: Path) -> str:
     """Centralized SparseGPT and fed global + `lsq` with 32 calibration windows per client,
     beside calibration draw 0 (the same seed, 8 windows)."""
-    more = Result(results_dir / "beyond_centralized_0.7_calib-32.json")
-    fewer = Result(results_dir / f"beyond_centralized_{DRAWS[0]}.json")
+    more = _beyond_file(results_dir, "0.7_calib-32")
+    fewer = _beyond_file(results_dir, DRAWS[0])
     texts = (_domain_text(more), more.arg("other_text"))
     other = _text_label(texts[1])
     central, ratio = {}, {}
     for r in (more, fewer):
         n = _calibration_windows(r)
         central[n] = _beyond_model(r, "central-sparsegpt")[0]
-        federated = _beyond_model(r, "fed-global-lsq")[0]
-        ratio[n] = [federated[t] / central[n][t] for t in texts]
+        ratio[n] = _lsq_gain(r)
     (few, many) = sorted(central)
     return (
         f"With {many} calibration windows per client where calibration draw 0 (the same seed) "
@@ -1077,11 +1081,9 @@ def calibration_note(results_dir: Path) -> str:
 
 def austen_note(results_dir: Path) -> str:
     """Which text ``lsq`` gains on when the organisations hold novels, not python-docs."""
-    r = Result(results_dir / "beyond_centralized_0.7_austen.json")
+    r = _beyond_file(results_dir, "0.7_austen")
     texts = (_domain_text(r), r.arg("other_text"))
-    central = _beyond_model(r, "central-sparsegpt")[0]
-    federated = _beyond_model(r, "fed-global-lsq")[0]
-    domain, other = (f2(federated[t] / central[t]) for t in texts)
+    domain, other = (f2(x) for x in _lsq_gain(r))
     return (
         f"Here the organisations' texts are like {_text_label(texts[0])}, not like "
         f"{_text_label(texts[1])}. Federated global calibration + re-solve with `lsq` "
@@ -1093,8 +1095,8 @@ def austen_note(results_dir: Path) -> str:
 def learning_rate_note(results_dir: Path) -> str:
     """What the ratio to dense fine-tuned means at lr 0.0002, beside the 50 % file's lr 0.0001:
     the dense model's gain at each rate, and the federated model after each round."""
-    faster = Result(results_dir / "beyond_centralized_0.5_lr-0.0002.json")
-    slower = Result(results_dir / "beyond_centralized_0.5.json")
+    faster = _beyond_file(results_dir, "0.5_lr-0.0002")
+    slower = _beyond_file(results_dir, "0.5")
     text = "python-docs"
     dense = _beyond_model(faster, "dense")[0][text]
     tuned = {r.arg("recovery_lr"): _beyond_model(r, "dense-ft")[0][text] for r in (slower, faster)}
@@ -1120,7 +1122,7 @@ def fresh_rates_note(results_dir: Path) -> str:
     each learning rate of :data:`FRESH_RATES`; and the ratio with each at its best rate."""
     lines, finals, tuned_all = [], [], []
     for name in FRESH_RATES:
-        r = Result(results_dir / f"beyond_centralized_{name}.json")
+        r = _beyond_file(results_dir, name)
         text = _domain_text(r)
         rounds = [_recovered(r, "fed-global-lsq-recovery", k)[text] for k in (1, 2)]
         tuned = _beyond_model(r, "dense-ft")[0][text]
@@ -1159,10 +1161,8 @@ def _beyond_link(name: str) -> str:
     return f"[{title.removeprefix(BEYOND_PREFIX)}]({_anchor(title)})"
 
 
-def _recovered(r: Result, name: str, after: int | None = None) -> dict:
-    """A recovery row's perplexities after ``after`` rounds (None: all of them)."""
-    if after is None:
-        return _beyond_model(r, name)[0]
+def _recovered(r: Result, name: str, after: int) -> dict:
+    """A recovery row's perplexities after ``after`` rounds."""
     recovery = r.get("rows", name, "recovery")
     first = r.get("rows", name, "rounds") - recovery["rounds"]
     return next(e["perplexity"] for e in recovery["per-round"] if e["round"] == first + after)
@@ -1172,17 +1172,11 @@ def beyond_summary(results_dir: Path) -> list[str]:
     """The ratios the sections below measure, each within one file (both models scored by
     one invocation), beside the section it comes from."""
 
-    def result(name: str) -> Result:
-        return Result(results_dir / f"beyond_centralized_{name}.json")
-
-    def ratios(r: Result, model: dict, base: dict) -> tuple[float, float]:
-        return tuple(model[t] / base[t] for t in (_domain_text(r), r.arg("other_text")))
-
     def joined(values: list[tuple[float, float]], i: int) -> str:
         return " / ".join(f2(v[i]) for v in values)
 
     rows = []
-    draws = [draw[3] for draw in _draw_ratios(results_dir)]
+    draws = [_lsq_gain(_beyond_file(results_dir, name)) for name in DRAWS]
     spread = []
     for i in (0, 1):
         values = [ratio[i] for ratio in draws]
@@ -1196,25 +1190,20 @@ def beyond_summary(results_dir: Path) -> list[str]:
             _beyond_link(DRAWS[-1]),
         ]
     )
-    austen = result("0.7_austen")
-    austen_ratio = ratios(
-        austen,
-        _beyond_model(austen, "fed-global-lsq")[0],
-        _beyond_model(austen, "central-sparsegpt")[0],
-    )
+    austen = _beyond_file(results_dir, "0.7_austen")
     rows.append(
         [
             "the same, organisations holding Austen's novels (their domain: "
             f"{_text_label(_domain_text(austen))})",
-            *(f2(x) for x in austen_ratio),
+            *(f2(x) for x in _lsq_gain(austen)),
             _beyond_link("0.7_austen"),
         ]
     )
     exact = []
     for name in ("0.5", "0.7", "2of4"):
-        r = result(name)
+        r = _beyond_file(results_dir, name)
         exact.append(
-            ratios(r, _beyond_model(r, "exact-lsq")[0], _beyond_model(r, "central-lsq")[0])
+            _ratios(r, _beyond_model(r, "exact-lsq")[0], _beyond_model(r, "central-lsq")[0])
         )
     rows.append(
         [
@@ -1224,7 +1213,7 @@ def beyond_summary(results_dir: Path) -> list[str]:
             ", ".join(_beyond_link(name) for name in ("0.5", "0.7", "2of4")),
         ]
     )
-    fresh = result("0.5_fresh")
+    fresh = _beyond_file(results_dir, "0.5_fresh")
     bar = "fed-global-lsq-recovery"
     recovered, before = _beyond_model(fresh, bar)
     rounds = fresh.arg("recovery_rounds")
@@ -1232,29 +1221,32 @@ def beyond_summary(results_dir: Path) -> list[str]:
         [
             f"50 %, global calibration + re-solve with `lsq` and {rounds} rounds of recovery "
             "(recovery's default steps, windows and rate) ÷ the dense model",
-            *(f2(x) for x in ratios(fresh, recovered, _beyond_model(fresh, "dense")[0])),
+            *(f2(x) for x in _ratios(fresh, recovered, _beyond_model(fresh, "dense")[0])),
             _beyond_link("0.5_fresh"),
         ]
     )
     rows.append(
         [
             "the same ÷ itself before recovery",
-            *(f2(x) for x in ratios(fresh, recovered, before)),
+            *(f2(x) for x in _ratios(fresh, recovered, before)),
             _beyond_link("0.5_fresh"),
         ]
     )
     rows.append(
         [
             "the same ÷ centralized SparseGPT recovered on the pooled shards with the same budget",
-            *(f2(x) for x in ratios(fresh, recovered, _beyond_model(fresh, "central-recovery")[0])),
+            *(
+                f2(x)
+                for x in _ratios(fresh, recovered, _beyond_model(fresh, "central-recovery")[0])
+            ),
             _beyond_link("0.5_fresh"),
         ]
     )
     tuned = []
     for name in FRESH_RATES:
-        r = result(name)
+        r = _beyond_file(results_dir, name)
         dense_ft = _beyond_model(r, "dense-ft")[0]
-        tuned.append((r.arg("recovery_lr"), ratios(r, _beyond_model(r, bar)[0], dense_ft)))
+        tuned.append((r.arg("recovery_lr"), _ratios(r, _beyond_model(r, bar)[0], dense_ft)))
     rows.append(
         [
             "the same ÷ the dense model fine-tuned on the same windows with the same steps, at "
@@ -1265,14 +1257,14 @@ def beyond_summary(results_dir: Path) -> list[str]:
         ]
     )
     for name, pattern in (("0.7_fresh", "70 %"), ("2of4_4-rounds-fresh", "2:4")):
-        r = result(name)
+        r = _beyond_file(results_dir, name)
         rounds = r.arg("recovery_rounds")
         central = _beyond_model(r, "central-sparsegpt")[0]
         rows.append(
             [
                 f"{pattern}, global calibration + re-solve with `lsq` and {rounds} rounds of "
                 "recovery ÷ centralized SparseGPT",
-                *(f2(x) for x in ratios(r, _beyond_model(r, bar)[0], central)),
+                *(f2(x) for x in _ratios(r, _beyond_model(r, bar)[0], central)),
                 _beyond_link(name),
             ]
         )
